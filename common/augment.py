@@ -1,0 +1,253 @@
+"""Differentiable Siamese Augmentation (DSA, Zhao & Bilen, ICML 2021).
+
+'single' mode as in the DC/DM reference: each call picks ONE op group of the
+strategy ("color", "crop", "cutout", "flip", "scale", "rotate"; "color" =
+brightness + saturation + contrast) and applies it with per-sample random values.
+
+Siamese property: the op and all per-sample values are determined by a
+``DSAParams(op, seed)``. Values come from a CPU ``torch.Generator`` seeded with
+``seed``; each op draws an (N, K) matrix in row-major order, so sample i always
+gets the same K values whatever the batch size N. Applying the same params to a
+real batch and to a synthetic batch therefore transforms their leading samples
+identically (what DM relies on), on CPU and CUDA alike.
+
+Every op is differentiable with respect to the input: color ops are affine in x,
+cutout is a mask multiply, flip is a ``torch.where`` over ``x.flip(3)``, and
+scale / rotate / crop (translation) use ``affine_grid`` + ``grid_sample``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DSA_STRATEGY",
+    "DSA_OPS",
+    "DSARatios",
+    "DEFAULT_RATIOS",
+    "DSAParams",
+    "parse_strategy",
+    "sample_dsa_params",
+    "apply_dsa",
+    "dsa",
+]
+
+DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+# Groups the reference's AUGMENT_FNS knows, plus the individual color ops
+# (handy for ablations; the reference strategy never produces them).
+DSA_OPS: tuple[str, ...] = (
+    "color", "crop", "cutout", "flip", "scale", "rotate",
+    "brightness", "saturation", "contrast",
+)
+_NONE = "none"
+
+
+@dataclass(frozen=True)
+class DSARatios:
+    """Magnitudes of the reference ParamDiffAug."""
+
+    prob_flip: float = 0.5
+    ratio_scale: float = 1.2
+    ratio_rotate: float = 15.0  # degrees
+    ratio_crop_pad: float = 0.125  # max translation as a fraction of the side
+    ratio_cutout: float = 0.5  # hole side as a fraction of the image side
+    brightness: float = 1.0
+    saturation: float = 2.0
+    contrast: float = 0.5
+
+
+DEFAULT_RATIOS = DSARatios()
+
+
+@dataclass(frozen=True)
+class DSAParams:
+    """One DSA draw: which op and the seed of its per-sample random values."""
+
+    op: str
+    seed: int
+
+
+def parse_strategy(strategy: str) -> tuple[str, ...]:
+    """Split an '_'-separated strategy into ops; ValueError for unknown ops.
+
+    "" / "none" mean no augmentation and return ``()``.
+    """
+    if not isinstance(strategy, str):
+        raise ValueError(f"strategy must be a string, got {strategy!r}")
+    s = strategy.strip().lower()
+    if s in ("", _NONE):
+        return ()
+    ops = tuple(p for p in s.split("_") if p)
+    bad = [p for p in ops if p not in DSA_OPS]
+    if bad or not ops:
+        raise ValueError(
+            f"unknown DSA op(s) {bad} in strategy {strategy!r}; valid ops: {list(DSA_OPS)}"
+        )
+    return ops
+
+
+def sample_dsa_params(generator: torch.Generator, strategy: str = DSA_STRATEGY) -> DSAParams:
+    """Pick one op of ``strategy`` uniformly and a 63-bit seed, both from ``generator``."""
+    ops = parse_strategy(strategy)
+    dev = generator.device
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=dev).item())
+    if not ops:
+        return DSAParams(op=_NONE, seed=seed)
+    idx = int(torch.randint(0, len(ops), (1,), generator=generator, device=dev).item())
+    return DSAParams(op=ops[idx], seed=seed)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _draw(gen: torch.Generator, n: int, k: int, like: Tensor) -> Tensor:
+    """(n, k) uniforms in [0, 1); row i depends only on (seed, i), not on n."""
+    u = torch.rand(n, k, generator=gen, dtype=torch.float64)
+    return u.to(device=like.device, dtype=like.dtype)
+
+
+def _draw_int(gen: torch.Generator, n: int, highs: tuple[int, ...]) -> Tensor:
+    """(n, len(highs)) CPU int64; column j uniform in [0, highs[j]] (inclusive).
+
+    One (n, k) draw so that row i is stable across batch sizes, like ``_draw``.
+    """
+    u = torch.rand(n, len(highs), generator=gen, dtype=torch.float64)
+    span = torch.tensor(highs, dtype=torch.float64) + 1
+    return torch.minimum((u * span).floor(), span - 1).long()
+
+
+def _affine(x: Tensor, theta: Tensor, mode: str = "bilinear") -> Tensor:
+    # align_corners=True as in the reference DSA code; zeros outside the image.
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=True)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def _brightness(x: Tensor, gen: torch.Generator, r: DSARatios) -> Tensor:
+    b = _draw(gen, x.shape[0], 1, x).view(-1, 1, 1, 1)
+    return x + (b - 0.5) * r.brightness
+
+
+def _saturation(x: Tensor, gen: torch.Generator, r: DSARatios) -> Tensor:
+    s = _draw(gen, x.shape[0], 1, x).view(-1, 1, 1, 1)
+    m = x.mean(dim=1, keepdim=True)  # per-pixel mean over channels
+    return (x - m) * (s * r.saturation) + m
+
+
+def _contrast(x: Tensor, gen: torch.Generator, r: DSARatios) -> Tensor:
+    c = _draw(gen, x.shape[0], 1, x).view(-1, 1, 1, 1)
+    m = x.mean(dim=(1, 2, 3), keepdim=True)  # per-image mean
+    return (x - m) * (c + r.contrast) + m
+
+
+def _color(x: Tensor, gen: torch.Generator, r: DSARatios) -> Tensor:
+    # One draw of 3 values per sample keeps the siamese property for the group
+    # (separate sequential draws of N values would depend on N).
+    v = _draw(gen, x.shape[0], 3, x)
+    b, s, c = (v[:, i].view(-1, 1, 1, 1) for i in range(3))
+    x = x + (b - 0.5) * r.brightness
+    m = x.mean(dim=1, keepdim=True)
+    x = (x - m) * (s * r.saturation) + m
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - m) * (c + r.contrast) + m
+
+
+def _flip(x: Tensor, gen: torch.Generator, r: DSARatios) -> Tensor:
+    f = _draw(gen, x.shape[0], 1, x).view(-1, 1, 1, 1) < r.prob_flip
+    return torch.where(f, x.flip(3), x)
+
+
+def _scale(x: Tensor, gen: torch.Generator, r: DSARatios) -> Tensor:
+    lo = 1.0 / r.ratio_scale
+    v = _draw(gen, x.shape[0], 2, x) * (r.ratio_scale - lo) + lo  # sx, sy in [1/ratio, ratio]
+    zero = torch.zeros_like(v[:, 0])
+    theta = torch.stack(
+        [torch.stack([v[:, 0], zero, zero], 1), torch.stack([zero, v[:, 1], zero], 1)], 1
+    )
+    return _affine(x, theta)
+
+
+def _rotate(x: Tensor, gen: torch.Generator, r: DSARatios) -> Tensor:
+    a = (_draw(gen, x.shape[0], 1, x)[:, 0] - 0.5) * 2.0 * (r.ratio_rotate / 180.0 * math.pi)
+    cos, sin, zero = torch.cos(a), torch.sin(a), torch.zeros_like(a)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    return _affine(x, theta)
+
+
+def _crop(x: Tensor, gen: torch.Generator, r: DSARatios) -> Tensor:
+    # Reference "crop" = pad-and-crop, i.e. an integer translation by up to
+    # ratio*side pixels with zero fill. Done with grid_sample at exact pixel
+    # offsets; "nearest" makes it an exact shift and is still differentiable
+    # w.r.t. x (it is a gather).
+    n, _, h, w = x.shape
+    sh, sw = int(h * r.ratio_crop_pad + 0.5), int(w * r.ratio_crop_pad + 0.5)
+    t = _draw_int(gen, n, (2 * sh, 2 * sw))
+    ty, tx = t[:, 0] - sh, t[:, 1] - sw
+    # with align_corners=True one pixel is 2/(side-1) in normalized coordinates
+    dx = tx.to(x.device, x.dtype) * (2.0 / max(w - 1, 1))
+    dy = ty.to(x.device, x.dtype) * (2.0 / max(h - 1, 1))
+    one = torch.ones_like(dx)
+    zero = torch.zeros_like(dx)
+    theta = torch.stack([torch.stack([one, zero, dx], 1), torch.stack([zero, one, dy], 1)], 1)
+    return _affine(x, theta, mode="nearest")
+
+
+def _cutout(x: Tensor, gen: torch.Generator, r: DSARatios) -> Tensor:
+    n, _, h, w = x.shape
+    ch, cw = int(h * r.ratio_cutout + 0.5), int(w * r.ratio_cutout + 0.5)
+    # hole centre range as in the reference: [0, side + (1 - size % 2))
+    c = _draw_int(gen, n, (h - (ch % 2), w - (cw % 2))).to(x.device)
+    cy, cx = c[:, 0], c[:, 1]
+    y0 = (cy - ch // 2).view(-1, 1, 1)
+    x0 = (cx - cw // 2).view(-1, 1, 1)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    hole = (rows >= y0) & (rows < y0 + ch) & (cols >= x0) & (cols < x0 + cw)
+    mask = (~hole).to(x.dtype).unsqueeze(1)
+    return x * mask
+
+
+_OP_FNS = {
+    "color": _color,
+    "brightness": _brightness,
+    "saturation": _saturation,
+    "contrast": _contrast,
+    "crop": _crop,
+    "cutout": _cutout,
+    "flip": _flip,
+    "scale": _scale,
+    "rotate": _rotate,
+}
+
+
+def apply_dsa(x: Tensor, params: DSAParams, ratios: DSARatios = DEFAULT_RATIOS) -> Tensor:
+    """Apply ``params.op`` to the N×C×H×W batch ``x`` (differentiable w.r.t. ``x``).
+
+    Same ``params`` -> same op and same per-sample values for the leading samples of
+    any two batches (the siamese property). Op "none" returns ``x`` unchanged.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"apply_dsa expects an N×C×H×W tensor, got shape {tuple(x.shape)}")
+    if params.op == _NONE:
+        return x
+    fn = _OP_FNS.get(params.op)
+    if fn is None:
+        raise ValueError(f"unknown DSA op {params.op!r}; valid ops: {list(DSA_OPS)}")
+    if x.shape[0] == 0:
+        return x
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(params.seed) % (2**63))
+    return fn(x, gen, ratios)
+
+
+def dsa(x: Tensor, generator: torch.Generator, strategy: str = DSA_STRATEGY) -> Tensor:
+    """Sample params from ``generator`` and apply them to ``x``."""
+    return apply_dsa(x, sample_dsa_params(generator, strategy))

@@ -1,0 +1,427 @@
+"""YAML scenario schema: defaults, validation, overrides, and the resolved copy saved with every run.
+
+A scenario is a tree of dataclasses. Every field below is documented in `scenarios/README.md`;
+the defaults here ARE the documented defaults. Validation runs before any work starts and
+every error names the offending key (dotted path) and the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+APP_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_SCENARIO = "scenarios/quickstart.yaml"
+
+DATASETS = ("cifar10", "fashion-mnist", "mnist", "cifar100", "svhn")
+PARTITIONS = ("iid", "dirichlet", "shards")
+SAFE_POLICIES = ("random", "first")
+METHODS = ("dm", "dsv", "dsv_real", "dkkt_dm", "blend", "random_real", "safe_all")
+INITS = ("auto", "noise", "real")
+OPTIMIZERS = ("sam", "sgd")
+NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
+ACTIVATIONS = ("relu", "leakyrelu", "sigmoid")
+POOLINGS = ("avgpooling", "maxpooling", "none")
+
+
+class ScenarioError(ValueError):
+    """A scenario value is malformed; the message names the key and the file."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  # cifar10 | fashion-mnist | mnist | cifar100 | svhn
+    root: str | None = None  # local folder with the dataset files (searched first)
+    download: bool = False  # allow a torchvision download when no local copy is found
+    train_limit: int | None = None  # use only the first N training images (fast studies)
+    test_limit: int | None = None  # use only the first N test images
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int | None = None  # None: as many clients as the federation has nodes
+    partition: str = "iid"  # iid | dirichlet | shards
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    rounds: int = 2
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    min_clients: int = 1  # fewer answering clients than this stops the run
+    client_eval: bool = False  # federated evaluation on each client's held-out part
+    holdout_fraction: float = 0.1  # part of each shard held out for client evaluation
+    augment: bool = False  # DSA during local training
+
+
+@dataclass
+class ModelConfig:
+    width: int = 128
+    depth: int = 3
+    norm: str = "instancenorm"
+    activation: str = "relu"
+    pooling: str = "avgpooling"
+
+
+@dataclass
+class SafeConfig:
+    policy: str = "random"  # random | first: how a client picks the images it may share
+
+
+@dataclass
+class DistillSection:
+    methods: list[str] = field(default_factory=lambda: ["dm", "dkkt_dm", "random_real"])
+    ipc: list[int] = field(default_factory=lambda: [1])
+    pipc: list[int] = field(default_factory=lambda: [10])
+    iterations: int = 1000
+    lr_img: float = 1.0
+    momentum_img: float = 0.5
+    lr_lambda: float = 0.01
+    alpha: float | None = None  # None: appendix A rule by pipc (0.1 / 0.01 / 0.001)
+    gamma: float | None = None  # None: appendix A rule by ipc (0.01 for ipc 50, else 0.001)
+    init: str = "auto"  # auto (noise for ipc 1, real otherwise) | noise | real
+    real_batch: int = 256
+    dsa: bool = True
+    time_budget_s: float | None = None  # per distillation cell
+    checkpoint_every: int = 0
+
+
+@dataclass
+class EvalSection:
+    optimizer: str = "sam"  # sam (paper) | sgd (DM reference protocol)
+    epochs: int = 300  # the paper uses 5000
+    lr: float | None = None  # None: 0.1 for sam, 0.01 for sgd
+    rho: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    dsa: bool = True
+    num_models: int = 3
+
+
+@dataclass
+class Scenario:
+    name: str = "scenario"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str | None = None  # None: runs/<name>; relative paths resolve against cwd
+    reuse_artifacts: str | None = None  # run folder with global_model.pt + safe_pool.pt
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    safe: SafeConfig = field(default_factory=SafeConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
+    evaluation: EvalSection = field(default_factory=EvalSection)
+    source: str = field(default="<dict>", compare=False)  # file it was read from (not a key)
+
+    @property
+    def pool_pipc(self) -> int:
+        """Safe images per class the server collects: the largest pipc of the grid."""
+        return max(self.distill.pipc)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}").expanduser().resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# ---------------------------------------------------------------- type-checked construction
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ScenarioError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            value = [value]  # a scalar where a grid is expected means a grid of one
+        if not value:
+            raise ScenarioError(f"{source}: key '{key}' must be a non-empty list")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ScenarioError(f"{source}: key '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key, source)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ScenarioError(f"{source}: key '{key}' must be true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ScenarioError(f"{source}: key '{key}' must be an integer, got {value!r}")
+    if not isinstance(value, tp):
+        raise ScenarioError(
+            f"{source}: key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ScenarioError(
+            f"{source}: unknown key '{where}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key, source)
+    return cls(**kwargs)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str, source: str) -> None:
+    if value not in choices:
+        raise ScenarioError(f"{source}: key '{key}' is {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_positive(value: float | int | None, key: str, source: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ScenarioError(f"{source}: key '{key}' must be {bound}, got {value!r}")
+
+
+def validate(s: Scenario) -> Scenario:
+    """Reject impossible values and combinations before any work starts."""
+    src = s.source
+    _check_choice(s.data.dataset, DATASETS, "data.dataset", src)
+    _check_choice(s.federation.partition, PARTITIONS, "federation.partition", src)
+    _check_choice(s.safe.policy, SAFE_POLICIES, "safe.policy", src)
+    _check_choice(s.distill.init, INITS, "distill.init", src)
+    _check_choice(s.evaluation.optimizer, OPTIMIZERS, "evaluation.optimizer", src)
+    _check_choice(s.model.norm, NORMS, "model.norm", src)
+    _check_choice(s.model.activation, ACTIVATIONS, "model.activation", src)
+    _check_choice(s.model.pooling, POOLINGS, "model.pooling", src)
+    for i, method in enumerate(s.distill.methods):
+        _check_choice(method, METHODS, f"distill.methods[{i}]", src)
+    if len(set(s.distill.methods)) != len(s.distill.methods):
+        raise ScenarioError(f"{src}: key 'distill.methods' lists a method twice: {s.distill.methods}")
+    if not (s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda")):
+        raise ScenarioError(f"{src}: key 'device' is {s.device!r}; use auto, cpu, cuda or cuda:N")
+    if not s.name or "/" in s.name:
+        raise ScenarioError(f"{src}: key 'name' must be a non-empty name without '/', got {s.name!r}")
+    for key, value in [
+        ("data.train_limit", s.data.train_limit),
+        ("data.test_limit", s.data.test_limit),
+        ("federation.num_clients", s.federation.num_clients),
+        ("federation.shards_per_client", s.federation.shards_per_client),
+        ("federation.local_epochs", s.federation.local_epochs),
+        ("federation.batch_size", s.federation.batch_size),
+        ("federation.lr", s.federation.lr),
+        ("federation.min_clients", s.federation.min_clients),
+        ("federation.dirichlet_alpha", s.federation.dirichlet_alpha),
+        ("model.width", s.model.width),
+        ("model.depth", s.model.depth),
+        ("distill.iterations", s.distill.iterations),
+        ("distill.lr_img", s.distill.lr_img),
+        ("distill.real_batch", s.distill.real_batch),
+        ("distill.time_budget_s", s.distill.time_budget_s),
+        ("evaluation.epochs", s.evaluation.epochs),
+        ("evaluation.lr", s.evaluation.lr),
+        ("evaluation.batch_size", s.evaluation.batch_size),
+        ("evaluation.num_models", s.evaluation.num_models),
+    ]:
+        _check_positive(value, key, src)
+    for key, value in [
+        ("seed", s.seed),
+        ("federation.rounds", s.federation.rounds),
+        ("federation.momentum", s.federation.momentum),
+        ("federation.weight_decay", s.federation.weight_decay),
+        ("distill.momentum_img", s.distill.momentum_img),
+        ("distill.lr_lambda", s.distill.lr_lambda),
+        ("distill.alpha", s.distill.alpha),
+        ("distill.gamma", s.distill.gamma),
+        ("distill.checkpoint_every", s.distill.checkpoint_every),
+        ("evaluation.rho", s.evaluation.rho),
+        ("evaluation.momentum", s.evaluation.momentum),
+        ("evaluation.weight_decay", s.evaluation.weight_decay),
+    ]:
+        _check_positive(value, key, src, allow_zero=True)
+    for i, ipc in enumerate(s.distill.ipc):
+        _check_positive(ipc, f"distill.ipc[{i}]", src)
+    for i, pipc in enumerate(s.distill.pipc):
+        _check_positive(pipc, f"distill.pipc[{i}]", src, allow_zero=True)
+    if not 0.0 <= s.federation.holdout_fraction < 1.0:
+        raise ScenarioError(
+            f"{src}: key 'federation.holdout_fraction' must be in [0, 1), got {s.federation.holdout_fraction}"
+        )
+    if s.federation.num_clients is not None and s.federation.min_clients > s.federation.num_clients:
+        raise ScenarioError(
+            f"{src}: key 'federation.min_clients' ({s.federation.min_clients}) exceeds "
+            f"federation.num_clients ({s.federation.num_clients})"
+        )
+    if s.data.train_limit is not None and s.federation.num_clients is not None:
+        if s.federation.num_clients > s.data.train_limit:
+            raise ScenarioError(
+                f"{src}: key 'federation.num_clients' ({s.federation.num_clients}) exceeds "
+                f"data.train_limit ({s.data.train_limit}): more clients than samples"
+            )
+    needs_safe = {"dm", "dkkt_dm", "blend", "random_real", "safe_all", "dsv_real"}
+    for method in s.distill.methods:
+        if method in needs_safe and min(s.distill.pipc) == 0:
+            raise ScenarioError(
+                f"{src}: key 'distill.pipc' contains 0 but method '{method}' needs safe images; "
+                "with pipc 0 only 'dsv' (DKKT from the model alone) can run"
+            )
+    # Real-image initialisation draws ipc images from the pool: it cannot exceed the pool.
+    real_init = s.distill.init == "real"
+    for method in s.distill.methods:
+        if method == "random_real" or method == "dsv_real" or (real_init and method in ("dm", "dkkt_dm")):
+            for ipc in s.distill.ipc:
+                for pipc in s.distill.pipc:
+                    if ipc > pipc:
+                        raise ScenarioError(
+                            f"{src}: key 'distill.ipc' value {ipc} exceeds distill.pipc value {pipc}: "
+                            f"method '{method}' takes ipc real images per class from a pool of pipc"
+                        )
+    return s
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ScenarioError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def scenario_from_dict(values: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any] | None = None) -> Scenario:
+    """Build and validate a Scenario from a plain mapping, applying dotted-key overrides."""
+    tree = json.loads(json.dumps(values))  # deep copy, plain types
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    scenario = _build(Scenario, tree, "", source)
+    scenario.source = source
+    return validate(scenario)
+
+
+def find_scenario_file(path: str | os.PathLike[str]) -> Path:
+    """Resolve a scenario path: as given (absolute or relative to cwd), then relative to the app."""
+    candidates = [Path(path).expanduser()]
+    if not candidates[0].is_absolute():
+        candidates.append(APP_DIR / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    tried = ", ".join(str(c.resolve()) for c in candidates)
+    raise ScenarioError(f"scenario file {str(path)!r} not found (tried: {tried})")
+
+
+def load_scenario(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Scenario:
+    """Read, override and validate a scenario YAML file."""
+    file = find_scenario_file(path)
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ScenarioError(f"{file}: malformed YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ScenarioError(f"{file}: the top level must be a mapping of keys, got {type(values).__name__}")
+    return scenario_from_dict(values, source=str(file), overrides=overrides)
+
+
+def save_resolved(scenario: Scenario, run_dir: str | os.PathLike[str]) -> Path:
+    """Write the fully resolved scenario (defaults filled in) next to the run's results."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "scenario.resolved.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    header = f"# resolved from {scenario.source}\n"
+    tmp.write_text(header + yaml.safe_dump(scenario.to_dict(), sort_keys=False))
+    os.replace(tmp, target)
+    return target
+
+
+# Short run-config keys (pyproject [tool.flwr.app.config]) -> scenario keys. Flower rejects
+# run-config keys it does not declare, so every override key is declared there with "" = unset.
+RUN_CONFIG_ALIASES: dict[str, str] = {
+    "clients": "federation.num_clients",
+    "rounds": "federation.rounds",
+    "local-epochs": "federation.local_epochs",
+    "partition": "federation.partition",
+    "dirichlet-alpha": "federation.dirichlet_alpha",
+    "methods": "distill.methods",
+    "ipc": "distill.ipc",
+    "pipc": "distill.pipc",
+    "iterations": "distill.iterations",
+    "eval-epochs": "evaluation.epochs",
+    "num-models": "evaluation.num_models",
+    "seed": "seed",
+    "device": "device",
+    "output-dir": "output_dir",
+    "data-root": "data.root",
+    "reuse-artifacts": "reuse_artifacts",
+}
+
+
+def _parse_override_value(raw: Any) -> Any:
+    """Run-config values arrive as TOML scalars; strings are read as YAML ('1,10' is a list)."""
+    if not isinstance(raw, str):
+        return raw
+    text = raw.strip()
+    if "," in text and not text.startswith("["):
+        text = f"[{text}]"
+    return yaml.safe_load(text)
+
+
+def overrides_from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """Collect scenario overrides from Flower's run-config: aliases plus `overrides` ('a.b=1;c=x')."""
+    overrides: dict[str, Any] = {}
+    for alias, dotted in RUN_CONFIG_ALIASES.items():
+        raw = run_config.get(alias, "")
+        if raw == "" or raw is None:
+            continue
+        overrides[dotted] = _parse_override_value(raw)
+    free_form = str(run_config.get("overrides", "") or "")
+    for item in filter(None, (part.strip() for part in free_form.split(";"))):
+        if "=" not in item:
+            raise ScenarioError(f"run-config 'overrides': item {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        overrides[key.strip()] = _parse_override_value(raw)
+    return overrides
+
+
+def resolve_from_run_config(run_config: dict[str, Any]) -> Scenario:
+    """The scenario a Flower run asked for: run_config['scenario'] (else $FEDPDD_SCENARIO) + overrides."""
+    path = str(run_config.get("scenario") or os.environ.get("FEDPDD_SCENARIO") or DEFAULT_SCENARIO)
+    return load_scenario(path, overrides=overrides_from_run_config(run_config))
