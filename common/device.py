@@ -47,5 +47,7 @@ def pick_device(spec: str | torch.device = "auto") -> torch.device:
     index = int(match.group(1))
     count = torch.cuda.device_count()
     if index >= count:
-        raise ValueError(f"device: {spec!r} was requested but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+        raise ValueError(
+            f"device: {spec!r} was requested but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})"
+        )
     return torch.device("cuda", index)

@@ -26,6 +26,7 @@ __all__ = [
     "ACTIVATIONS",
     "POOLINGS",
     "ARCH_KEYS",
+    "MetaLike",
 ]
 
 NORMS: tuple[str, ...] = ("instancenorm", "batchnorm", "layernorm", "none")
@@ -34,10 +35,18 @@ POOLINGS: tuple[str, ...] = ("avgpooling", "maxpooling", "none")
 ARCH_KEYS: tuple[str, ...] = ("width", "depth", "norm", "activation", "pooling")
 
 
-class _MetaLike(Protocol):
-    channels: int
-    height: int
-    width: int
+class MetaLike(Protocol):
+    """What build_model needs from a dataset description (e.g. DatasetMeta)."""
+
+    # read-only properties so frozen dataclasses (DatasetMeta) satisfy it
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def width(self) -> int: ...
 
     @property
     def num_classes(self) -> int: ...
@@ -159,7 +168,7 @@ class ConvNet(nn.Module):
                 f"activation={self.activation!r}, pooling={self.pooling!r}")
 
 
-def build_model(meta: Any, arch: Mapping[str, Any] | None = None, seed: int | None = None) -> ConvNet:
+def build_model(meta: MetaLike, arch: Mapping[str, Any] | None = None, seed: int | None = None) -> ConvNet:
     """Build a ConvNet for a dataset.
 
     ``meta`` is any object with ``channels``, ``height``, ``width`` and ``num_classes``
