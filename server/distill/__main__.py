@@ -1,0 +1,220 @@
+"""Offline distillation from cached artifacts (no Flower needed).
+
+    python -m server.distill --model MODEL.pt --safe SAFE.pt --dataset fashion-mnist \\
+        --method dkkt_dm --ipc 1 --pipc 10 --iterations 200 --eval-epochs 50 --num-models 3 \\
+        --out runs/offline [--data-root DIR] [--device auto] [--seed 0]
+
+MODEL.pt: ``{"state_dict", "arch", "dataset"}``; SAFE.pt: ``{"x": uint8 N×C×H×W,
+"y": int64 N, "dataset"}`` (see ``server/artifacts.py``). Writes into ``--out``:
+``synthetic_<method>_ipc<k>_pipc<p>.pt`` (+ ``.png`` grid) and appends one row to
+``results.json`` (a list) and ``results.csv``. ``--eval-epochs 0`` skips evaluation.
+Exit status: 0 ok, 1 distillation diverged (NaN/Inf), 2 bad arguments or input files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from server.distill.synthesize import METHODS, DistillationError, DistillConfig, synthesize
+
+RESULT_COLUMNS = (
+    "timestamp", "dataset", "method", "ipc", "pipc", "seed", "iterations", "iterations_done",
+    "stopped_reason", "alpha", "gamma", "init", "distill_wall_s", "eval_optimizer", "eval_epochs",
+    "num_models", "acc_mean", "acc_std", "accuracies", "eval_wall_s", "device", "synthetic",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server.distill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="MODEL.pt (trained theta*); needed by dsv, dsv_real, dkkt_dm")
+    p.add_argument("--safe", type=Path, help="SAFE.pt (safe set T'); needed by every method except dsv")
+    p.add_argument("--dataset", required=True, help="cifar10 | fashion-mnist | mnist | cifar100 | svhn")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
+    p.add_argument("--pipc", type=int, default=None,
+                   help="safe images per class to use (default: all in SAFE.pt; 0 without --safe)")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--eval-epochs", type=int, default=300, help="0 skips evaluation")
+    p.add_argument("--num-models", type=int, default=3)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data-root", default=None, help="folder with the dataset files (test split)")
+    p.add_argument("--download", action="store_true", help="allow a torchvision download of the dataset")
+    p.add_argument("--test-limit", type=int, default=None, help="evaluate on a class-balanced subset")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dsv", type=Path, default=None, help="blend: synthetic_dsv_*.pt with pre-extracted DSVs")
+    p.add_argument("--width", type=int, default=None, help="ConvNet width when no --model is given")
+    p.add_argument("--depth", type=int, default=None, help="ConvNet depth when no --model is given")
+    g = p.add_argument_group("distillation (DistillConfig)")
+    g.add_argument("--lr-img", type=float, default=1.0)
+    g.add_argument("--momentum-img", type=float, default=0.5)
+    g.add_argument("--lr-lambda", type=float, default=0.01)
+    g.add_argument("--alpha", type=float, default=None, help="default: appendix A rule by pipc")
+    g.add_argument("--gamma", type=float, default=None, help="default: appendix A rule by ipc")
+    g.add_argument("--init", choices=("auto", "noise", "real"), default="auto")
+    g.add_argument("--real-batch", type=int, default=256)
+    g.add_argument("--no-dsa", action="store_true", help="no DSA in distillation")
+    g.add_argument("--time-budget", type=float, default=None, help="seconds; stop early")
+    g.add_argument("--checkpoint-every", type=int, default=0)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--stat-distance", choices=("l1", "l2", "cosine"), default="l1")
+    g.add_argument("--primal", choices=("ce", "hinge"), default="ce")
+    g.add_argument("--aug-weight", type=float, default=5.0)
+    e = p.add_argument_group("evaluation (EvalConfig)")
+    e.add_argument("--eval-optimizer", choices=("sam", "sgd"), default="sam")
+    e.add_argument("--eval-lr", type=float, default=None)
+    e.add_argument("--eval-batch-size", type=int, default=256)
+    e.add_argument("--no-eval-dsa", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _arch(args: argparse.Namespace, model_arch: dict[str, Any] | None) -> dict[str, Any]:
+    arch = dict(model_arch or {})
+    for key in ("width", "depth"):
+        val = getattr(args, key)
+        if val is None:
+            continue
+        if model_arch is not None and key in arch and arch[key] != val:
+            raise ValueError(f"--{key} {val} contradicts {args.model}, whose arch has {key}={arch[key]}")
+        arch[key] = val
+    return arch
+
+
+def append_results(out_dir: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to ``out_dir/results.json`` (a list) and ``out_dir/results.csv``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath = out_dir / "results.json"
+    rows: list[Any] = []
+    if jpath.exists():
+        try:
+            rows = json.loads(jpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{jpath} exists but is not valid JSON ({exc}); move it away") from exc
+        if not isinstance(rows, list):
+            raise ValueError(f"{jpath} must hold a JSON list of result rows")
+    rows.append(row)
+    tmp = jpath.with_name(".results.json.tmp")
+    tmp.write_text(json.dumps(rows, indent=2))
+    os.replace(tmp, jpath)
+    cpath = out_dir / "results.csv"
+    new = not cpath.exists()
+    with cpath.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        flat = dict(row)
+        if isinstance(flat.get("accuracies"), list):
+            flat["accuracies"] = ";".join(f"{a:.4f}" for a in flat["accuracies"])
+        w.writerow(flat)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from common.datasets import get_meta, load_dataset, normalize
+    from common.device import pick_device
+    from common.models import build_model
+    from server.artifacts import (
+        build_model_from_artifact, load_model_artifact, load_safe_artifact,
+        load_synthetic_artifact, save_synthetic_artifact,
+    )
+    from server.distill.synthesize import make_embed_factory
+    from server.evaluate import EvalConfig, evaluate_synthetic
+    from server.images import save_image_grid
+
+    meta = get_meta(args.dataset)
+    device = pick_device(args.device)
+    model = None
+    model_arch = None
+    if args.model is not None:
+        art = load_model_artifact(args.model, dataset=meta.name)
+        model_arch = art.arch
+        model = build_model_from_artifact(art, meta)
+    arch = _arch(args, model_arch)
+    safe_x = safe_y = None
+    counts: list[int] = []
+    if args.safe is not None:
+        safe = load_safe_artifact(args.safe, meta=meta)
+        safe_x, safe_y = normalize(safe.x, meta), safe.y
+        counts = torch.bincount(safe.y, minlength=meta.num_classes).tolist()
+    pipc = args.pipc if args.pipc is not None else max(counts, default=0)
+    dsv_x = dsv_y = None
+    if args.dsv is not None:
+        if args.method != "blend":
+            raise ValueError(f"--dsv is only used by --method blend, not {args.method!r}")
+        d = load_synthetic_artifact(args.dsv, meta=meta)
+        dsv_x, dsv_y = d.x, d.y
+
+    cfg = DistillConfig(
+        iterations=args.iterations, lr_img=args.lr_img, momentum_img=args.momentum_img,
+        lr_lambda=args.lr_lambda, alpha=args.alpha, gamma=args.gamma, init=args.init,
+        real_batch=args.real_batch, dsa=not args.no_dsa, time_budget_s=args.time_budget,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        stat_distance=args.stat_distance, primal=args.primal, aug_weight=args.aug_weight,
+    )
+    tag = f"{args.method}_ipc{args.ipc}_pipc{pipc}"
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    syn = synthesize(
+        args.method, ipc=args.ipc, num_classes=meta.num_classes, image_shape=meta.image_shape, pipc=pipc,
+        safe_x=safe_x, safe_y=safe_y, model=model, embed_factory=make_embed_factory(meta, arch),
+        config=cfg, seed=args.seed, device=device, progress=not args.no_progress,
+        checkpoint_path=out / f"checkpoint_{tag}.pt" if args.checkpoint_every else None,
+        dsv_x=dsv_x, dsv_y=dsv_y,
+    )
+    syn_path = save_synthetic_artifact(out / f"synthetic_{tag}.pt", syn, dataset=meta.name, pipc=pipc)
+    save_image_grid(syn.x, syn.y, out / f"synthetic_{tag}.png", meta, title=f"{args.method} ipc={args.ipc} pipc={pipc}")
+
+    row: dict[str, Any] = {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": meta.name, "method": args.method,
+        "ipc": args.ipc, "pipc": pipc, "seed": args.seed, "iterations": args.iterations,
+        "iterations_done": syn.info.get("iterations_done"), "stopped_reason": syn.info.get("stopped_reason"),
+        "alpha": syn.info.get("alpha"), "gamma": syn.info.get("gamma"), "init": syn.info.get("init"),
+        "distill_wall_s": round(float(syn.info.get("wall_s", 0.0)), 3), "device": str(device),
+        "synthetic": str(syn_path), "eval_epochs": args.eval_epochs, "num_models": args.num_models,
+        "eval_optimizer": args.eval_optimizer, "acc_mean": None, "acc_std": None, "accuracies": None,
+        "eval_wall_s": None,
+    }
+    if args.eval_epochs > 0:
+        splits = load_dataset(meta.name, root=args.data_root, download=args.download)
+        if args.test_limit:
+            splits = splits.limit(test_limit=args.test_limit, seed=args.seed)
+        ecfg = EvalConfig(optimizer=args.eval_optimizer, epochs=args.eval_epochs, lr=args.eval_lr,
+                          batch_size=args.eval_batch_size, dsa=not args.no_eval_dsa, num_models=args.num_models)
+        res = evaluate_synthetic(
+            syn.x, syn.y, normalize(splits.test_x, meta), splits.test_y,
+            lambda s: build_model(meta, arch, seed=s), ecfg, seed=args.seed, device=device,
+            progress=not args.no_progress,
+        )
+        row.update(acc_mean=res.mean, acc_std=res.std, accuracies=res.accuracies,
+                   eval_wall_s=round(res.wall_s, 3))
+    append_results(out, row)
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        row = run(args)
+    except DistillationError as exc:
+        print(f"error: distillation diverged: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as exc:  # ArtifactError / DatasetError are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    acc = "" if row["acc_mean"] is None else f", accuracy {100 * row['acc_mean']:.2f} ± {100 * row['acc_std']:.2f} %"
+    print(f"{row['method']} ipc={row['ipc']} pipc={row['pipc']}: {row['synthetic']}{acc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Distribution-matching loss (paper Eq. 2; Zhao & Bilen, "Dataset Condensation with
+Distribution Matching", WACV 2023).
+
+    L_DM(S) = sum_c || mean_{x in T'_c} psi(A_c(x)) - mean_{s in S_c} psi(A_c(s)) ||^2
+
+psi is the ``embed()`` of a freshly, randomly initialised ConvNet (a new one every
+iteration, parameters frozen; the caller builds it), A_c is DSA with ONE sampled
+``DSAParams`` per class shared by the real and the synthetic images of that class
+(the siamese property of ``common.augment.apply_dsa``).
+
+Implementation notes
+- The real embeddings carry no gradient (only S is optimised), so they are computed
+  under ``torch.no_grad()``: no graph is kept for the (up to 256 per class) real images.
+- All classes go through psi in ONE batched forward for the real and one for the
+  synthetic images (instead of a forward per class as in the reference loop). This is
+  exact for per-sample normalisations (instance/layer norm, the ConvNet default) but
+  NOT for batch norm, where the batch statistics would mix classes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from common.augment import DSAParams, apply_dsa
+
+__all__ = ["dm_loss", "class_indices", "sample_real_batches"]
+
+
+def _augment(x: Tensor, params: DSAParams | None) -> Tensor:
+    return x if params is None else apply_dsa(x, params)
+
+
+def dm_loss(
+    embed: Callable[[Tensor], Tensor],
+    real: Sequence[Tensor],
+    syn: Sequence[Tensor],
+    dsa_params: Sequence[DSAParams | None] | None = None,
+) -> Tensor:
+    """Class-wise mean-embedding matching, summed over the classes given.
+
+    Args:
+        embed: psi, maps an N×C×H×W batch to N×D features (e.g. ``ConvNet.embed`` of a
+            fresh random network with frozen parameters).
+        real: per class, the real images (normalized float, K_c×C×H×W, K_c >= 1).
+        syn: per class, the synthetic images (ipc_c×C×H×W, ipc_c >= 1), same order.
+        dsa_params: per class, the DSA draw applied to BOTH the real and the synthetic
+            images of that class; ``None`` (or a ``None`` entry) means no augmentation.
+
+    Returns:
+        Scalar tensor, differentiable w.r.t. every tensor in ``syn``.
+    """
+    n = len(real)
+    if len(syn) != n:
+        raise ValueError(f"dm_loss: got {n} real class batches but {len(syn)} synthetic ones")
+    if n == 0:
+        raise ValueError("dm_loss: no classes given (real and syn are empty)")
+    if dsa_params is None:
+        dsa_params = [None] * n
+    elif len(dsa_params) != n:
+        raise ValueError(f"dm_loss: dsa_params has {len(dsa_params)} entries for {n} classes")
+    for c, (r, s) in enumerate(zip(real, syn)):
+        if r.dim() != 4 or s.dim() != 4 or r.shape[0] == 0 or s.shape[0] == 0:
+            raise ValueError(
+                f"dm_loss: class slot {c} needs non-empty N×C×H×W batches, "
+                f"got real {tuple(r.shape)} and syn {tuple(s.shape)}"
+            )
+        if r.shape[1:] != s.shape[1:]:
+            raise ValueError(
+                f"dm_loss: class slot {c} real images {tuple(r.shape[1:])} and synthetic "
+                f"images {tuple(s.shape[1:])} differ in shape"
+            )
+
+    sizes_r = [r.shape[0] for r in real]
+    sizes_s = [s.shape[0] for s in syn]
+    with torch.no_grad():
+        emb_r = embed(torch.cat([_augment(r, p) for r, p in zip(real, dsa_params)]))
+    emb_s = embed(torch.cat([_augment(s, p) for s, p in zip(syn, dsa_params)]))
+    mean_r = torch.stack([e.mean(0) for e in emb_r.split(sizes_r)])
+    mean_s = torch.stack([e.mean(0) for e in emb_s.split(sizes_s)])
+    return ((mean_r - mean_s) ** 2).sum()
+
+
+def class_indices(y: Tensor, num_classes: int) -> list[Tensor]:
+    """Indices (int64, CPU) of each class 0..num_classes-1 in label vector ``y``."""
+    y = y.detach().to("cpu", torch.int64)
+    return [torch.nonzero(y == c, as_tuple=False).flatten() for c in range(num_classes)]
+
+
+def sample_real_batches(
+    x: Tensor,
+    idx_by_class: Sequence[Tensor],
+    batch: int,
+    generator: torch.Generator,
+    classes: Sequence[int] | None = None,
+) -> list[Tensor]:
+    """Per class, up to ``batch`` random images of that class (all of them when fewer).
+
+    Randomness comes only from ``generator`` (a CPU generator), so a seed fixes the draw.
+    """
+    if batch < 1:
+        raise ValueError(f"real batch size must be >= 1, got {batch}")
+    out: list[Tensor] = []
+    for c in classes if classes is not None else range(len(idx_by_class)):
+        idx = idx_by_class[c]
+        if idx.numel() == 0:
+            raise ValueError(f"class {c} has no real (safe) images to match")
+        if idx.numel() > batch:
+            idx = idx[torch.randperm(idx.numel(), generator=generator)[:batch]]
+        out.append(x[idx.to(x.device)])
+    return out

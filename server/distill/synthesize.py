@@ -1,0 +1,555 @@
+"""Synthesize a distilled set S from the trained model theta* and the safe set T'.
+
+    L_total(S) = L_DKKT(S) + gamma * L_DM(S)        (paper Eq. 5; L_DKKT = Eq. 4)
+
+Methods (``METHODS``):
+- ``dm``: pure DM loss (Eq. 2, weight 1), the DM reference recipe.
+- ``dsv``: DKKT only, started from noise. ``dsv_real``: DKKT only, started from real images.
+- ``dkkt_dm``: the paper's Eq. 5.
+- ``blend``: paper Fig. 3, pixel average of DSVs (given as ``dsv_x``, or extracted here
+  with ``dsv`` when a model is given) and DM images.
+- ``random_real``: ipc random safe images per class. ``safe_all``: all of T' (pipc per class).
+
+Defaults from the paper's appendix A, each overridable in ``DistillConfig``:
+alpha = 0.1 / 0.01 / 0.001 for pipc <= 10 / <= 50 / more (``default_alpha``);
+gamma = 0.01 for ipc >= 50, else 0.001 (``default_gamma``); init noise for ipc 1, real
+safe images otherwise (``default_init``). With ``init="auto"``, ``dm`` starts from real
+images like the DM reference (main_DM.py), ``dsv`` from noise, ``dsv_real`` from real.
+
+The loop: S (and lambda) are the only trainable tensors. Images: SGD(lr_img,
+momentum_img). lambda: its own optimizer (Adam by default, lr_lambda) because the
+gradient of alpha * L_stat w.r.t. lambda is tiny (it is averaged over ~3e5 parameters)
+and a scale-free step lets lambda move at all; after every step lambda is projected
+onto lambda >= 0 (dual feasibility; DSV Alg. 1 drops candidates whose lambda turns
+negative, a fixed-size S cannot, so they sit at 0 and may re-enter).
+Every iteration draws a fresh random embedding network psi (``embed_factory``), a real
+batch of up to ``real_batch`` safe images per class and one DSA draw per class (shared
+by the real and synthetic images of that class), all from one CPU ``torch.Generator``
+seeded with ``seed`` (no global RNG). Non-finite loss terms or gradients raise
+``DistillationError`` (iteration + term names) BEFORE the step, so S stays the last
+good state; that state is checkpointed when a checkpoint path is given.
+
+pipc: if T' holds more than ``pipc`` images of a class, only the first ``pipc`` of them
+(in stored order, so smaller pipc gives nested subsets) are used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from common.augment import DSA_STRATEGY, parse_strategy, sample_dsa_params
+from server.artifacts import atomic_torch_save
+from server.distill.dkkt import DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss
+from server.distill.dm import class_indices, dm_loss, sample_real_batches
+from server.progress import make_progress
+
+__all__ = [
+    "METHODS",
+    "INITS",
+    "DistillConfig",
+    "SyntheticSet",
+    "DistillationError",
+    "default_alpha",
+    "default_gamma",
+    "default_init",
+    "make_embed_factory",
+    "synthesize",
+]
+
+METHODS: tuple[str, ...] = ("dm", "dsv", "dsv_real", "dkkt_dm", "blend", "random_real", "safe_all")
+INITS: tuple[str, ...] = ("auto", "noise", "real")
+_NEEDS_MODEL = ("dsv", "dsv_real", "dkkt_dm")
+_NEEDS_SAFE = ("dm", "dsv_real", "dkkt_dm", "blend", "random_real", "safe_all")
+
+
+class DistillationError(RuntimeError):
+    """A loss term or gradient became NaN/Inf; ``iteration`` and ``terms`` say where."""
+
+    def __init__(self, message: str, iteration: int, terms: list[str], checkpoint: Path | None = None):
+        super().__init__(message)
+        self.iteration = iteration
+        self.terms = terms
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class DistillConfig:
+    iterations: int = 1000
+    lr_img: float = 1.0
+    momentum_img: float = 0.5
+    lr_lambda: float = 0.01
+    alpha: float | None = None  # None -> default_alpha(pipc)
+    gamma: float | None = None  # None -> default_gamma(ipc)
+    init: str = "auto"  # "auto" | "noise" | "real"
+    real_batch: int = 256
+    dsa: bool = True
+    dsa_strategy: str = DSA_STRATEGY
+    time_budget_s: float | None = None
+    checkpoint_every: int = 0
+    log_every: int = 10
+    # --- optional additions (not in docs/API.md); defaults follow the DSV paper ---
+    stat_distance: str = "l1"  # D of L_stat: "l1" | "l2" | "cosine"
+    primal: str = "ce"  # "ce" (Eq. 3) | "hinge" (DSV Eq. 7)
+    aug_weight: float = DEFAULT_AUG_WEIGHT  # eta of DSV's manifold (augmentation) term
+    lambda_init: float = 1.0
+    lambda_optimizer: str = "adam"  # "adam" | "sgd"
+
+    def validate(self) -> "DistillConfig":
+        def bad(key: str, want: str) -> ValueError:
+            return ValueError(f"DistillConfig.{key} must be {want}, got {getattr(self, key)!r}")
+
+        if not isinstance(self.iterations, int) or self.iterations < 0:
+            raise bad("iterations", "an int >= 0")
+        for key in ("lr_img", "lr_lambda"):
+            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
+                raise bad(key, "a finite number > 0")
+        if not 0 <= self.momentum_img < 1:
+            raise bad("momentum_img", "in [0, 1)")
+        for key in ("alpha", "gamma"):
+            v = getattr(self, key)
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise bad(key, "None or a finite number >= 0")
+        if self.init not in INITS:
+            raise bad("init", f"one of {list(INITS)}")
+        if not isinstance(self.real_batch, int) or self.real_batch < 1:
+            raise bad("real_batch", "an int >= 1")
+        parse_strategy(self.dsa_strategy)
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise bad("time_budget_s", "None or > 0")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise bad("checkpoint_every", "an int >= 0")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise bad("log_every", "an int >= 1")
+        if self.stat_distance not in STAT_DISTANCES:
+            raise bad("stat_distance", f"one of {list(STAT_DISTANCES)}")
+        if self.primal not in PRIMAL_MODES:
+            raise bad("primal", f"one of {list(PRIMAL_MODES)}")
+        if not self.aug_weight >= 0:
+            raise bad("aug_weight", ">= 0")
+        if not self.lambda_init >= 0:
+            raise bad("lambda_init", ">= 0")
+        if self.lambda_optimizer not in ("adam", "sgd"):
+            raise bad("lambda_optimizer", "'adam' or 'sgd'")
+        return self
+
+
+@dataclass
+class SyntheticSet:
+    x: Tensor  # normalized float32, CPU, N×C×H×W, class-major (ipc images of class 0, then 1, ...)
+    y: Tensor  # int64, CPU
+    method: str
+    ipc: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def default_alpha(pipc: int) -> float:
+    """Appendix A: 0.1 / 0.01 / 0.001 for pipc 10 / 50 / all (pipc <= 10, <= 50, more)."""
+    if pipc <= 10:
+        return 0.1
+    if pipc <= 50:
+        return 0.01
+    return 0.001
+
+
+def default_gamma(ipc: int) -> float:
+    """Appendix A: 0.01 for ipc 50, 0.001 otherwise (we use 0.01 for every ipc >= 50)."""
+    return 0.01 if ipc >= 50 else 0.001
+
+
+def default_init(ipc: int) -> str:
+    """Appendix A: noise for ipc 1, real safe images for ipc >= 3 (and for ipc 2)."""
+    return "noise" if ipc <= 1 else "real"
+
+
+def make_embed_factory(meta: Any, arch: Mapping[str, Any] | None = None) -> Callable[[torch.Generator], nn.Module]:
+    """``embed_factory`` for ``synthesize``: a fresh ConvNet seeded from the generator."""
+    from common.models import build_model
+
+    def factory(generator: torch.Generator) -> nn.Module:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        return build_model(meta, arch, seed=seed)
+
+    return factory
+
+
+# --------------------------------------------------------------------------- safe pool
+
+
+@dataclass
+class _SafePool:
+    x: Tensor  # float32 on the working device
+    idx: list[Tensor]  # per class, CPU int64 indices into x
+    counts: list[int]
+
+    @staticmethod
+    def build(safe_x: Tensor, safe_y: Tensor, num_classes: int, image_shape: tuple[int, int, int],
+              pipc: int, device: torch.device) -> "_SafePool":
+        if not isinstance(safe_x, Tensor) or not isinstance(safe_y, Tensor):
+            raise ValueError("safe_x and safe_y must be tensors")
+        if not safe_x.is_floating_point():
+            raise ValueError(f"safe_x must be normalized float images, got dtype {safe_x.dtype} (use common.datasets.normalize)")
+        if safe_x.dim() != 4 or tuple(safe_x.shape[1:]) != tuple(image_shape):
+            raise ValueError(f"safe_x must be N×{'×'.join(map(str, image_shape))}, got {tuple(safe_x.shape)}")
+        if safe_y.shape != (safe_x.shape[0],) or safe_y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"safe_y must be int64 of shape ({safe_x.shape[0]},), got {safe_y.dtype} {tuple(safe_y.shape)}")
+        if safe_y.numel() and (int(safe_y.min()) < 0 or int(safe_y.max()) >= num_classes):
+            raise ValueError(f"safe_y labels must lie in [0, {num_classes}), got [{int(safe_y.min())}, {int(safe_y.max())}]")
+        idx = [i[:pipc] for i in class_indices(safe_y, num_classes)]  # first pipc per class
+        keep = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
+        x = safe_x[keep].to(device=device, dtype=torch.float32)
+        # re-index into the compacted tensor
+        out, start = [], 0
+        for i in idx:
+            out.append(torch.arange(start, start + i.numel()))
+            start += i.numel()
+        return _SafePool(x=x, idx=out, counts=[i.numel() for i in idx])
+
+    def pick(self, ipc: int, generator: torch.Generator) -> Tensor:
+        """ipc random images of every class, class-major (caller checked the counts)."""
+        chosen = [i[torch.randperm(i.numel(), generator=generator)[:ipc]] for i in self.idx]
+        return self.x[torch.cat(chosen).to(self.x.device)]
+
+    def short_classes(self, ipc: int) -> list[int]:
+        return [c for c, n in enumerate(self.counts) if n < ipc]
+
+
+def _labels(num_classes: int, ipc: int) -> Tensor:
+    return torch.arange(num_classes, dtype=torch.int64).repeat_interleave(ipc)
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def synthesize(
+    method: str,
+    *,
+    ipc: int,
+    num_classes: int,
+    image_shape: tuple[int, int, int],
+    pipc: int,
+    safe_x: Tensor | None,
+    safe_y: Tensor | None,
+    model: nn.Module | None,
+    embed_factory: Callable[[torch.Generator], nn.Module] | None,
+    config: DistillConfig,
+    seed: int,
+    device: torch.device | str,
+    progress: bool = True,
+    checkpoint_path: Path | str | None = None,
+    dsv_x: Tensor | None = None,
+    dsv_y: Tensor | None = None,
+) -> SyntheticSet:
+    """Distill ``ipc`` images per class with ``method`` (see the module docstring).
+
+    ``safe_x``: normalized float N×C×H×W safe images (T'), ``safe_y`` their labels.
+    ``model``: trained theta* (not modified; a frozen copy is used). ``embed_factory``:
+    generator -> fresh random network whose ``embed`` (or itself) is psi.
+    ``dsv_x``/``dsv_y`` (blend only): pre-extracted DSVs, class-major, ipc per class;
+    ``dsv_y`` (optional addition) lets them come in any order.
+    Returns a ``SyntheticSet`` on CPU.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown distillation method {method!r}; valid methods: {list(METHODS)}")
+    if not isinstance(ipc, int) or ipc < 1:
+        raise ValueError(f"ipc must be an int >= 1, got {ipc!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    if not isinstance(pipc, int) or pipc < 0:
+        raise ValueError(f"pipc must be an int >= 0, got {pipc!r}")
+    image_shape = tuple(int(s) for s in image_shape)  # type: ignore[assignment]
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
+    config.validate()
+    device = torch.device(device)
+    if method in _NEEDS_MODEL and model is None:
+        raise ValueError(f"method {method!r} needs the trained model (DKKT loss), but model is None")
+    if method in _NEEDS_SAFE and (safe_x is None or safe_y is None):
+        raise ValueError(f"method {method!r} needs safe data (safe_x and safe_y), but got None")
+    if method in ("dm", "dkkt_dm", "blend") and embed_factory is None:
+        raise ValueError(f"method {method!r} needs embed_factory (random networks for DM), got None")
+    if method == "blend" and dsv_x is None and model is None:
+        raise ValueError("method 'blend' needs pre-extracted DSVs (dsv_x) or the model to extract them; both are None")
+
+    t0 = time.monotonic()
+    gen = torch.Generator().manual_seed(int(seed))
+    pool = None
+    if safe_x is not None and safe_y is not None and method in _NEEDS_SAFE:
+        pool = _SafePool.build(safe_x, safe_y, num_classes, image_shape, pipc, device)
+    base_info: dict[str, Any] = {"seed": int(seed), "pipc": pipc, "config": asdict(config),
+                                 "safe_per_class": pool.counts if pool else []}
+
+    if method == "safe_all":
+        assert pool is not None
+        counts = pool.counts
+        y = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(counts)])
+        info = base_info | {"class_counts": counts, "requested_ipc": ipc, "wall_s": time.monotonic() - t0}
+        return SyntheticSet(x=pool.x.cpu(), y=y, method=method, ipc=max(counts, default=0), info=info)
+
+    if method == "random_real":
+        assert pool is not None
+        short = pool.short_classes(ipc)
+        if short:
+            raise ValueError(_short_msg(method, ipc, pipc, pool, short))
+        x = pool.pick(ipc, gen)
+        info = base_info | {"wall_s": time.monotonic() - t0}
+        return SyntheticSet(x=x.cpu(), y=_labels(num_classes, ipc), method=method, ipc=ipc, info=info)
+
+    deadline = None if config.time_budget_s is None else t0 + config.time_budget_s
+    with make_progress(progress) as bar:
+        run = _Run(ipc=ipc, num_classes=num_classes, image_shape=image_shape, pipc=pipc, pool=pool,
+                   model=model, embed_factory=embed_factory, config=config, device=device, bar=bar)
+        if method != "blend":
+            out = run.optimize(method, gen, deadline, _as_path(checkpoint_path))
+            out.info = base_info | out.info
+            return out
+
+        # blend (Fig. 3): average DSVs and DM images pixel-wise.
+        sub_seeds = torch.randint(0, 2**62, (2,), generator=gen).tolist()
+        sub_info: dict[str, Any] = {}
+        if dsv_x is None:
+            dl = None if deadline is None else t0 + config.time_budget_s / 2  # type: ignore[operator]
+            dsv = run.optimize("dsv", torch.Generator().manual_seed(sub_seeds[0]), dl,
+                               _suffixed(checkpoint_path, "_dsv"))
+            dsv_x, sub_info["dsv"] = dsv.x, dsv.info
+        else:
+            dsv_x = _canonical_dsv(dsv_x, dsv_y, num_classes, ipc, image_shape)
+            sub_info["dsv"] = {"source": "given"}
+        dm = run.optimize("dm", torch.Generator().manual_seed(sub_seeds[1]), deadline,
+                          _suffixed(checkpoint_path, "_dm"))
+        x = (dsv_x.to(torch.float32).cpu() + dm.x) / 2.0
+        info = base_info | {"dsv": sub_info["dsv"], "dm": dm.info, "wall_s": time.monotonic() - t0}
+        return SyntheticSet(x=x, y=_labels(num_classes, ipc), method="blend", ipc=ipc, info=info)
+
+
+def _as_path(p: Path | str | None) -> Path | None:
+    return None if p is None else Path(p)
+
+
+def _suffixed(p: Path | str | None, suffix: str) -> Path | None:
+    if p is None:
+        return None
+    p = Path(p)
+    return p.with_name(p.stem + suffix + p.suffix)
+
+
+def _short_msg(method: str, ipc: int, pipc: int, pool: _SafePool, short: list[int]) -> str:
+    have = ", ".join(f"class {c}: {pool.counts[c]}" for c in short)
+    return (f"method {method!r} with real images needs ipc={ipc} safe images of every class, "
+            f"but only {have} are available (pipc={pipc}); lower ipc, raise pipc or use init 'noise'")
+
+
+def _canonical_dsv(dsv_x: Tensor, dsv_y: Tensor | None, num_classes: int, ipc: int,
+                   image_shape: tuple[int, int, int]) -> Tensor:
+    want = (num_classes * ipc, *image_shape)
+    if not isinstance(dsv_x, Tensor) or not dsv_x.is_floating_point() or tuple(dsv_x.shape) != want:
+        raise ValueError(f"dsv_x must be normalized float of shape {want} (ipc={ipc} per class), "
+                         f"got {getattr(dsv_x, 'dtype', type(dsv_x))} {tuple(getattr(dsv_x, 'shape', ()))}")
+    if dsv_y is None:
+        return dsv_x
+    dsv_y = dsv_y.to("cpu", torch.int64)
+    counts = torch.bincount(dsv_y, minlength=num_classes)
+    if dsv_y.shape != (want[0],) or counts.numel() != num_classes or bool((counts != ipc).any()):
+        raise ValueError(f"dsv_y must hold exactly ipc={ipc} labels of each of {num_classes} classes, "
+                         f"got counts {counts.tolist()}")
+    return dsv_x[torch.argsort(dsv_y, stable=True)]
+
+
+# --------------------------------------------------------------------------- optimisation loop
+
+
+class _Run:
+    """Shared state of one ``synthesize`` call; ``optimize`` runs one gradient method."""
+
+    def __init__(self, *, ipc: int, num_classes: int, image_shape: tuple[int, int, int], pipc: int,
+                 pool: _SafePool | None, model: nn.Module | None,
+                 embed_factory: Callable[[torch.Generator], nn.Module] | None,
+                 config: DistillConfig, device: torch.device, bar: Any) -> None:
+        self.ipc, self.C, self.shape, self.pipc = ipc, num_classes, image_shape, pipc
+        self.pool, self.embed_factory, self.cfg, self.device, self.bar = pool, embed_factory, config, device, bar
+        self.model = None
+        if model is not None:
+            # Frozen private copy: the caller's module keeps its mode and grad flags.
+            self.model = copy.deepcopy(model).to(device).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    # -- setup helpers ------------------------------------------------------------
+    def _resolve_init(self, method: str) -> tuple[str, str]:
+        cfg_init = self.cfg.init
+        if method == "dsv":
+            if cfg_init == "real":
+                raise ValueError("method 'dsv' always starts from noise; use method 'dsv_real' for real init")
+            return "noise", "method dsv"
+        if method == "dsv_real":
+            if cfg_init == "noise":
+                raise ValueError("method 'dsv_real' always starts from real images; use method 'dsv' for noise init")
+            return "real", "method dsv_real"
+        if cfg_init != "auto":
+            return cfg_init, "config"
+        if method == "dm":
+            return "real", "auto (DM reference)"
+        return default_init(self.ipc), "auto (appendix A)"
+
+    def _init_images(self, method: str, gen: torch.Generator) -> tuple[Tensor, str]:
+        init, why = self._resolve_init(method)
+        if init == "real":
+            assert self.pool is not None
+            short = self.pool.short_classes(self.ipc)
+            if short:
+                if why.startswith("auto"):
+                    warnings.warn(_short_msg(method, self.ipc, self.pipc, self.pool, short)
+                                  + "; init 'auto' falls back to noise", stacklevel=3)
+                    init, why = "noise", why + ", fallback: too few safe images"
+                else:
+                    raise ValueError(_short_msg(method, self.ipc, self.pipc, self.pool, short))
+        if init == "real":
+            x = self.pool.pick(self.ipc, gen).detach().clone()  # type: ignore[union-attr]
+        else:
+            x = torch.randn((self.C * self.ipc, *self.shape), generator=gen)
+        return x.to(self.device, torch.float32), f"{init} ({why})"
+
+    def _check_model(self, x: Tensor) -> None:
+        assert self.model is not None
+        with torch.no_grad():
+            out = self.model(x[:1])
+        if out.dim() != 2 or out.shape[1] != self.C:
+            raise ValueError(f"model outputs shape {tuple(out.shape)} for one image, expected (1, {self.C}) logits")
+
+    # -- the loop -------------------------------------------------------------------
+    def optimize(self, method: str, gen: torch.Generator, deadline: float | None,
+                 ckpt: Path | None) -> SyntheticSet:
+        cfg, C, ipc = self.cfg, self.C, self.ipc
+        t0 = time.monotonic()
+        use_dkkt = method in ("dsv", "dsv_real", "dkkt_dm")
+        use_dm = method in ("dm", "dkkt_dm")
+        alpha = cfg.alpha if cfg.alpha is not None else default_alpha(self.pipc)
+        gamma = cfg.gamma if cfg.gamma is not None else default_gamma(ipc)
+        dm_weight = 1.0 if method == "dm" else gamma
+        if use_dm:
+            assert self.pool is not None and self.embed_factory is not None
+            empty = [c for c, n in enumerate(self.pool.counts) if n == 0]
+            if empty:
+                raise ValueError(f"method {method!r} matches every class's real images, but classes {empty} "
+                                 f"have no safe images")
+
+        x0, init_desc = self._init_images(method, gen)
+        y = _labels(C, ipc).to(self.device)
+        x_syn = x0.requires_grad_(True)
+        opt_img = torch.optim.SGD([x_syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
+        lam: Tensor | None = None
+        opt_lam: torch.optim.Optimizer | None = None
+        if use_dkkt:
+            assert self.model is not None
+            self._check_model(x_syn.detach())
+            lam = torch.full((C * ipc,), float(cfg.lambda_init), device=self.device, requires_grad=True)
+            opt_lam = (torch.optim.Adam([lam], lr=cfg.lr_lambda) if cfg.lambda_optimizer == "adam"
+                       else torch.optim.SGD([lam], lr=cfg.lr_lambda))
+
+        history: list[dict[str, float]] = []
+        stopped = "completed"
+        done = 0
+        task = self.bar.add_task(f"{method} ipc={ipc}", total=cfg.iterations, status="")
+        for it in range(1, cfg.iterations + 1):
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped = "time_budget"
+                break
+            terms: dict[str, Tensor] = {}
+            total = x_syn.new_zeros(())
+            if use_dkkt:
+                assert lam is not None and self.model is not None
+                p_aug = sample_dsa_params(gen, cfg.dsa_strategy) if cfg.dsa else None
+                l_kkt, kt = dkkt_loss(self.model, x_syn, y, lam, alpha=alpha, dsa_params=p_aug,
+                                      aug_weight=cfg.aug_weight, distance=cfg.stat_distance, primal=cfg.primal)
+                terms.update(kt)
+                total = total + l_kkt
+            if use_dm:
+                net = self.embed_factory(gen).to(self.device).eval()  # type: ignore[misc]
+                for p in net.parameters():
+                    p.requires_grad_(False)
+                psi = getattr(net, "embed", net)
+                real = sample_real_batches(self.pool.x, self.pool.idx, cfg.real_batch, gen)  # type: ignore[union-attr]
+                syn = list(x_syn.split(ipc))
+                params = [sample_dsa_params(gen, cfg.dsa_strategy) for _ in range(C)] if cfg.dsa else None
+                terms["dm"] = dm_loss(psi, real, syn, params)
+                total = total + dm_weight * terms["dm"]
+
+            opt_img.zero_grad(set_to_none=True)
+            if opt_lam is not None:
+                opt_lam.zero_grad(set_to_none=True)
+            total.backward()
+            # One host sync per iteration: loss and gradients finite?
+            ok = torch.isfinite(total) & torch.isfinite(x_syn.grad).all()  # type: ignore[arg-type]
+            if lam is not None and lam.grad is not None:
+                ok = ok & torch.isfinite(lam.grad).all()
+            if not bool(ok):
+                self._fail(method, it, terms, total, x_syn, lam, y, ckpt, history)
+            opt_img.step()
+            if opt_lam is not None:
+                opt_lam.step()
+                with torch.no_grad():
+                    lam.clamp_(min=0.0)  # type: ignore[union-attr]  # dual feasibility (projection)
+            done = it
+
+            if it % cfg.log_every == 0 or it == cfg.iterations:
+                row = {"iteration": it, "total": float(total.detach()), "elapsed_s": time.monotonic() - t0}
+                row.update({k: float(v.detach()) for k, v in terms.items()})
+                if lam is not None:
+                    row.update(lambda_mean=float(lam.detach().mean()), lambda_min=float(lam.detach().min()))
+                history.append(row)
+                status = " ".join(f"{k}={v:.3g}" for k, v in row.items()
+                                  if k in ("total", "primal", "stat", "dm", "lambda_mean"))
+                self.bar.update(task, completed=it, status=status)
+            else:
+                self.bar.update(task, completed=it)
+            if ckpt is not None and cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
+                self._save(ckpt, method, it, x_syn, lam, y, history)
+
+        if ckpt is not None and cfg.checkpoint_every and done and done % cfg.checkpoint_every:
+            self._save(ckpt, method, done, x_syn, lam, y, history)
+        info: dict[str, Any] = {
+            "loss_history": history, "iterations_done": done, "iterations_requested": cfg.iterations,
+            "stopped_reason": stopped, "time_budget_s": cfg.time_budget_s, "wall_s": time.monotonic() - t0,
+            "alpha": alpha if use_dkkt else None, "gamma": gamma if method == "dkkt_dm" else None,
+            "dm_weight": dm_weight if use_dm else None, "init": init_desc,
+            "device": str(self.device),
+        }
+        if lam is not None:
+            info["lambda"] = lam.detach().cpu().tolist()
+        return SyntheticSet(x=x_syn.detach().cpu(), y=y.cpu(), method=method, ipc=ipc, info=info)
+
+    def _save(self, path: Path, method: str, it: int, x: Tensor, lam: Tensor | None, y: Tensor,
+              history: list[dict[str, float]], error: str | None = None) -> None:
+        payload = {"x": x.detach().cpu().clone(), "y": y.cpu(), "method": method, "ipc": self.ipc,
+                   "iteration": it, "lambda": None if lam is None else lam.detach().cpu().clone(),
+                   "loss_history": list(history), "error": error}
+        atomic_torch_save(payload, path)
+
+    def _fail(self, method: str, it: int, terms: dict[str, Tensor], total: Tensor, x: Tensor,
+              lam: Tensor | None, y: Tensor, ckpt: Path | None, history: list[dict[str, float]]) -> None:
+        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()))]
+        if not bad and not bool(torch.isfinite(total.detach())):
+            bad = ["total"]
+        if x.grad is not None and not bool(torch.isfinite(x.grad).all()):
+            bad.append("grad(x)")
+        if lam is not None and lam.grad is not None and not bool(torch.isfinite(lam.grad).all()):
+            bad.append("grad(lambda)")
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        msg = f"{method}: non-finite {', '.join(bad)} at iteration {it} ({values})"
+        saved = None
+        # S has not been stepped with the bad gradient yet; keep it if it is itself finite.
+        if ckpt is not None and bool(torch.isfinite(x.detach()).all()):
+            self._save(ckpt, method, it - 1, x, lam, y, history, error=msg)
+            saved = ckpt
+            msg += f"; last good state (after iteration {it - 1}) saved to {ckpt}"
+        elif ckpt is not None:
+            msg += f"; the images themselves are non-finite, {ckpt} keeps the last periodic checkpoint"
+        raise DistillationError(msg, iteration=it, terms=bad, checkpoint=saved)

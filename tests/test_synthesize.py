@@ -1,0 +1,176 @@
+"""Tests for server/distill/synthesize.py (methods, defaults, loop, errors, checkpoints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from common.models import build_model
+from server.distill import (
+    METHODS,
+    DistillationError,
+    DistillConfig,
+    default_alpha,
+    default_gamma,
+    default_init,
+    make_embed_factory,
+    synthesize,
+)
+
+C, SHAPE = 3, (1, 8, 8)
+META = SimpleNamespace(channels=1, height=8, width=8, num_classes=C)
+ARCH = {"width": 8, "depth": 2}
+
+
+def _safe(per_class: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(C).repeat(per_class)  # interleaved classes
+    return torch.randn(len(y), *SHAPE, generator=g), y
+
+
+def _run(method: str, ipc: int = 2, pipc: int = 5, cfg: DistillConfig | None = None, **kw):
+    sx, sy = _safe()
+    args = dict(ipc=ipc, num_classes=C, image_shape=SHAPE, pipc=pipc, safe_x=sx, safe_y=sy,
+                model=build_model(META, ARCH, seed=1), embed_factory=make_embed_factory(META, ARCH),
+                config=cfg or DistillConfig(iterations=3, real_batch=4, log_every=1), seed=0,
+                device=torch.device("cpu"), progress=False)
+    args.update(kw)
+    return synthesize(method, **args)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "safe_all"])
+def test_every_method_runs_and_returns_class_major_set(method: str) -> None:
+    out = _run(method)
+    assert out.method == method and out.ipc == 2
+    assert out.x.shape == (C * 2, *SHAPE) and out.x.dtype == torch.float32 and out.x.device.type == "cpu"
+    assert out.y.tolist() == [0, 0, 1, 1, 2, 2] and out.y.dtype == torch.int64
+    assert bool(torch.isfinite(out.x).all())
+    if method in ("dm", "dsv", "dsv_real", "dkkt_dm"):
+        assert out.info["iterations_done"] == 3 and len(out.info["loss_history"]) == 3
+
+
+def test_safe_all_uses_first_pipc_per_class() -> None:
+    sx, sy = _safe(per_class=5)
+    out = _run("safe_all", pipc=3)
+    assert out.x.shape == (3 * C, *SHAPE) and out.y.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    first3_class1 = sx[sy == 1][:3]
+    assert torch.equal(out.x[3:6], first3_class1)
+    assert out.info["class_counts"] == [3, 3, 3]
+
+
+def test_random_real_picks_safe_images_of_the_right_class() -> None:
+    sx, sy = _safe()
+    out = _run("random_real", ipc=2)
+    for img, lab in zip(out.x, out.y):
+        assert any(torch.equal(img, s) for s in sx[sy == lab])
+
+
+def test_same_seed_same_result_other_seed_differs() -> None:
+    a, b, c = _run("dkkt_dm"), _run("dkkt_dm"), _run("dkkt_dm", seed=5)
+    assert torch.equal(a.x, b.x)
+    assert not torch.equal(a.x, c.x)
+
+
+def test_images_change_and_lambda_stays_nonnegative() -> None:
+    cfg = DistillConfig(iterations=8, lr_lambda=0.5, lambda_init=0.05, dsa=False, log_every=4)
+    out = _run("dsv", cfg=cfg)
+    lam = torch.tensor(out.info["lambda"])
+    assert bool((lam >= 0).all())
+    assert not torch.allclose(lam, torch.full_like(lam, 0.05))  # lambda is learned
+    sgd = DistillConfig(iterations=8, lr_lambda=50.0, lambda_init=0.05, lambda_optimizer="sgd", dsa=False)
+    lam2 = torch.tensor(_run("dsv_real", cfg=sgd).info["lambda"])
+    assert bool((lam2 >= 0).all())
+
+
+def test_blend_is_pixel_average_with_given_dsvs() -> None:
+    a = torch.zeros(C * 2, *SHAPE)
+    b = torch.ones(C * 2, *SHAPE)
+    out_a, out_b = _run("blend", dsv_x=a, model=None), _run("blend", dsv_x=b, model=None)
+    assert torch.allclose(out_b.x - out_a.x, torch.full_like(out_a.x, 0.5), atol=1e-6)
+    # dsv_y puts shuffled DSVs back in class-major order (each DSV's value = its class)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = y.to(torch.float32).view(-1, 1, 1, 1).expand(-1, *SHAPE).clone()
+    perm = torch.tensor([5, 2, 0, 4, 1, 3])
+    out_perm = _run("blend", dsv_x=x[perm], dsv_y=y[perm], model=None)
+    out_ref = _run("blend", dsv_x=x, model=None)
+    assert torch.allclose(out_perm.x, out_ref.x)
+
+
+def test_defaults_follow_appendix_a() -> None:
+    assert [default_alpha(p) for p in (0, 10, 11, 50, 51, 5000)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    assert [default_gamma(i) for i in (1, 3, 10, 50)] == [0.001, 0.001, 0.001, 0.01]
+    assert [default_init(i) for i in (1, 2, 3, 50)] == ["noise", "real", "real", "real"]
+    out = _run("dkkt_dm", ipc=1, pipc=5)
+    assert out.info["alpha"] == 0.1 and out.info["gamma"] == 0.001 and out.info["init"].startswith("noise")
+    out = _run("dkkt_dm", ipc=3, pipc=5, cfg=DistillConfig(iterations=1, alpha=0.5, gamma=2.0, real_batch=4))
+    assert out.info["alpha"] == 0.5 and out.info["gamma"] == 2.0 and out.info["init"].startswith("real")
+
+
+def test_clear_errors() -> None:
+    with pytest.raises(ValueError, match="unknown distillation method 'xyz'"):
+        _run("xyz")
+    with pytest.raises(ValueError, match="'dkkt_dm' needs the trained model"):
+        _run("dkkt_dm", model=None)
+    with pytest.raises(ValueError, match="'dsv' needs the trained model"):
+        _run("dsv", model=None)
+    with pytest.raises(ValueError, match="'dm' needs safe data"):
+        _run("dm", safe_x=None)
+    with pytest.raises(ValueError, match=r"ipc=4 .*class 0: 3"):
+        _run("dm", ipc=4, pipc=3, cfg=DistillConfig(iterations=1, init="real"))
+    with pytest.raises(ValueError, match=r"ipc=6"):
+        _run("random_real", ipc=6)
+    with pytest.raises(ValueError, match="'dsv' always starts from noise"):
+        _run("dsv", cfg=DistillConfig(iterations=1, init="real"))
+    with pytest.raises(ValueError, match="DistillConfig.lr_img"):
+        _run("dm", cfg=DistillConfig(lr_img=0.0))
+    with pytest.raises(ValueError, match=r"safe_x must be N×1×8×8"):
+        _run("dm", safe_x=torch.zeros(15, 3, 8, 8))
+    with pytest.raises(ValueError, match="blend' needs pre-extracted DSVs"):
+        _run("blend", model=None)
+
+
+def test_auto_init_falls_back_to_noise_with_warning() -> None:
+    with pytest.warns(UserWarning, match="falls back to noise"):
+        out = _run("dkkt_dm", ipc=4, pipc=3, cfg=DistillConfig(iterations=1, real_batch=4))
+    assert out.info["init"].startswith("noise")
+
+
+def test_time_budget_stops_early() -> None:
+    out = _run("dm", cfg=DistillConfig(iterations=10_000, time_budget_s=0.3, real_batch=4))
+    assert out.info["stopped_reason"] == "time_budget"
+    assert out.info["iterations_done"] < 10_000
+
+
+def test_periodic_checkpoints_are_written(tmp_path: Path) -> None:
+    ck = tmp_path / "ck.pt"
+    _run("dkkt_dm", cfg=DistillConfig(iterations=5, checkpoint_every=2, real_batch=4), checkpoint_path=ck)
+    state = torch.load(ck, weights_only=True)
+    assert state["iteration"] == 5 and state["x"].shape == (C * 2, *SHAPE) and state["lambda"].shape == (C * 2,)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temporary files
+
+
+def test_nan_raises_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    calls = {"n": 0}
+    good = make_embed_factory(META, ARCH)
+
+    def poisoned(gen: torch.Generator) -> nn.Module:
+        calls["n"] += 1
+        net = good(gen)
+        if calls["n"] == 3:  # the third iteration's embedding network outputs NaN
+            with torch.no_grad():
+                net.features[0].weight.fill_(float("nan"))
+        return net
+
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(DistillationError) as err:
+        _run("dkkt_dm", embed_factory=poisoned, checkpoint_path=ck,
+             cfg=DistillConfig(iterations=6, checkpoint_every=1, real_batch=4))
+    assert err.value.iteration == 3 and "dm" in err.value.terms
+    assert "iteration 3" in str(err.value) and "dm" in str(err.value)
+    state = torch.load(ck, weights_only=True)
+    assert state["iteration"] == 2 and bool(torch.isfinite(state["x"]).all())
+    assert "non-finite" in state["error"]
