@@ -1,0 +1,211 @@
+"""Phase 2: collect the pooled safe set T' from the clients.
+
+Goal: exactly ``pipc`` images per class, spread evenly over the clients. Protocol:
+
+1. every client is asked for its even share of every class (``quota``);
+2. a client short of a class sends what it has and reports the shortfall; it is then
+   marked exhausted for that class;
+3. the missing images of a class are asked, again spread evenly, from the clients not yet
+   exhausted for it, with ``offset`` = what each already sent (clients answer statelessly
+   from a fixed per-class order, so nothing is sent twice);
+4. repeat until every class is full, or no client can give more (clear error).
+
+The planning loop takes a plain ``ask`` callback, so it is testable without Flower;
+:func:`collect_safe_pool` plugs in the Grid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common.records import CFG_SCENARIO, KEY_CLIENT, KEY_CONFIG, KEY_METRICS, KEY_SAFE, ImageSet, record_bytes, record_to_images
+
+__all__ = ["SafePool", "SafeReply", "CollectError", "empty_pool", "spread_evenly", "plan_collection", "collect_safe_pool", "pool_subset"]
+
+
+class CollectError(RuntimeError):
+    """The clients together cannot supply the requested safe pool, or one answered wrongly."""
+
+
+@dataclass
+class SafeReply:
+    images: ImageSet
+    shortfall: np.ndarray  # int64 per class
+    partition_id: int
+    num_bytes: int  # payload bytes of the reply (the upload)
+    shard_bytes: int | None = None  # size of the client's private shard, for comparison
+
+
+@dataclass
+class SafePool:
+    """The pooled safe set, class-major, each class in a fixed seeded order."""
+
+    x: torch.Tensor  # uint8 N x C x H x W
+    y: torch.Tensor  # int64
+    indices: torch.Tensor  # int64 training-set index of each image (audit metadata)
+    partition_ids: torch.Tensor  # int64 client that sent each image
+    pipc: int
+    uploads: list[dict] = field(default_factory=list)  # per reply: node, partition, images, bytes, request round
+
+    def per_class(self, num_classes: int) -> np.ndarray:
+        return np.bincount(self.y.numpy(), minlength=num_classes)
+
+
+def spread_evenly(total: int, num_clients: int, rotate: int = 0) -> list[int]:
+    """Split ``total`` over clients; the remainder goes to clients ``rotate, rotate+1, ...``."""
+    base, extra = divmod(int(total), num_clients)
+    shares = [base] * num_clients
+    for k in range(extra):
+        shares[(rotate + k) % num_clients] += 1
+    return shares
+
+
+AskFn = Callable[[dict[int, tuple[list[int], list[int]]]], dict[int, SafeReply]]
+
+
+def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: AskFn) -> tuple[dict[int, list[ImageSet]], list[dict]]:
+    """Run the request/rebalance loop; returns the image sets received per node and an upload log."""
+    nodes = sorted(node_ids)
+    if not nodes:
+        raise CollectError("no client is connected: cannot collect safe images")
+    have = np.zeros((len(nodes), num_classes), dtype=np.int64)  # received per node, class
+    exhausted = np.zeros((len(nodes), num_classes), dtype=bool)
+    received: dict[int, list[ImageSet]] = {n: [] for n in nodes}
+    uploads: list[dict] = []
+    request_round = 0
+    while True:
+        deficit = pipc - have.sum(axis=0)
+        if (deficit <= 0).all():
+            break
+        quota = np.zeros_like(have)
+        for c in np.flatnonzero(deficit > 0):
+            able = np.flatnonzero(~exhausted[:, c])
+            if able.size == 0:
+                total = int(have[:, c].sum())
+                raise CollectError(
+                    f"the clients together hold only {total} shareable images of class {c}, but the pool "
+                    f"needs {pipc} per class (max of distill.pipc); lower distill.pipc, add clients or data"
+                )
+            # rotate the remainder by class so no client always gets the extra image
+            for k, share in zip(able, spread_evenly(int(deficit[c]), able.size, rotate=c + request_round)):
+                quota[k, c] = share
+        requests = {
+            nodes[k]: (quota[k].tolist(), have[k].tolist()) for k in range(len(nodes)) if quota[k].sum() > 0
+        }
+        replies = ask(requests)
+        request_round += 1
+        for k, node in enumerate(nodes):
+            if node not in requests:
+                continue
+            reply = replies.get(node)
+            if reply is None:
+                raise CollectError(f"node {node} did not answer the safe-subset query")
+            counts = np.bincount(reply.images.y.numpy(), minlength=num_classes)
+            if counts.shape[0] != num_classes or (counts > quota[k]).any():
+                raise CollectError(
+                    f"node {node} (partition {reply.partition_id}) sent {counts.tolist()} images per class, "
+                    f"more than asked {quota[k].tolist()}"
+                )
+            if not np.array_equal(counts + reply.shortfall, quota[k]):
+                raise CollectError(
+                    f"node {node}: images {counts.tolist()} + shortfall {reply.shortfall.tolist()} "
+                    f"do not add up to the quota {quota[k].tolist()}"
+                )
+            have[k] += counts
+            exhausted[k] |= reply.shortfall > 0
+            received[node].append(reply.images)
+            uploads.append({"node_id": node, "partition_id": reply.partition_id, "request": request_round,
+                            "images": int(counts.sum()), "bytes": reply.num_bytes,
+                            "shard_bytes": reply.shard_bytes})
+    return received, uploads
+
+
+def _order_pool(images: list[tuple[ImageSet, int]], num_classes: int, pipc: int, seed: int) -> SafePool:
+    x = torch.cat([im.x for im, _ in images])
+    y = torch.cat([im.y for im, _ in images])
+    idx = torch.cat([im.indices if im.indices is not None else torch.full_like(im.y, -1) for im, _ in images])
+    pid = torch.cat([torch.full_like(im.y, p) for im, p in images])
+    # Sort by (class, index) first so the seeded shuffle does not depend on arrival order
+    base = np.lexsort((idx.numpy(), y.numpy()))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC011]))
+    order = np.concatenate([rng.permutation(base[y.numpy()[base] == c]) for c in range(num_classes)])
+    o = torch.from_numpy(order.astype(np.int64))
+    return SafePool(x=x[o], y=y[o], indices=idx[o], partition_ids=pid[o], pipc=pipc)
+
+
+def pool_subset(pool_x: torch.Tensor, pool_y: torch.Tensor, pipc: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``pipc`` images of each class in pool order: smaller pools nest in larger ones."""
+    y = pool_y.numpy() if isinstance(pool_y, torch.Tensor) else np.asarray(pool_y)
+    keep = np.concatenate([np.flatnonzero(y == c)[:pipc] for c in range(num_classes)]) if num_classes else np.zeros(0, int)
+    short = [c for c in range(num_classes) if (y == c).sum() < pipc]
+    if short:
+        raise CollectError(f"the safe pool has fewer than pipc={pipc} images of classes {short}")
+    keep_t = torch.from_numpy(np.sort(keep).astype(np.int64))
+    return pool_x[keep_t], pool_y[keep_t]
+
+
+def _grid_ask(grid: Grid, scenario_json: str, num_classes: int, timeout: float) -> AskFn:
+    def ask(requests: dict[int, tuple[list[int], list[int]]]) -> dict[int, SafeReply]:
+        messages = [
+            Message(
+                content=RecordDict({KEY_CONFIG: ConfigRecord({CFG_SCENARIO: scenario_json, "quota": quota, "offset": offset})}),
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
+            )
+            for node, (quota, offset) in requests.items()
+        ]
+        replies: dict[int, SafeReply] = {}
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise CollectError(f"node {node} failed the safe-subset query: {reply.error.reason}")
+            content = reply.content
+            shortfall = np.asarray(content.metric_records[KEY_METRICS]["shortfall"], dtype=np.int64)
+            if shortfall.shape != (num_classes,):
+                raise CollectError(f"node {node}: shortfall must list {num_classes} classes, got {shortfall.tolist()}")
+            replies[node] = SafeReply(
+                images=record_to_images(content.array_records[KEY_SAFE]),
+                shortfall=shortfall,
+                partition_id=int(content.config_records[KEY_CLIENT]["partition-id"]),
+                num_bytes=record_bytes(content),
+                shard_bytes=content.config_records[KEY_CLIENT].get("shard-bytes"),
+            )
+        return replies
+
+    return ask
+
+
+def empty_pool(image_shape: tuple[int, int, int]) -> SafePool:
+    """The pool of a run that needs no safe images (pipc 0: model-only methods)."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    return SafePool(x=torch.zeros((0, *image_shape), dtype=torch.uint8), y=empty, indices=empty.clone(),
+                    partition_ids=empty.clone(), pipc=0)
+
+
+def collect_safe_pool(
+    grid: Grid, node_ids: Sequence[int], scenario_json: str, num_classes: int, pipc: int, seed: int,
+    image_shape: tuple[int, int, int], timeout: float = 600.0,
+) -> SafePool:
+    """Query the clients until the pool holds exactly ``pipc`` images per class."""
+    if pipc == 0:
+        return empty_pool(image_shape)
+    start = time.perf_counter()
+    received, uploads = plan_collection(node_ids, num_classes, pipc, _grid_ask(grid, scenario_json, num_classes, timeout))
+    partition_of = {u["node_id"]: u["partition_id"] for u in uploads}
+    images = [(im, partition_of[node]) for node, sets in received.items() for im in sets]
+    if not images:
+        raise CollectError("no safe images were collected")
+    pool = _order_pool(images, num_classes, pipc, seed)
+    pool.uploads = uploads
+    log(INFO, "collect: %d safe images (%d per class) from %d clients in %d request rounds, %.1fs",
+        len(pool.y), pipc, len(received), max((u["request"] for u in uploads), default=0), time.perf_counter() - start)
+    return pool
