@@ -25,8 +25,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import dataclasses
 import shutil
 import time
-from contextlib import contextmanager
+from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.datasets import normalize
+from common.datasets import DatasetMeta, normalize
 from common.device import pick_device
 from common.models import build_model
 from common.scenario import Scenario, load_scenario, resolve_from_run_config, save_resolved
@@ -67,6 +69,48 @@ def _copy_history(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+@dataclass
+class _Federated:
+    """What phases 1-2 hand to the pipeline."""
+
+    model_state: OrderedDict[str, torch.Tensor]
+    pool_x: torch.Tensor
+    pool_y: torch.Tensor
+    rounds: list[dict] = field(default_factory=list)
+    weight_uploads: list[dict] = field(default_factory=list)
+    safe_uploads: list[dict] = field(default_factory=list)
+
+
+def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, test_x: torch.Tensor,
+                          test_y: torch.Tensor, device: torch.device, timings: dict[str, float]) -> _Federated:
+    """Phases 1 (FedAvg) and 2 (safe pool); saves global_model.pt and safe_pool.pt."""
+    f, run_dir = scenario.federation, scenario.run_dir
+    arch = dataclasses.asdict(scenario.model)
+    with _phase(timings, "1/5", "federate", f"FedAvg, {f.rounds} rounds"):
+        nodes = wait_for_nodes(grid, f.num_clients, f.min_clients)
+        log(INFO, "federate: %d clients connected", len(nodes))
+        initial = build_model(meta, arch, seed=scenario.seed).state_dict()
+        eval_model = build_model(meta, arch)
+        test_norm = normalize(test_x, meta)
+
+        def central_eval(state: dict[str, torch.Tensor]) -> tuple[float, float]:
+            eval_model.load_state_dict(state)
+            return test_accuracy(eval_model, test_norm, test_y, device)
+
+        fed = run_federation(grid, scenario, initial, nodes, central_eval)
+        save_model_artifact(run_dir / "global_model.pt", fed.state_dict, arch, meta.name,
+                            extra={"rounds": fed.rounds, "scenario": scenario.name})
+
+    with _phase(timings, "2/5", "collect", f"{scenario.pool_pipc} safe images per class"):
+        pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, scenario.pool_pipc,
+                                 seed=scenario.seed, image_shape=meta.image_shape, partition_of=fed.node_partitions)
+        save_safe_artifact(run_dir / "safe_pool.pt", pool.x, pool.y, meta.name,
+                           extra={"indices": pool.indices, "partition_ids": pool.partition_ids,
+                                  "pipc": pool.pipc, "uploads": pool.uploads})
+    return _Federated(model_state=fed.state_dict, pool_x=pool.x, pool_y=pool.y, rounds=fed.rounds,
+                      weight_uploads=fed.uploads, safe_uploads=pool.uploads)
+
+
 def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     """Run all phases of ``scenario`` on ``grid``; returns the run folder."""
     run_dir = scenario.run_dir
@@ -80,44 +124,22 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     data = federation_train_set(scenario)
     meta, test_x, test_y = data.meta, data.test_x, data.test_y
     del data  # the server keeps the test split only; training images live on the clients
-    arch = dataclasses.asdict(scenario.model)
-    inputs = PipelineInputs(scenario=scenario, meta=meta, model_state=None, pool_x=None, pool_y=None,  # type: ignore[arg-type]
-                            test_x=test_x, test_y=test_y, run_dir=run_dir, device=device, timings=timings)
 
     if scenario.reuse_artifacts:
         src = Path(scenario.reuse_artifacts).expanduser()
         with _phase(timings, "1-2", "reuse", f"loading global_model.pt and safe_pool.pt from {src}"):
-            inputs.model_state, inputs.pool_x, inputs.pool_y, _ = load_reused(src, meta, scenario)
+            state, pool_x, pool_y, _ = load_reused(src, meta, scenario)
             _copy_history(src, run_dir)
+        done = _Federated(model_state=state, pool_x=pool_x, pool_y=pool_y)
     else:
-        f = scenario.federation
-        with _phase(timings, "1/5", "federate", f"FedAvg, {f.rounds} rounds"):
-            nodes = wait_for_nodes(grid, f.num_clients, f.min_clients)
-            log(INFO, "federate: %d clients connected", len(nodes))
-            initial = build_model(meta, arch, seed=scenario.seed).state_dict()
-            eval_model = build_model(meta, arch)
-            test_norm = normalize(test_x, meta)
+        done = _federate_and_collect(grid, scenario, meta, test_x, test_y, device, timings)
 
-            def central_eval(state: dict) -> tuple[float, float]:
-                eval_model.load_state_dict(state)
-                return test_accuracy(eval_model, test_norm, test_y, device)
-
-            fed = run_federation(grid, scenario, initial, nodes, central_eval)
-            save_model_artifact(run_dir / "global_model.pt", fed.state_dict, arch, meta.name,
-                                extra={"rounds": fed.rounds, "scenario": scenario.name})
-        inputs.model_state, inputs.rounds, inputs.weight_uploads = fed.state_dict, fed.rounds, fed.uploads
-
-        with _phase(timings, "2/5", "collect", f"{scenario.pool_pipc} safe images per class"):
-            pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, scenario.pool_pipc,
-                                     seed=scenario.seed, image_shape=meta.image_shape)
-            save_safe_artifact(run_dir / "safe_pool.pt", pool.x, pool.y, meta.name,
-                               extra={"indices": pool.indices, "partition_ids": pool.partition_ids,
-                                      "pipc": pool.pipc, "uploads": pool.uploads})
-        inputs.pool_x, inputs.pool_y, inputs.safe_uploads = pool.x, pool.y, pool.uploads
-
-    run_pipeline(inputs)
-    log(INFO, "fedpdd scenario %r finished: %s", scenario.name,
-        ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    run_pipeline(PipelineInputs(
+        scenario=scenario, meta=meta, model_state=done.model_state, pool_x=done.pool_x, pool_y=done.pool_y,
+        test_x=test_x, test_y=test_y, run_dir=run_dir, device=device, rounds=done.rounds,
+        weight_uploads=done.weight_uploads, safe_uploads=done.safe_uploads, timings=timings,
+    ))
+    log(INFO, "fedpdd scenario %r finished: %s", scenario.name, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return run_dir
 
 

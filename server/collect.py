@@ -73,8 +73,12 @@ AskFn = Callable[[dict[int, tuple[list[int], list[int]]]], dict[int, SafeReply]]
 
 
 def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: AskFn) -> tuple[dict[int, list[ImageSet]], list[dict]]:
-    """Run the request/rebalance loop; returns the image sets received per node and an upload log."""
-    nodes = sorted(node_ids)
+    """Run the request/rebalance loop; returns the image sets received per node and an upload log.
+
+    ``node_ids`` order decides who gets the remainder of an uneven split: pass a stable order
+    (by partition id) for a pool that is reproducible across runs (node ids are random).
+    """
+    nodes = list(dict.fromkeys(node_ids))
     if not nodes:
         raise CollectError("no client is connected: cannot collect safe images")
     have = np.zeros((len(nodes), num_classes), dtype=np.int64)  # received per node, class
@@ -193,15 +197,21 @@ def empty_pool(image_shape: tuple[int, int, int]) -> SafePool:
 
 def collect_safe_pool(
     grid: Grid, node_ids: Sequence[int], scenario_json: str, num_classes: int, pipc: int, seed: int,
-    image_shape: tuple[int, int, int], timeout: float = 600.0,
+    image_shape: tuple[int, int, int], partition_of: dict[int, int] | None = None, timeout: float = 600.0,
 ) -> SafePool:
-    """Query the clients until the pool holds exactly ``pipc`` images per class."""
+    """Query the clients until the pool holds exactly ``pipc`` images per class.
+
+    ``partition_of`` (node id -> partition id, known from the training replies) orders the
+    clients so the same scenario collects the same pool in every run.
+    """
     if pipc == 0:
         return empty_pool(image_shape)
     start = time.perf_counter()
-    received, uploads = plan_collection(node_ids, num_classes, pipc, _grid_ask(grid, scenario_json, num_classes, timeout))
-    partition_of = {u["node_id"]: u["partition_id"] for u in uploads}
-    images = [(im, partition_of[node]) for node, sets in received.items() for im in sets]
+    known = partition_of or {}
+    order = sorted(node_ids, key=lambda n: (known.get(n, len(known) + 1), n))
+    received, uploads = plan_collection(order, num_classes, pipc, _grid_ask(grid, scenario_json, num_classes, timeout))
+    sender = {u["node_id"]: u["partition_id"] for u in uploads}
+    images = [(im, sender[node]) for node, sets in received.items() for im in sets]
     if not images:
         raise CollectError("no safe images were collected")
     pool = _order_pool(images, num_classes, pipc, seed)

@@ -1,0 +1,183 @@
+"""Flower ClientApp: one simulated edge device holding a private shard.
+
+Every message from the server carries the resolved scenario as JSON
+(``config["scenario-json"]``), so a client needs no file of its own. Handlers:
+
+* ``train``    local SGD of the global ConvNet -> weights + num-examples, train loss;
+* ``evaluate`` accuracy / loss of the global model on the shard's held-out part;
+* ``query``    the safe subset: uint8 images + int64 labels under the per-class quota in
+  the request (plus their training-set indices, audit metadata a real deployment may drop),
+  and the per-class shortfall when the shard lacks images of a class.
+
+Nothing else of the private data ever leaves the client.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads: libgomp's default busy-waiting makes torch 5-25x slower when the CPU is
+# oversubscribed (server + simulated clients + anything else on a few cores). Override by exporting it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import dataclasses
+import functools
+import json
+import time
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from common.device import pick_device
+from common.models import build_model
+from common.records import (
+    CFG_SCENARIO,
+    KEY_ARRAYS,
+    KEY_CLIENT,
+    KEY_CONFIG,
+    KEY_METRICS,
+    KEY_SAFE,
+    images_to_record,
+    record_to_state_dict,
+    state_dict_to_record,
+)
+from common.scenario import Scenario, scenario_from_dict
+from edge_client.data import ClientShard, load_client_shard
+from edge_client.safe import class_orders, safe_seed, select_safe
+from edge_client.train import evaluate_local, train_local
+
+__all__ = ["app"]
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=8)
+def _scenario_from_json(text: str) -> Scenario:
+    # cached: the same JSON arrives with every message of a run
+    return scenario_from_dict(json.loads(text), source="<scenario-json from the server>")
+
+
+def _config(msg: Message) -> ConfigRecord:
+    if KEY_CONFIG not in msg.content.config_records:
+        raise ValueError(f"message has no ConfigRecord {KEY_CONFIG!r}; is the ServerApp a fedpdd server?")
+    return msg.content.config_records[KEY_CONFIG]
+
+
+def _setup(msg: Message, context: Context) -> tuple[Scenario, ClientShard, ConfigRecord]:
+    cfg = _config(msg)
+    if CFG_SCENARIO not in cfg:
+        raise ValueError(f"message config lacks {CFG_SCENARIO!r} (the resolved scenario)")
+    scenario = _scenario_from_json(str(cfg[CFG_SCENARIO]))
+    try:
+        pid = int(context.node_config["partition-id"])
+        num = int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"node_config lacks {err}; start each SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from err
+    return scenario, load_client_shard(scenario, pid, num), cfg
+
+
+def _client_record(shard: ClientShard) -> ConfigRecord:
+    return ConfigRecord({"partition-id": shard.partition_id, "shard-size": int(shard.x.shape[0]),
+                         "shard-bytes": shard.nbytes})
+
+
+def _global_model(msg: Message, scenario: Scenario, shard: ClientShard) -> torch.nn.Module:
+    if KEY_ARRAYS not in msg.content.array_records:
+        raise ValueError(f"message has no ArrayRecord {KEY_ARRAYS!r} with the global model")
+    model = build_model(shard.meta, dataclasses.asdict(scenario.model))
+    model.load_state_dict(record_to_state_dict(msg.content.array_records[KEY_ARRAYS]))
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _client_device(spec: str) -> torch.device:
+    """The scenario's device, except that a client without a visible GPU trains on the CPU.
+
+    Simulated clients often get no GPU (client-resources num-gpus = 0) while the server has
+    one; failing the whole run for that would be unhelpful. "cpu" is always honoured.
+    """
+    try:
+        return pick_device(spec)
+    except ValueError as err:
+        if spec.strip().lower().startswith("cuda"):
+            log(WARNING, "client: %s; training on the CPU instead", err)
+            return torch.device("cpu")
+        raise
+
+
+def _round_seed(scenario: Scenario, partition_id: int, server_round: int) -> int:
+    return int(np.random.SeedSequence([scenario.seed, partition_id, server_round, 0x7EA1]).generate_state(1)[0])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    scenario, shard, cfg = _setup(msg, context)
+    f = scenario.federation
+    server_round = int(cfg.get("server-round", 0))
+    model = _global_model(msg, scenario, shard)
+    stats = train_local(
+        model,
+        shard.train_x,
+        shard.train_y,
+        shard.meta,
+        epochs=int(cfg.get("local-epochs", f.local_epochs)),
+        batch_size=f.batch_size,
+        lr=float(cfg.get("lr", f.lr)),
+        momentum=f.momentum,
+        weight_decay=f.weight_decay,
+        augment=f.augment,
+        device=_client_device(scenario.device),
+        seed=_round_seed(scenario, shard.partition_id, server_round),
+        label=f"client {shard.partition_id} round {server_round}",
+    )
+    log(INFO, "client %d round %d: %d images, loss %.4f, acc %.3f, %.1fs", shard.partition_id, server_round,
+        stats.num_examples, stats.loss, stats.accuracy, stats.seconds)
+    content = RecordDict({
+        KEY_ARRAYS: state_dict_to_record(model.state_dict()),
+        KEY_METRICS: MetricRecord({"num-examples": stats.num_examples, "train-loss": stats.loss,
+                                   "train-acc": stats.accuracy}),
+        KEY_CLIENT: _client_record(shard),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    scenario, shard, _ = _setup(msg, context)
+    model = _global_model(msg, scenario, shard)
+    acc, loss = evaluate_local(model, shard.holdout_x, shard.holdout_y, shard.meta, _client_device(scenario.device))
+    content = RecordDict({
+        KEY_METRICS: MetricRecord({"num-examples": int(shard.holdout_y.shape[0]), "eval-loss": loss,
+                                   "eval-acc": acc}),
+        KEY_CLIENT: _client_record(shard),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
+    scenario, shard, cfg = _setup(msg, context)
+    num_classes = shard.meta.num_classes
+    quota = list(cfg.get("quota", []))
+    offset = list(cfg.get("offset", [0] * num_classes))
+    orders = class_orders(shard.y.numpy(), shard.indices, num_classes, scenario.safe.policy,
+                          safe_seed(scenario.seed, shard.partition_id))
+    sel = select_safe(orders, quota, offset)
+    pos = torch.from_numpy(sel.positions)
+    images = images_to_record(shard.x[pos], shard.y[pos], torch.from_numpy(shard.indices[sel.positions]))
+    log(INFO, "client %d: safe subset of %d images (asked %d, short %d) in %.2fs", shard.partition_id,
+        int(pos.numel()), int(sum(quota)), int(sel.shortfall.sum()), time.perf_counter() - start)
+    content = RecordDict({
+        KEY_SAFE: images,
+        KEY_METRICS: MetricRecord({"num-examples": int(pos.numel()), "shortfall": [int(s) for s in sel.shortfall]}),
+        KEY_CLIENT: _client_record(shard),
+    })
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,106 @@
+"""Local training and evaluation of the global ConvNet on a client's private images."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.augment import dsa
+from common.datasets import DatasetMeta, normalize
+
+__all__ = ["TrainStats", "train_local", "evaluate_local"]
+
+
+@dataclass
+class TrainStats:
+    loss: float  # mean cross-entropy over the last epoch
+    accuracy: float  # training accuracy over the last epoch
+    num_examples: int
+    seconds: float
+
+
+@contextmanager
+def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
+    """Yields an ``advance()``: a rich bar on a terminal, a no-op elsewhere (simulation actors log to files)."""
+    if not (enabled and sys.stderr.isatty()):
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as prog:
+        task = prog.add_task(description, total=total)
+        yield lambda: prog.advance(task)
+
+
+def train_local(
+    model: nn.Module,
+    x_uint8: torch.Tensor,
+    y: torch.Tensor,
+    meta: DatasetMeta,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    augment: bool,
+    device: torch.device,
+    seed: int,
+    progress: bool = True,
+    label: str = "local training",
+) -> TrainStats:
+    """Plain SGD on the shard for ``epochs`` epochs (model trained in place)."""
+    if x_uint8.shape[0] == 0:
+        raise ValueError(f"{label}: no training images")
+    start = time.perf_counter()
+    model.to(device).train()
+    x = normalize(x_uint8, meta)  # float32 on CPU; batches go to the device one at a time
+    gen = torch.Generator().manual_seed(seed)  # shuffling and DSA draws: CPU generator
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n = x.shape[0]
+    steps = epochs * ((n + batch_size - 1) // batch_size)
+    loss_sum, correct = 0.0, 0
+    with _progress(progress, label, steps) as advance:
+        for _ in range(epochs):
+            loss_sum, correct = 0.0, 0
+            for batch in torch.randperm(n, generator=gen).split(batch_size):
+                xb, yb = x[batch].to(device), y[batch].to(device)
+                if augment:
+                    xb = dsa(xb, gen)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach()) * batch.numel()
+                correct += int((logits.detach().argmax(1) == yb).sum())
+                advance()
+    return TrainStats(loss=loss_sum / n, accuracy=correct / n, num_examples=n, seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate_local(
+    model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, meta: DatasetMeta, device: torch.device,
+    batch_size: int = 1024,
+) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean cross-entropy) of ``model`` on uint8 images."""
+    n = x_uint8.shape[0]
+    if n == 0:
+        raise ValueError("evaluation: no held-out images (federation.holdout_fraction is 0 or the shard is tiny)")
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        xb = normalize(x_uint8[start : start + batch_size], meta).to(device)
+        yb = y[start : start + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return correct / n, loss_sum / n
