@@ -17,13 +17,15 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from common.grid import normalize_pipc, static_skip_reason
+
 APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = "scenarios/quickstart.yaml"
 
 DATASETS = ("cifar10", "fashion-mnist", "mnist", "cifar100", "svhn")
 PARTITIONS = ("iid", "dirichlet", "shards")
 SAFE_POLICIES = ("random", "first")
-METHODS = ("dm", "dsv", "dsv_real", "dkkt_dm", "blend", "random_real", "safe_all")
+METHODS = ("dm", "dsv", "dsv_real", "dkkt_dm", "blend", "dm_from_dsv", "random_real", "safe_all")
 INITS = ("auto", "noise", "real")
 OPTIMIZERS = ("sam", "sgd")
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
@@ -57,6 +59,7 @@ class FederationConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     min_clients: int = 1  # fewer answering clients than this stops the run
+    reply_timeout_s: float = 600.0  # seconds the server waits for client replies per request
     client_eval: bool = False  # federated evaluation on each client's held-out part
     holdout_fraction: float = 0.1  # part of each shard held out for client evaluation
     augment: bool = False  # DSA during local training
@@ -80,7 +83,7 @@ class SafeConfig:
 class DistillSection:
     methods: list[str] = field(default_factory=lambda: ["dm", "dkkt_dm", "random_real"])
     ipc: list[int] = field(default_factory=lambda: [1])
-    pipc: list[int] = field(default_factory=lambda: [10])
+    pipc: list[int | str] = field(default_factory=lambda: [10])  # ints >= 0, or 'all' (= -1): every client image
     iterations: int = 1000
     lr_img: float = 1.0
     momentum_img: float = 0.5
@@ -92,6 +95,8 @@ class DistillSection:
     dsa: bool = True
     time_budget_s: float | None = None  # per distillation cell
     checkpoint_every: int = 0
+    seeds: list[int] | None = None  # distillation+evaluation seeds of the sweep; None: [seed]
+    resume: bool = True  # reuse finished cells (and this folder's theta*/T') whose config matches
 
 
 @dataclass
@@ -107,6 +112,49 @@ class EvalSection:
     num_models: int = 3
 
 
+FAULT_MODES = ("raise", "timeout", "drop_after_train", "malformed")
+FAULT_PHASES = ("train", "evaluate", "query")
+
+
+@dataclass
+class FaultsConfig:
+    """Injected client faults (reliability tests): the listed partitions fail in the listed phases."""
+
+    clients: list[int] | None = None  # partition ids; None: no faults (a non-empty list otherwise)
+    mode: str = "raise"  # raise | timeout | drop_after_train | malformed
+    phases: list[str] = field(default_factory=lambda: ["train", "evaluate", "query"])
+    seed: int = 0  # picks the malformation kind per (client, phase)
+
+
+PRIVACY_MODES = ("model", "no_model_access")
+DP_SIDES = ("server", "client")
+DSV_COMBINE = ("average", "select")
+# Methods the server can run without theta* (no_model_access): DM on the safe pool, the uploaded
+# DSVs as they are ('dsv'), or the two combined ('blend', 'dm_from_dsv').
+NO_MODEL_METHODS = ("dm", "dsv", "blend", "dm_from_dsv", "random_real", "safe_all")
+
+
+@dataclass
+class DPConfig:
+    """Differentially private FedAvg with Flower's fixed-clipping wrappers (see server/modes.py)."""
+
+    enabled: bool = False
+    side: str = "server"  # server (DifferentialPrivacyServerSideFixedClipping) | client (+ fixedclipping_mod)
+    clipping_norm: float = 1.0  # L2 bound of each client's model update
+    noise_multiplier: float = 0.1  # Gaussian noise stdev = noise_multiplier * clipping_norm / num_clients
+
+
+@dataclass
+class PrivacySection:
+    mode: str = "model"  # model (FedAvg, clients upload weights) | no_model_access (clients upload DSVs)
+    local_epochs: int | None = None  # no_model_access: local epochs before extraction (None: rounds x local_epochs)
+    dsv_iterations: int = 100  # no_model_access: DKKT iterations of the client-side extraction
+    dsv_combine: str = "average"  # no_model_access: N clients' DSVs -> ipc per class (average | select)
+    audit: bool = True  # nearest-private-image audit of every synthetic set (privacy_audit.csv)
+    audit_reference: int = 500  # held-out test images sampled for the audit's reference distribution
+    dp: DPConfig = field(default_factory=DPConfig)
+
+
 @dataclass
 class Scenario:
     name: str = "scenario"
@@ -120,12 +168,14 @@ class Scenario:
     safe: SafeConfig = field(default_factory=SafeConfig)
     distill: DistillSection = field(default_factory=DistillSection)
     evaluation: EvalSection = field(default_factory=EvalSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     source: str = field(default="<dict>", compare=False)  # file it was read from (not a key)
 
     @property
     def pool_pipc(self) -> int:
-        """Safe images per class the server collects: the largest pipc of the grid."""
-        return max(self.distill.pipc)
+        """Safe images per class the server collects: the largest pipc of the grid (-1: 'all')."""
+        return -1 if -1 in self.distill.pipc else max(self.distill.pipc)  # type: ignore[type-var]
 
     @property
     def run_dir(self) -> Path:
@@ -274,8 +324,7 @@ def validate(s: Scenario) -> Scenario:
         _check_positive(value, key, src, allow_zero=True)
     for i, ipc in enumerate(s.distill.ipc):
         _check_positive(ipc, f"distill.ipc[{i}]", src)
-    for i, pipc in enumerate(s.distill.pipc):
-        _check_positive(pipc, f"distill.pipc[{i}]", src, allow_zero=True)
+    _validate_grid(s)
     if not 0.0 <= s.federation.holdout_fraction < 1.0:
         raise ScenarioError(
             f"{src}: key 'federation.holdout_fraction' must be in [0, 1), got {s.federation.holdout_fraction}"
@@ -291,25 +340,82 @@ def validate(s: Scenario) -> Scenario:
                 f"{src}: key 'federation.num_clients' ({s.federation.num_clients}) exceeds "
                 f"data.train_limit ({s.data.train_limit}): more clients than samples"
             )
-    needs_safe = {"dm", "dkkt_dm", "blend", "random_real", "safe_all", "dsv_real"}
-    for method in s.distill.methods:
-        if method in needs_safe and min(s.distill.pipc) == 0:
-            raise ScenarioError(
-                f"{src}: key 'distill.pipc' contains 0 but method '{method}' needs safe images; "
-                "with pipc 0 only 'dsv' (DKKT from the model alone) can run"
-            )
-    # Real-image initialisation draws ipc images from the pool: it cannot exceed the pool.
-    real_init = s.distill.init == "real"
-    for method in s.distill.methods:
-        if method == "random_real" or method == "dsv_real" or (real_init and method in ("dm", "dkkt_dm")):
-            for ipc in s.distill.ipc:
-                for pipc in s.distill.pipc:
-                    if ipc > pipc:
-                        raise ScenarioError(
-                            f"{src}: key 'distill.ipc' value {ipc} exceeds distill.pipc value {pipc}: "
-                            f"method '{method}' takes ipc real images per class from a pool of pipc"
-                        )
+    _validate_reliability(s)
+    _validate_privacy(s)
     return s
+
+
+def _validate_privacy(s: Scenario) -> None:
+    """The privacy section: modes, client-side DSV budget, DP parameters (see server/modes.py)."""
+    src, p = s.source, s.privacy
+    _check_choice(p.mode, PRIVACY_MODES, "privacy.mode", src)
+    _check_choice(p.dsv_combine, DSV_COMBINE, "privacy.dsv_combine", src)
+    _check_choice(p.dp.side, DP_SIDES, "privacy.dp.side", src)
+    _check_positive(p.local_epochs, "privacy.local_epochs", src)
+    _check_positive(p.dsv_iterations, "privacy.dsv_iterations", src)
+    _check_positive(p.audit_reference, "privacy.audit_reference", src)
+    _check_positive(p.dp.clipping_norm, "privacy.dp.clipping_norm", src)
+    _check_positive(p.dp.noise_multiplier, "privacy.dp.noise_multiplier", src, allow_zero=True)
+    if p.mode == "no_model_access":
+        for i, method in enumerate(s.distill.methods):
+            if method not in NO_MODEL_METHODS:
+                raise ScenarioError(
+                    f"{src}: key 'distill.methods[{i}]' is {method!r}, which needs the trained model; with "
+                    f"privacy.mode 'no_model_access' the server has no model: use {', '.join(NO_MODEL_METHODS)}"
+                )
+        if p.dp.enabled:
+            raise ScenarioError(f"{src}: key 'privacy.dp.enabled' is true but privacy.mode is 'no_model_access': "
+                                "no FedAvg runs, so there is nothing to clip; disable dp or use mode 'model'")
+        if s.reuse_artifacts:
+            raise ScenarioError(f"{src}: key 'reuse_artifacts' is set but privacy.mode 'no_model_access' has no "
+                                "global_model.pt to reuse; unset reuse_artifacts")
+
+
+def _validate_grid(s: Scenario) -> None:
+    """distill.pipc ('all' -> -1), distill.seeds, and that every method has a runnable cell.
+
+    Single cells that cannot run (e.g. dm at pipc 0, random_real with ipc > pipc) are skipped
+    with a recorded reason at run time (common.grid); a method with no runnable cell is an error.
+    """
+    src, d = s.source, s.distill
+    for i, pipc in enumerate(d.pipc):
+        try:
+            d.pipc[i] = normalize_pipc(pipc)
+        except ValueError as err:
+            raise ScenarioError(f"{src}: key 'distill.pipc[{i}]': {err}") from None
+    if len(set(d.pipc)) != len(d.pipc):
+        raise ScenarioError(f"{src}: key 'distill.pipc' lists a value twice: {d.pipc}")
+    if len(set(d.ipc)) != len(d.ipc):
+        raise ScenarioError(f"{src}: key 'distill.ipc' lists a value twice: {d.ipc}")
+    for i, seed in enumerate(d.seeds or []):
+        _check_positive(seed, f"distill.seeds[{i}]", src, allow_zero=True)
+    if d.seeds is not None and len(set(d.seeds)) != len(d.seeds):
+        raise ScenarioError(f"{src}: key 'distill.seeds' lists a seed twice: {d.seeds}")
+    for method in d.methods:
+        reasons = [static_skip_reason(method, ipc, pipc, d.init) for ipc in d.ipc for pipc in d.pipc]
+        if all(reasons):
+            raise ScenarioError(
+                f"{src}: key 'distill.pipc' / 'distill.ipc': no cell of method '{method}' can run: {reasons[0]}; "
+                "add a larger pipc, a smaller ipc, or drop the method"
+            )
+
+
+def _validate_reliability(s: Scenario) -> None:
+    """federation.reply_timeout_s and the faults section (see edge_client/faults.py)."""
+    src, fl = s.source, s.faults
+    _check_positive(s.federation.reply_timeout_s, "federation.reply_timeout_s", src)
+    if not fl.clients:
+        return
+    _check_choice(fl.mode, FAULT_MODES, "faults.mode", src)
+    for i, phase in enumerate(fl.phases):
+        _check_choice(phase, FAULT_PHASES, f"faults.phases[{i}]", src)
+    for i, pid in enumerate(fl.clients):
+        n = s.federation.num_clients
+        if pid < 0 or (n is not None and pid >= n):
+            raise ScenarioError(
+                f"{src}: key 'faults.clients[{i}]' is {pid}; partition ids run from 0 to "
+                f"{'federation.num_clients - 1' if n is None else n - 1}"
+            )
 
 
 # ---------------------------------------------------------------- loading and overrides

@@ -47,6 +47,8 @@ from common.records import (
 )
 from common.scenario import Scenario, scenario_from_dict
 from edge_client.data import ClientShard, load_client_shard
+from edge_client.dsv import DSV_ACTION, KEY_DSV, dp_clipping_mod, dsv_seed, dsvs_to_record, extract_dsvs, local_epochs
+from edge_client.faults import before_handler, corrupt_reply
 from edge_client.safe import class_orders, safe_seed, select_safe
 from edge_client.train import evaluate_local, train_local
 
@@ -116,11 +118,12 @@ def _round_seed(scenario: Scenario, partition_id: int, server_round: int) -> int
     return int(np.random.SeedSequence([scenario.seed, partition_id, server_round, 0x7EA1]).generate_state(1)[0])
 
 
-@app.train()
+@app.train(mods=[dp_clipping_mod])  # client-side DP clipping when the server's DP wrapper asks
 def train(msg: Message, context: Context) -> Message:
     scenario, shard, cfg = _setup(msg, context)
     f = scenario.federation
     server_round = int(cfg.get("server-round", 0))
+    before_handler(scenario, shard.partition_id, "train")  # injected faults (scenario.faults)
     model = _global_model(msg, scenario, shard)
     stats = train_local(
         model,
@@ -145,12 +148,14 @@ def train(msg: Message, context: Context) -> Message:
                                    "train-acc": stats.accuracy}),
         KEY_CLIENT: _client_record(shard),
     })
+    content, _ = corrupt_reply(scenario, shard.partition_id, "train", content, salt=server_round)
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     scenario, shard, _ = _setup(msg, context)
+    before_handler(scenario, shard.partition_id, "evaluate")
     model = _global_model(msg, scenario, shard)
     acc, loss = evaluate_local(model, shard.holdout_x, shard.holdout_y, shard.meta, _client_device(scenario.device))
     content = RecordDict({
@@ -158,6 +163,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                                    "eval-acc": acc}),
         KEY_CLIENT: _client_record(shard),
     })
+    content, _ = corrupt_reply(scenario, shard.partition_id, "evaluate", content)
     return Message(content=content, reply_to=msg)
 
 
@@ -165,6 +171,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     scenario, shard, cfg = _setup(msg, context)
+    before_handler(scenario, shard.partition_id, "query")
     num_classes = shard.meta.num_classes
     quota = list(cfg.get("quota", []))
     offset = list(cfg.get("offset", [0] * num_classes))
@@ -178,6 +185,31 @@ def query(msg: Message, context: Context) -> Message:
     content = RecordDict({
         KEY_SAFE: images,
         KEY_METRICS: MetricRecord({"num-examples": int(pos.numel()), "shortfall": [int(s) for s in sel.shortfall]}),
+        KEY_CLIENT: _client_record(shard),
+    })
+    content, _ = corrupt_reply(scenario, shard.partition_id, "query", content)
+    return Message(content=content, reply_to=msg)
+
+
+@app.query(DSV_ACTION)
+def query_dsv(msg: Message, context: Context) -> Message:
+    """No-model-access mode: train on the shard alone, extract DSVs, upload them (never the weights)."""
+    scenario, shard, cfg = _setup(msg, context)
+    ipc = int(cfg["ipc"])
+    device = _client_device(scenario.device)
+    seed = dsv_seed(scenario.seed, shard.partition_id)
+    model = build_model(shard.meta, dataclasses.asdict(scenario.model), seed=scenario.seed)
+    f = scenario.federation
+    stats = train_local(model, shard.train_x, shard.train_y, shard.meta, epochs=local_epochs(scenario),
+                        batch_size=f.batch_size, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
+                        augment=f.augment, device=device, seed=seed, label=f"client {shard.partition_id} local")
+    x, y, info = extract_dsvs(model.eval(), shard.meta, scenario, ipc, seed, device)
+    log(INFO, "client %d: local model (loss %.4f, acc %.3f, %.1fs), %d DSVs in %.1fs", shard.partition_id,
+        stats.loss, stats.accuracy, stats.seconds, int(y.numel()), float(info.get("wall_s") or 0.0))
+    content = RecordDict({
+        KEY_DSV: dsvs_to_record(x, y),
+        KEY_METRICS: MetricRecord({"num-examples": stats.num_examples, "train-loss": stats.loss,
+                                   "train-acc": stats.accuracy, "dsv-seconds": float(info.get("wall_s") or 0.0)}),
         KEY_CLIENT: _client_record(shard),
     })
     return Message(content=content, reply_to=msg)

@@ -47,6 +47,11 @@ from server.collect import collect_safe_pool
 from server.evaluate import test_accuracy
 from server.federate import run_federation, wait_for_nodes
 from server.pipeline import PipelineInputs, load_reused, run_pipeline
+from server.manifest import PHASE12_FILES, fingerprint, load_history, record_files, verify_files
+from server.validate import FailureLog
+from server.preflight import check_data_root, check_data_size
+from server.sweep import pool_quota, resumable_federation, write_federation_stamp
+from common.grid import pipc_label
 
 __all__ = ["app", "create_server_app", "run_scenario"]
 
@@ -79,10 +84,13 @@ class _Federated:
     rounds: list[dict] = field(default_factory=list)
     weight_uploads: list[dict] = field(default_factory=list)
     safe_uploads: list[dict] = field(default_factory=list)
+    client_dsvs: object | None = None  # privacy.mode no_model_access: server.modes.ClientDSVs (model_state is None)
+    dsv_uploads: list[dict] = field(default_factory=list)
 
 
 def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, test_x: torch.Tensor,
-                          test_y: torch.Tensor, device: torch.device, timings: dict[str, float]) -> _Federated:
+                          test_y: torch.Tensor, device: torch.device, timings: dict[str, float],
+                          quota: tuple[int, bool] | None = None, failures: FailureLog | None = None) -> _Federated:
     """Phases 1 (FedAvg) and 2 (safe pool); saves global_model.pt and safe_pool.pt."""
     f, run_dir = scenario.federation, scenario.run_dir
     arch = dataclasses.asdict(scenario.model)
@@ -97,16 +105,21 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
             eval_model.load_state_dict(state)
             return test_accuracy(eval_model, test_norm, test_y, device)
 
-        fed = run_federation(grid, scenario, initial, nodes, central_eval)
+        fed = run_federation(grid, scenario, initial, nodes, central_eval, failures=failures)
         save_model_artifact(run_dir / "global_model.pt", fed.state_dict, arch, meta.name,
-                            extra={"rounds": fed.rounds, "scenario": scenario.name})
+                            extra={"rounds": fed.rounds, "scenario": scenario.name, "weight_uploads": fed.uploads})
+        record_files(run_dir, ["global_model.pt"], fingerprint(scenario))  # sha256 + shapes, checked on reuse
 
-    with _phase(timings, "2/5", "collect", f"{scenario.pool_pipc} safe images per class"):
-        pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, scenario.pool_pipc,
-                                 seed=scenario.seed, image_shape=meta.image_shape, partition_of=fed.node_partitions)
+    pool_pipc, allow_short = quota or (scenario.pool_pipc, False)  # server.sweep.pool_quota: pipc 'all'
+    with _phase(timings, "2/5", "collect", f"{pipc_label(scenario.pool_pipc)} safe images per class"):
+        pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, pool_pipc, allow_short=allow_short,
+                                 seed=scenario.seed, image_shape=meta.image_shape, partition_of=fed.node_partitions,
+                                 timeout=f.reply_timeout_s, failures=failures, min_clients=f.min_clients)
         save_safe_artifact(run_dir / "safe_pool.pt", pool.x, pool.y, meta.name,
                            extra={"indices": pool.indices, "partition_ids": pool.partition_ids,
-                                  "pipc": pool.pipc, "uploads": pool.uploads})
+                                  "pipc": -1 if allow_short else pool.pipc, "uploads": pool.uploads,
+                                  "failures": list(failures.rows) if failures is not None else []})
+        record_files(run_dir, ["safe_pool.pt"], fingerprint(scenario))
     return _Federated(model_state=fed.state_dict, pool_x=pool.x, pool_y=pool.y, rounds=fed.rounds,
                       weight_uploads=fed.uploads, safe_uploads=pool.uploads)
 
@@ -121,24 +134,46 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     timings: dict[str, float] = {}
     log(INFO, "fedpdd scenario %r (%s) on %s -> %s", scenario.name, scenario.source, device, run_dir)
 
+    failures = FailureLog()  # clients that failed, per phase (failures.csv, results.md)
+    check_data_root(scenario)  # before loading: the loader would silently fall back to other places
     data = federation_train_set(scenario)
+    check_data_size(scenario, int(data.train_y.shape[0]))
     meta, test_x, test_y = data.meta, data.test_x, data.test_y
+    quota = pool_quota(scenario, data.train_y, meta.num_classes)  # only class counts, for pipc 'all'
     del data  # the server keeps the test split only; training images live on the clients
 
-    if scenario.reuse_artifacts:
-        src = Path(scenario.reuse_artifacts).expanduser()
+    resume_src = run_dir if resumable_federation(scenario) else None  # same federation settings: reuse them
+    if scenario.reuse_artifacts or resume_src:
+        src = resume_src or Path(scenario.reuse_artifacts).expanduser()
         with _phase(timings, "1-2", "reuse", f"loading global_model.pt and safe_pool.pt from {src}"):
+            verify_files(src, PHASE12_FILES)  # sha256 against src/manifest.json (when it has one)
             state, pool_x, pool_y, _ = load_reused(src, meta, scenario)
             _copy_history(src, run_dir)
         done = _Federated(model_state=state, pool_x=pool_x, pool_y=pool_y)
+        if resume_src:  # an interrupted run: its phase 1-2 records, so the report matches an uninterrupted one
+            history = load_history(src, meta.name)
+            failures.rows = history.pop("failures")
+            done = dataclasses.replace(done, **history)
+    elif scenario.privacy.mode == "no_model_access":
+        from server.modes import federate_without_model  # clients upload DSVs, never model weights
+
+        nm = federate_without_model(grid, scenario, meta, timings)
+        done = _Federated(model_state=None, pool_x=nm.pool.x, pool_y=nm.pool.y,  # type: ignore[arg-type]
+                          safe_uploads=nm.pool.uploads, client_dsvs=nm.dsvs, dsv_uploads=nm.dsv_uploads)
     else:
-        done = _federate_and_collect(grid, scenario, meta, test_x, test_y, device, timings)
+        try:
+            done = _federate_and_collect(grid, scenario, meta, test_x, test_y, device, timings, quota, failures)
+        finally:  # also when too few clients answered: say who failed, keep what was written
+            failures.write(run_dir)
+        write_federation_stamp(scenario)  # lets an interrupted sweep resume without re-federating
 
     run_pipeline(PipelineInputs(
         scenario=scenario, meta=meta, model_state=done.model_state, pool_x=done.pool_x, pool_y=done.pool_y,
         test_x=test_x, test_y=test_y, run_dir=run_dir, device=device, rounds=done.rounds,
         weight_uploads=done.weight_uploads, safe_uploads=done.safe_uploads, timings=timings,
+        client_dsvs=done.client_dsvs, dsv_uploads=done.dsv_uploads,
     ))
+    failures.write(run_dir)  # failures.csv + the 'Client failures' section of results.md
     log(INFO, "fedpdd scenario %r finished: %s", scenario.name, ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return run_dir
 

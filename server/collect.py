@@ -28,6 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.records import CFG_SCENARIO, KEY_CLIENT, KEY_CONFIG, KEY_METRICS, KEY_SAFE, ImageSet, record_bytes, record_to_images
+from server.validate import FailureLog, ReplyRejected, check_safe_images
 
 __all__ = ["SafePool", "SafeReply", "CollectError", "empty_pool", "spread_evenly", "plan_collection", "collect_safe_pool", "pool_subset"]
 
@@ -72,11 +73,17 @@ def spread_evenly(total: int, num_clients: int, rotate: int = 0) -> list[int]:
 AskFn = Callable[[dict[int, tuple[list[int], list[int]]]], dict[int, SafeReply]]
 
 
-def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: AskFn) -> tuple[dict[int, list[ImageSet]], list[dict]]:
+def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: AskFn,
+                    allow_short: bool = False, failures: FailureLog | None = None, min_clients: int = 1,
+                    image_shape: Sequence[int] | None = None) -> tuple[dict[int, list[ImageSet]], list[dict]]:
     """Run the request/rebalance loop; returns the image sets received per node and an upload log.
 
     ``node_ids`` order decides who gets the remainder of an uneven split: pass a stable order
     (by partition id) for a pool that is reproducible across runs (node ids are random).
+    ``allow_short`` (pipc 'all'): a class that every client has exhausted counts as complete.
+    ``failures``: a client that fails (error, no reply, malformed reply; see server/validate.py)
+    is logged there and dropped, its share rebalanced over the others, as long as at least
+    ``min_clients`` remain; without it any failure raises :class:`CollectError`.
     """
     nodes = list(dict.fromkeys(node_ids))
     if not nodes:
@@ -84,10 +91,13 @@ def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: A
     have = np.zeros((len(nodes), num_classes), dtype=np.int64)  # received per node, class
     exhausted = np.zeros((len(nodes), num_classes), dtype=bool)
     received: dict[int, list[ImageSet]] = {n: [] for n in nodes}
+    failed: set[int] = set()
     uploads: list[dict] = []
     request_round = 0
     while True:
         deficit = pipc - have.sum(axis=0)
+        if allow_short:  # pipc 'all': a class is done once every client has sent all it holds
+            deficit[exhausted.all(axis=0)] = 0
         if (deficit <= 0).all():
             break
         quota = np.zeros_like(have)
@@ -111,19 +121,27 @@ def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: A
             if node not in requests:
                 continue
             reply = replies.get(node)
-            if reply is None:
-                raise CollectError(f"node {node} did not answer the safe-subset query")
-            counts = np.bincount(reply.images.y.numpy(), minlength=num_classes)
-            if counts.shape[0] != num_classes or (counts > quota[k]).any():
-                raise CollectError(
-                    f"node {node} (partition {reply.partition_id}) sent {counts.tolist()} images per class, "
-                    f"more than asked {quota[k].tolist()}"
-                )
-            if not np.array_equal(counts + reply.shortfall, quota[k]):
-                raise CollectError(
-                    f"node {node}: images {counts.tolist()} + shortfall {reply.shortfall.tolist()} "
-                    f"do not add up to the quota {quota[k].tolist()}"
-                )
+            try:
+                if reply is None:
+                    raise ReplyRejected("no reply within federation.reply_timeout_s")
+                if isinstance(reply, str):  # the ask callback's reason for an error / undecodable reply
+                    raise ReplyRejected(reply)
+                counts = check_safe_images(reply.images.x, reply.images.y, np.asarray(reply.shortfall),
+                                           quota[k], num_classes, image_shape)
+            except ReplyRejected as err:
+                if failures is None:
+                    raise CollectError(f"node {node} failed the safe-subset query: {err}") from err
+                # drop the client: its quota is spread over the others in the next request round
+                why = str(err) if reply is None or isinstance(reply, str) else f"malformed reply rejected: {err}"
+                failures.add("query", node, why, request_round)
+                exhausted[k] = True
+                failed.add(node)
+                if len(nodes) - len(failed) < min_clients:
+                    raise CollectError(
+                        f"only {len(nodes) - len(failed)} of {len(nodes)} clients answered the safe-subset query "
+                        f"(federation.min_clients = {min_clients}); see failures.csv"
+                    ) from err
+                continue
             have[k] += counts
             exhausted[k] |= reply.shortfall > 0
             received[node].append(reply.images)
@@ -147,7 +165,11 @@ def _order_pool(images: list[tuple[ImageSet, int]], num_classes: int, pipc: int,
 
 
 def pool_subset(pool_x: torch.Tensor, pool_y: torch.Tensor, pipc: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``pipc`` images of each class in pool order: smaller pools nest in larger ones."""
+    """The first ``pipc`` images of each class in pool order: smaller pools nest in larger ones.
+
+    ``pipc`` -1 ('all') is the whole pool."""
+    if pipc == -1:
+        return pool_x, pool_y
     y = pool_y.numpy() if isinstance(pool_y, torch.Tensor) else np.asarray(pool_y)
     keep = np.concatenate([np.flatnonzero(y == c)[:pipc] for c in range(num_classes)]) if num_classes else np.zeros(0, int)
     short = [c for c in range(num_classes) if (y == c).sum() < pipc]
@@ -157,7 +179,21 @@ def pool_subset(pool_x: torch.Tensor, pool_y: torch.Tensor, pipc: int, num_class
     return pool_x[keep_t], pool_y[keep_t]
 
 
-def _grid_ask(grid: Grid, scenario_json: str, num_classes: int, timeout: float) -> AskFn:
+def _decode(reply: Message, num_classes: int) -> SafeReply:
+    content = reply.content
+    shortfall = np.asarray(content.metric_records[KEY_METRICS]["shortfall"], dtype=np.int64)
+    if shortfall.shape != (num_classes,):
+        raise ReplyRejected(f"shortfall must list {num_classes} classes, got {shortfall.tolist()}")
+    return SafeReply(
+        images=record_to_images(content.array_records[KEY_SAFE]),
+        shortfall=shortfall,
+        partition_id=int(content.config_records[KEY_CLIENT]["partition-id"]),
+        num_bytes=record_bytes(content),
+        shard_bytes=content.config_records[KEY_CLIENT].get("shard-bytes"),
+    )
+
+
+def _grid_ask(grid: Grid, scenario_json: str, num_classes: int, timeout: float, soft: bool = False) -> AskFn:
     def ask(requests: dict[int, tuple[list[int], list[int]]]) -> dict[int, SafeReply]:
         messages = [
             Message(
@@ -171,7 +207,16 @@ def _grid_ask(grid: Grid, scenario_json: str, num_classes: int, timeout: float) 
         for reply in grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
+                if soft:
+                    replies[node] = f"error reply: {reply.error.reason}"
+                    continue
                 raise CollectError(f"node {node} failed the safe-subset query: {reply.error.reason}")
+            if soft:  # reliability mode: a bad reply becomes a failure reason, not a crash
+                try:
+                    replies[node] = _decode(reply, num_classes)
+                except (ValueError, TypeError, KeyError, ReplyRejected) as err:
+                    replies[node] = f"malformed reply rejected: {type(err).__name__}: {err}"
+                continue
             content = reply.content
             shortfall = np.asarray(content.metric_records[KEY_METRICS]["shortfall"], dtype=np.int64)
             if shortfall.shape != (num_classes,):
@@ -198,18 +243,26 @@ def empty_pool(image_shape: tuple[int, int, int]) -> SafePool:
 def collect_safe_pool(
     grid: Grid, node_ids: Sequence[int], scenario_json: str, num_classes: int, pipc: int, seed: int,
     image_shape: tuple[int, int, int], partition_of: dict[int, int] | None = None, timeout: float = 600.0,
+    allow_short: bool = False, failures: FailureLog | None = None, min_clients: int = 1,
 ) -> SafePool:
     """Query the clients until the pool holds exactly ``pipc`` images per class.
 
     ``partition_of`` (node id -> partition id, known from the training replies) orders the
-    clients so the same scenario collects the same pool in every run.
+    clients so the same scenario collects the same pool in every run. ``allow_short`` (pipc
+    'all', ``pipc`` = the largest class count): classes the clients hold fewer of are taken whole.
     """
     if pipc == 0:
         return empty_pool(image_shape)
     start = time.perf_counter()
     known = partition_of or {}
     order = sorted(node_ids, key=lambda n: (known.get(n, len(known) + 1), n))
-    received, uploads = plan_collection(order, num_classes, pipc, _grid_ask(grid, scenario_json, num_classes, timeout))
+    ask = _grid_ask(grid, scenario_json, num_classes, timeout, soft=failures is not None)
+    try:
+        received, uploads = plan_collection(order, num_classes, pipc, ask, allow_short=allow_short,
+                                            failures=failures, min_clients=min_clients, image_shape=image_shape)
+    finally:
+        if failures is not None:
+            failures.fill_partitions(known)  # name the partitions of clients that failed the query
     sender = {u["node_id"]: u["partition_id"] for u in uploads}
     images = [(im, sender[node]) for node, sets in received.items() for im in sets]
     if not images:

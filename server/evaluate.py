@@ -14,10 +14,21 @@ training (shuffling, DSA) comes from a CPU generator seeded with seed_i, so a re
 deterministic for a seed on the CPU (CUDA kernels may add nondeterminism).
 The reported std is the POPULATION std (ddof = 0), as ``np.std`` in the DM reference
 code, so numbers compare with the paper's table.
+
+``parallel_models`` (``train_models_parallel``): the K networks are trained in lockstep,
+one ``torch.func.vmap``-ed forward/backward over their stacked parameters per step,
+instead of one network after the other. Each network keeps its own generator, so its
+batch order and DSA draws are those of the sequential path, and SAM/SGD are applied per
+network (per-network SAM gradient norm), so the results equal the sequential path's up to
+float rounding (tests/test_fast_paths.py). Only for networks without buffers (batch norm
+updates running stats in place, which vmap cannot batch) and with identical parameter
+shapes; otherwise the sequential path runs. Measured on the CPU it is SLOWER (grouped
+convolutions; bench/eval_epoch.py, bench/README.md), hence off by default.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.augment import DSA_STRATEGY, apply_dsa, parse_strategy, sample_dsa_params
+from common.perf import tune_cpu_allocator
 from server.progress import make_progress
 from server.sam import SAM
 
@@ -41,6 +53,8 @@ __all__ = [
     "summarize",
     "test_accuracy",
     "train_model",
+    "train_models_parallel",
+    "can_train_in_parallel",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("sam", "sgd")
@@ -59,6 +73,9 @@ class EvalConfig:
     num_models: int = 3
     lr_decay_at_half: bool = True
     dsa_strategy: str = DSA_STRATEGY  # optional addition
+    # Train the num_models networks in lockstep with torch.func.vmap (same results up to
+    # float rounding). Off: on the CPU it measured 0.5-0.9x the sequential speed (bench/README.md).
+    parallel_models: bool = False
 
     @property
     def resolved_lr(self) -> float:
@@ -85,6 +102,8 @@ class EvalConfig:
         if not self.weight_decay >= 0:
             raise bad("weight_decay", ">= 0")
         parse_strategy(self.dsa_strategy)
+        if not isinstance(self.parallel_models, bool):
+            raise bad("parallel_models", "a bool")
         return self
 
 
@@ -193,6 +212,129 @@ def train_model(
     return model
 
 
+def can_train_in_parallel(models: Sequence[nn.Module]) -> bool:
+    """True when ``train_models_parallel`` can batch these networks: same parameter names,
+    shapes and dtypes, and no buffers (vmap cannot batch in-place running-stat updates)."""
+    if not models:
+        return False
+    ref = [(n, p.shape, p.dtype) for n, p in models[0].named_parameters()]
+    for m in models:
+        if any(True for _ in m.buffers()):
+            return False
+        if [(n, p.shape, p.dtype) for n, p in m.named_parameters()] != ref:
+            return False
+    return bool(ref)
+
+
+def train_models_parallel(
+    models: Sequence[nn.Module],
+    x: Tensor,
+    y: Tensor,
+    config: EvalConfig,
+    seeds: Sequence[int],
+    device: torch.device | str,
+    on_epoch: Callable[[int, list[float]], None] | None = None,
+) -> list[nn.Module]:
+    """``train_model`` for K networks at once: model k with ``seeds[k]``, same result.
+
+    One ``vmap``-ed forward/backward over the stacked parameters per step; batch order and
+    DSA per model from its own generator (as in ``train_model``); SGD / SAM per model,
+    written out on the stacked tensors with the op order of ``torch.optim.SGD`` (CPU
+    single-tensor path) and ``server.sam.SAM``. ``on_epoch(epoch, mean_losses)`` after
+    every epoch. Returns the models (moved to ``device``) with the trained weights.
+    """
+    from torch.func import functional_call, vmap
+
+    config.validate()
+    _check_set(x, y, "train")
+    if len(models) != len(seeds):
+        raise ValueError(f"got {len(models)} models but {len(seeds)} seeds")
+    if not can_train_in_parallel(models):
+        raise ValueError("models cannot be trained in parallel (different parameters or buffers); "
+                         "use train_model per model")
+    device = torch.device(device)
+    models = [m.to(device) for m in models]
+    k_models = len(models)
+    names = [n for n, _ in models[0].named_parameters()]
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).clone()
+              for n in names}
+    template = copy.deepcopy(models[0]).to("meta")  # structure only; weights come from `params`
+    for m in models:
+        m.train()
+    template.train()
+    x = x.to(device, torch.float32)
+    y = y.to(device, torch.int64)
+    gens = [torch.Generator().manual_seed(int(s) % 2**63) for s in seeds]
+    lr = config.resolved_lr
+    wd, mom, rho = config.weight_decay, config.momentum, config.rho
+    sam = config.optimizer == "sam"
+    bufs: dict[str, Tensor] = {}  # SGD momentum buffers, created at the first step as in torch.optim.SGD
+
+    def forward_all(p: dict[str, Tensor], xb: Tensor) -> Tensor:
+        return vmap(lambda pk, xk: functional_call(template, pk, (xk,)))(p, xb)
+
+    def losses_and_grads(p: dict[str, Tensor], xb: Tensor, yb: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        live = {n: t.detach().requires_grad_(True) for n, t in p.items()}
+        out = forward_all(live, xb)
+        # Per model its own mean CE (as train_model); the sum keeps the models' gradients apart.
+        per = torch.stack([F.cross_entropy(out[k], yb[k]) for k in range(k_models)])
+        return per.detach(), torch.autograd.grad(per.sum(), list(live.values()))
+
+    def bshape(v: Tensor, like: Tensor) -> Tensor:
+        return v.view(-1, *([1] * (like.dim() - 1)))
+
+    n = x.shape[0]
+    cur_lr = lr
+    for epoch in range(config.epochs):
+        if config.lr_decay_at_half and epoch == config.epochs // 2 and config.epochs > 1:
+            cur_lr = lr * 0.1
+        perms = [torch.randperm(n, generator=g).to(device) for g in gens]
+        loss_sum = torch.zeros(k_models, device=device, dtype=torch.float64)
+        for i in range(0, n, config.batch_size):
+            xbs, ybs = [], []
+            for k in range(k_models):
+                idx = perms[k][i:i + config.batch_size]
+                xb = x[idx]
+                if config.dsa:
+                    xb = apply_dsa(xb, sample_dsa_params(gens[k], config.dsa_strategy))
+                xbs.append(xb)
+                ybs.append(y[idx])
+            xb_all, yb_all = torch.stack(xbs), torch.stack(ybs)
+            loss, grads = losses_and_grads(params, xb_all, yb_all)
+            with torch.no_grad():
+                if sam:
+                    # SAM.first_step per model: e = rho * g / ||g|| over all of that model's parameters.
+                    norms = torch.stack([g.flatten(1).norm(p=2, dim=1) for g in grads])  # (P, K)
+                    scale = rho / (torch.linalg.vector_norm(norms, 2, dim=0) + 1e-12)  # (K,)
+                    perturbed = {nm: params[nm] + g * bshape(scale, g) for nm, g in zip(names, grads)}
+            if sam:
+                _, grads = losses_and_grads(perturbed, xb_all, yb_all)  # same batch at w + e(w)
+            with torch.no_grad():
+                for nm, g in zip(names, grads):  # torch.optim.SGD, single-tensor path
+                    p = params[nm]
+                    d = g.add(p, alpha=wd) if wd != 0 else g
+                    if mom != 0:
+                        if nm not in bufs:
+                            bufs[nm] = torch.clone(d).detach()
+                        else:
+                            bufs[nm].mul_(mom).add_(d)
+                        d = bufs[nm]
+                    p.add_(d, alpha=-cur_lr)
+            loss_sum += loss.to(torch.float64) * yb_all.shape[1]
+        sums = loss_sum.tolist()  # one host sync per epoch
+        bad = [k for k, v in enumerate(sums) if not math.isfinite(v)]
+        if bad:
+            raise RuntimeError(f"training loss became non-finite in epoch {epoch + 1} "
+                               f"(seed {seeds[bad[0]]}, parallel model {bad[0]})")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, [v / n for v in sums])
+    with torch.no_grad():
+        for k, m in enumerate(models):
+            for nm, p in m.named_parameters():
+                p.copy_(params[nm][k])
+    return models
+
+
 def evaluate_synthetic(
     syn_x: Tensor,
     syn_y: Tensor,
@@ -216,14 +358,29 @@ def evaluate_synthetic(
         raise ValueError(f"synthetic images {tuple(syn_x.shape[1:])} and test images "
                          f"{tuple(test_x.shape[1:])} differ in shape")
     device = torch.device(device)
+    if device.type == "cpu":
+        tune_cpu_allocator()  # large activations: reuse heap memory instead of page-faulting it in (common/perf.py)
     t0 = time.monotonic()
     seeds = derive_seeds(seed, config.num_models)
     accs: list[float] = []
     losses: list[float] = []
     with make_progress(progress) as bar:
         task = bar.add_task(f"eval {config.optimizer}", total=config.num_models * config.epochs, status="")
-        for k, s in enumerate(seeds):
-            model = model_factory(s)
+        models = [model_factory(s) for s in seeds] if config.parallel_models else []
+        if models and can_train_in_parallel(models):
+            def tick_all(epoch: int, train_losses: list[float]) -> None:
+                bar.update(task, advance=len(seeds), status=f"{len(seeds)} models in parallel, epoch {epoch}, "
+                           f"train_loss={float(np.mean(train_losses)):.3g}")
+
+            for model in train_models_parallel(models, syn_x, syn_y, config, seeds, device, on_epoch=tick_all):
+                acc, loss = test_accuracy(model, test_x, test_y, device)
+                accs.append(acc)
+                losses.append(loss)
+            seeds_left: list[int] = []
+        else:
+            seeds_left = seeds
+        for k, s in enumerate(seeds_left):
+            model = models[k] if models else model_factory(s)  # parallel not possible: reuse the built ones
 
             def tick(epoch: int, train_loss: float, k: int = k) -> None:
                 bar.update(task, advance=1, status=f"model {k + 1}/{len(seeds)} train_loss={train_loss:.3g}"

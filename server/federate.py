@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.records import CFG_SCENARIO, KEY_ARRAYS, KEY_CLIENT, record_bytes, record_to_state_dict, state_dict_to_record
 from common.scenario import Scenario
+from server.validate import FailureLog, ReplyRejected, check_eval_reply, check_train_reply, weight_signature
 
 __all__ = ["FederationError", "FederationResult", "wait_for_nodes", "run_federation"]
 
@@ -68,9 +69,15 @@ def wait_for_nodes(grid: Grid, expected: int | None, minimum: int, timeout: floa
 class _TrackingFedAvg(FedAvg):
     """FedAvg that logs per-client upload bytes and enforces ``min_clients`` per round."""
 
-    def __init__(self, min_clients: int, **kwargs) -> None:
+    def __init__(self, min_clients: int, failures: FailureLog | None = None,
+                 signature: dict | None = None, expected_nodes: list[int] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.min_clients = min_clients
+        # reliability: failed / malformed / missing replies are logged and left out of the average
+        self.failures = failures if failures is not None else FailureLog()
+        self.signature = signature
+        self.expected_nodes = list(expected_nodes or [])
+        self.prescreened = -1  # round whose replies a DP wrapper already had screened (see run_federation)
         self.uploads: list[dict] = []
         self.node_partitions: dict[int, int] = {}
         self.train_metrics: dict[int, dict] = {}
@@ -78,7 +85,7 @@ class _TrackingFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)  # may be a one-shot iterable; we read it twice
-        ok = [m for m in replies if not m.has_error()]
+        ok = replies if self.prescreened == server_round else self._screen(server_round, "train", replies)
         for msg in ok:
             node = msg.metadata.src_node_id
             client = msg.content.config_records.get(KEY_CLIENT, {})
@@ -89,21 +96,53 @@ class _TrackingFedAvg(FedAvg):
                                  "bytes": record_bytes(msg.content[KEY_ARRAYS]),
                                  "message_bytes": record_bytes(msg.content)})
         if len(ok) < self.min_clients:
-            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error())
+            reasons = "; ".join(f"node {r['node_id']}: {r['reason']}" for r in self.failures.rows
+                                if r["phase"] == "train" and r["round"] == server_round)
             raise FederationError(
-                f"round {server_round}: only {len(ok)} of {len(replies)} clients trained "
-                f"(federation.min_clients = {self.min_clients}). {reasons}"
+                f"round {server_round}: only {len(ok)} of {max(len(replies), len(self.expected_nodes))} clients "
+                f"trained (federation.min_clients = {self.min_clients}). {reasons}"
             )
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        # only the replies that passed; in partition order so the float sums repeat run to run
+        ok.sort(key=lambda m: (self.node_partitions.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
+        arrays, metrics = super().aggregate_train(server_round, ok)
         if metrics is not None:
             self.train_metrics[server_round] = dict(metrics)
         return arrays, metrics
 
+    def _screen(self, server_round: int, phase: str, replies: list[Message]) -> list[Message]:
+        """Replies that carry no error and pass server/validate.py; the rest go to the failure log."""
+        good: list[Message] = []
+        seen: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            seen.add(node)
+            pid = self.node_partitions.get(node)
+            if msg.has_error():
+                self.failures.add(phase, node, f"error reply: {msg.error.reason}", server_round, pid)
+                continue
+            if pid is None:  # a reply we may reject still says who sent it (for the report only)
+                try:
+                    pid = int(msg.content.config_records[KEY_CLIENT]["partition-id"])
+                except (KeyError, TypeError, ValueError):
+                    pid = None
+            try:
+                if phase == "train" and self.signature is not None:
+                    check_train_reply(msg.content, self.signature)
+                elif phase == "evaluate":
+                    check_eval_reply(msg.content)
+            except ReplyRejected as err:
+                self.failures.add(phase, node, f"malformed reply rejected: {err}", server_round, pid)
+                continue
+            good.append(msg)
+        if phase == "train" or replies:  # evaluation may be switched off: no replies expected then
+            for node in self.expected_nodes:
+                if node not in seen:
+                    self.failures.add(phase, node, "no reply within federation.reply_timeout_s", server_round,
+                                      self.node_partitions.get(node))
+        return good
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
-        for m in replies:
-            if m.has_error():
-                log(WARNING, "client evaluation failed on node %d: %s", m.metadata.src_node_id, m.error.reason)
+        replies = self._screen(server_round, "evaluate", list(replies))
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.eval_metrics[server_round] = dict(metrics)
@@ -116,6 +155,7 @@ def run_federation(
     initial_state: OrderedDict[str, torch.Tensor],
     node_ids: list[int],
     central_eval: Callable[[OrderedDict[str, torch.Tensor]], tuple[float, float]],
+    failures: FailureLog | None = None,
 ) -> FederationResult:
     """FedAvg for ``federation.rounds`` rounds; ``central_eval(state) -> (acc, loss)`` on the test set."""
     f = scenario.federation
@@ -126,6 +166,9 @@ def run_federation(
         log(WARNING, "federation.client_eval is on but holdout_fraction is 0: skipping client evaluation")
     strategy = _TrackingFedAvg(
         min_clients=f.min_clients,
+        failures=failures,
+        signature=weight_signature(initial_state),
+        expected_nodes=list(node_ids),
         fraction_train=1.0,
         fraction_evaluate=1.0 if client_eval else 0.0,
         min_train_nodes=n,
@@ -142,10 +185,25 @@ def run_federation(
 
     scenario_json = scenario.to_json()
     train_config = ConfigRecord({CFG_SCENARIO: scenario_json, "lr": float(f.lr), "local-epochs": int(f.local_epochs)})
-    result = strategy.start(
+    from server.modes import dp_wrap  # privacy.dp: Flower's fixed-clipping DP wrapper (no-op when off)
+
+    outer = dp_wrap(strategy, scenario, n)
+    if outer is not strategy:
+        # Flower's DP wrappers skip a whole round when any reply is an error and would clip a
+        # malformed one: screen the replies before the wrapper sees them.
+        wrapped_aggregate = outer.aggregate_train
+
+        def screened_aggregate(server_round: int, replies: Iterable[Message]):  # type: ignore[no-untyped-def]
+            good = strategy._screen(server_round, "train", list(replies))
+            strategy.prescreened = server_round
+            return wrapped_aggregate(server_round, good)
+
+        outer.aggregate_train = screened_aggregate  # type: ignore[method-assign]
+    result = outer.start(
         grid=grid,
         initial_arrays=state_dict_to_record(initial_state),
         num_rounds=f.rounds,
+        timeout=f.reply_timeout_s,
         train_config=train_config,
         evaluate_config=ConfigRecord({CFG_SCENARIO: scenario_json}),
         evaluate_fn=evaluate_fn,

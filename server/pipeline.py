@@ -37,13 +37,14 @@ from common.datasets import DatasetMeta, normalize
 from common.device import pick_device
 from common.models import build_model
 from common.scenario import Scenario, load_scenario, save_resolved
-from server.artifacts import load_model_artifact, load_safe_artifact, save_synthetic_artifact
-from server.collect import pool_subset
-from server.distill.synthesize import DistillConfig, SyntheticSet, make_embed_factory, synthesize
-from server.evaluate import EvalConfig, evaluate_synthetic
+from common.grid import PIPC_ALL, pipc_label
+from server.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
+from server.distill.synthesize import DistillConfig, make_embed_factory
+from server.evaluate import EvalConfig
 from server.images import save_image_grid
-from server.plots import plot_federated_curve
-from server.report import CellResult, print_summary, upload_summary, write_results, write_rounds, write_timings, write_uploads
+from server.figures import rebuild_report
+from server.report import CellResult, print_summary, upload_summary, write_rounds, write_timings, write_uploads
+from server.sweep import run_cells
 
 __all__ = ["PipelineInputs", "distill_config", "eval_config", "run_grid", "run_pipeline", "load_reused", "main"]
 
@@ -63,6 +64,8 @@ class PipelineInputs:
     weight_uploads: list[dict] = field(default_factory=list)
     safe_uploads: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    client_dsvs: object | None = None  # no_model_access: server.modes.ClientDSVs (model_state is then None)
+    dsv_uploads: list[dict] = field(default_factory=list)
 
 
 def _section_to(cls: type, section: object) -> object:
@@ -79,58 +82,24 @@ def eval_config(scenario: Scenario) -> EvalConfig:
     return _section_to(EvalConfig, scenario.evaluation)  # type: ignore[return-value]
 
 
-def _cell_name(method: str, ipc: int, pipc: int) -> str:
-    return f"{method}_ipc{ipc}_pipc{pipc}"
-
-
 def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
-    """Distill and evaluate every (pipc, ipc, method) cell of the scenario."""
+    """Distill and evaluate every (pipc, ipc, seed, method) cell of the scenario (server.sweep)."""
     s, meta, dev = inp.scenario, inp.meta, inp.device
     progress = sys.stderr.isatty() if progress is None else progress
     arch = dataclasses.asdict(s.model)
-    model = build_model(meta, arch)
-    model.load_state_dict(inp.model_state)
-    model.eval()
-    test_x = normalize(inp.test_x, meta)
+    model = None  # privacy.mode no_model_access: the server never holds theta*
+    if inp.model_state is not None:
+        model = build_model(meta, arch)
+        model.load_state_dict(inp.model_state)
+        model.eval()
     dcfg, ecfg = distill_config(s), eval_config(s)
     embed_factory = make_embed_factory(meta, arch)
-    syn_dir, img_dir = inp.run_dir / "synthetic", inp.run_dir / "images"
 
     def model_factory(seed: int) -> torch.nn.Module:
         return build_model(meta, arch, seed=seed)
 
-    cells: list[CellResult] = []
-    for pipc in s.distill.pipc:
-        safe_x = safe_y = None
-        if pipc > 0:
-            sub_x, safe_y = pool_subset(inp.pool_x, inp.pool_y, pipc, meta.num_classes)
-            safe_x = normalize(sub_x, meta)
-        for ipc in s.distill.ipc:
-            done: dict[str, SyntheticSet] = {}
-            for method in s.distill.methods:
-                name = _cell_name(method, ipc, pipc)
-                t0 = time.perf_counter()
-                dsv = done.get("dsv")  # blend reuses this cell's DSVs when they were distilled
-                syn = synthesize(
-                    method, ipc=ipc, num_classes=meta.num_classes, image_shape=meta.image_shape, pipc=pipc,
-                    safe_x=safe_x, safe_y=safe_y, model=model, embed_factory=embed_factory, config=dcfg,
-                    seed=s.seed, device=dev, progress=progress,
-                    checkpoint_path=syn_dir / f"{name}.ckpt.pt" if dcfg.checkpoint_every else None,
-                    dsv_x=dsv.x if (method == "blend" and dsv is not None) else None,
-                    dsv_y=dsv.y if (method == "blend" and dsv is not None) else None,
-                )
-                done[method] = syn
-                t1 = time.perf_counter()
-                res = evaluate_synthetic(syn.x, syn.y, test_x, inp.test_y, model_factory, ecfg, seed=s.seed,
-                                         device=dev, progress=progress)
-                t2 = time.perf_counter()
-                files = {"synthetic": str(save_synthetic_artifact(syn_dir / f"{name}.pt", syn, meta.name, pipc))}
-                files["grid"] = str(img_dir / f"{name}.png")
-                save_image_grid(syn.x, syn.y, files["grid"], meta, title=f"{method} ipc={ipc} pipc={pipc}")
-                cells.append(CellResult(method=method, ipc=ipc, pipc=pipc, accuracies=list(res.accuracies),
-                                        mean=res.mean, std=res.std, distill_s=t1 - t0, eval_s=t2 - t1, files=files))
-                log(INFO, "distill+evaluate %s: %.2f ± %.2f %% (distill %.1fs, evaluate %.1fs)", name,
-                    100 * res.mean, 100 * res.std, t1 - t0, t2 - t1)
+    # server.sweep: per-cell records under cells/, resume, skipped cells, seeds.
+    cells = run_cells(inp, model, embed_factory, dcfg, ecfg, model_factory, progress)
     return cells
 
 
@@ -143,20 +112,23 @@ def run_pipeline(inp: PipelineInputs, progress: bool | None = None) -> list[Cell
 
     t0 = time.perf_counter()
     run_dir = inp.run_dir
-    write_results(cells, run_dir, title=f"{inp.scenario.name}: synthetic-set test accuracy ({inp.meta.name})")
     if inp.rounds:
         write_rounds(inp.rounds, run_dir / "rounds.csv")
-        plot_federated_curve([r["round"] for r in inp.rounds], [r["test_acc"] for r in inp.rounds],
-                             run_dir / "rounds.png")
-    if inp.weight_uploads or inp.safe_uploads:
-        write_uploads(inp.weight_uploads, inp.safe_uploads, run_dir)
+    if inp.weight_uploads or inp.safe_uploads or inp.dsv_uploads:
+        write_uploads(inp.weight_uploads, inp.safe_uploads, run_dir, inp.dsv_uploads)
     if len(inp.pool_y):
         save_image_grid(normalize(inp.pool_x, inp.meta), inp.pool_y, run_dir / "images" / "safe_pool.png", inp.meta,
-                        title=f"safe pool T' ({inp.scenario.pool_pipc} per class)")
+                        title=f"safe pool T' ({pipc_label(inp.scenario.pool_pipc)} per class)")
+    from server.privacy_report import write_privacy_reports  # audit, communication.md, privacy.md
+
+    write_privacy_reports(inp, cells)
+    # Tables and figures come from the stored cells only, so `python -m server.report` rebuilds them identically.
+    rebuild_report(run_dir, all_grids=False)
     inp.timings["report"] = time.perf_counter() - t0
     write_timings(inp.timings, run_dir / "timings.json")
     log(INFO, "phase 5 report: written to %s in %.1fs", run_dir, inp.timings["report"])
-    print_summary(cells, inp.rounds, upload_summary(inp.weight_uploads, inp.safe_uploads), inp.timings, run_dir)
+    print_summary(cells, inp.rounds, upload_summary(inp.weight_uploads, inp.safe_uploads, inp.dsv_uploads),
+                  inp.timings, run_dir)
     return cells
 
 
@@ -168,8 +140,16 @@ def load_reused(folder: str | Path, meta: DatasetMeta, scenario: Scenario) -> tu
     if {k: v for k, v in model.arch.items() if k in arch} != {k: v for k, v in arch.items() if k in model.arch}:
         raise ValueError(f"{folder / 'global_model.pt'} was trained with model {model.arch}, "
                          f"but the scenario asks for {arch}")
+    try:  # the weights themselves must fit the scenario's architecture (a stale 'arch' entry is not enough)
+        build_model_from_artifact(dataclasses.replace(model, arch=arch), meta)
+    except ArtifactError as err:
+        raise ArtifactError(f"{err}\nFix: set the model section to the architecture {folder / 'global_model.pt'} "
+                            "was trained with, or point reuse_artifacts at a run of this architecture") from err
     safe = load_safe_artifact(folder / "safe_pool.pt", meta=meta)
     counts = torch.bincount(safe.y, minlength=meta.num_classes)
+    if scenario.pool_pipc == PIPC_ALL and int(safe.extra.get("pipc", 0)) != PIPC_ALL:
+        raise ValueError(f"{folder / 'safe_pool.pt'} holds {counts.tolist()} images per class, but distill.pipc "
+                         "has 'all': collect an 'all' pool (every client image) first")
     if scenario.pool_pipc > 0 and int(counts.min()) < scenario.pool_pipc:
         raise ValueError(f"{folder / 'safe_pool.pt'} holds {counts.tolist()} images per class, fewer than "
                          f"max(distill.pipc) = {scenario.pool_pipc}; collect a larger pool")
@@ -187,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not scenario.reuse_artifacts:
         parser.error("no artifacts to reuse: pass --reuse or set reuse_artifacts in the scenario")
     from edge_client.data import federation_train_set  # the same data view the federation used
+    from server.preflight import check_data_root
 
+    check_data_root(scenario)  # data.root set but not a folder: stop before loading
     data = federation_train_set(scenario)
     state, pool_x, pool_y, _ = load_reused(scenario.reuse_artifacts, data.meta, scenario)
     run_dir = scenario.run_dir

@@ -17,8 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
+
+from common.grid import PIPC_ALL, pipc_label
 
 __all__ = [
     "CellResult",
@@ -30,6 +33,8 @@ __all__ = [
     "upload_summary",
     "write_timings",
     "print_summary",
+    "aggregate_seeds",
+    "main",
 ]
 
 
@@ -44,16 +49,51 @@ class CellResult:
     distill_s: float = 0.0
     eval_s: float = 0.0
     files: dict[str, str] = field(default_factory=dict)  # artifact kind -> path
+    seed: int = 0  # distillation + evaluation seed of this cell (distill.seeds)
+    skipped: str = ""  # non-empty: the cell could not run, and why (no accuracies then)
 
 
 def format_cell(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def _pipc_sort(pipc: int) -> float:
+    return float("inf") if pipc == PIPC_ALL else float(pipc)  # 'all' is the last column of Table 1
+
+
+def aggregate_seeds(cells: Sequence[CellResult]) -> list[CellResult]:
+    """One cell per (method, ipc, pipc): the accuracies of every seed pooled (mean, population std).
+
+    A single seed is passed through unchanged; a key whose every seed was skipped stays skipped.
+    """
+    groups: dict[tuple[str, int, int], list[CellResult]] = {}
+    for c in cells:
+        groups.setdefault((c.method, c.ipc, c.pipc), []).append(c)
+    out = []
+    for (method, ipc, pipc), group in groups.items():
+        ran = [c for c in group if not c.skipped]
+        if len(group) == 1 or not ran:
+            out.append(group[0] if len(group) == 1 else ran[0] if ran else group[0])
+            continue
+        accs = [a for c in ran for a in c.accuracies]
+        out.append(CellResult(method=method, ipc=ipc, pipc=pipc, accuracies=accs, mean=float(np.mean(accs)),
+                              std=float(np.std(accs)), distill_s=sum(c.distill_s for c in ran),
+                              eval_s=sum(c.eval_s for c in ran), seed=ran[0].seed))
+    return out
+
+
 def _grid(cells: Sequence[CellResult]) -> tuple[list[tuple[int, int]], list[str], dict[tuple[str, int, int], CellResult]]:
-    rows = sorted({(c.ipc, c.pipc) for c in cells})
+    cells = aggregate_seeds(cells)
+    rows = sorted({(c.ipc, c.pipc) for c in cells}, key=lambda r: (r[0], _pipc_sort(r[1])))
     methods = list(dict.fromkeys(c.method for c in cells))  # first-seen order = scenario order
     return rows, methods, {(c.method, c.ipc, c.pipc): c for c in cells}
+
+
+def _cell_text(by_key: dict[tuple[str, int, int], CellResult], key: tuple[str, int, int]) -> str:
+    c = by_key.get(key)
+    if c is None:
+        return ""  # not run (yet): an interrupted sweep
+    return "n/a" if c.skipped else format_cell(c.mean, c.std)
 
 
 def results_markdown(cells: Sequence[CellResult], title: str | None = None) -> str:
@@ -61,10 +101,15 @@ def results_markdown(cells: Sequence[CellResult], title: str | None = None) -> s
     lines = [f"# {title}", ""] if title else []
     lines += ["| ipc | pipc | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for ipc, pipc in rows:
-        vals = [format_cell(by_key[(m, ipc, pipc)].mean, by_key[(m, ipc, pipc)].std) if (m, ipc, pipc) in by_key else ""
-                for m in methods]
-        lines.append(f"| {ipc} | {pipc} | " + " | ".join(vals) + " |")
-    lines += ["", "Test accuracy in %, mean ± std over the evaluation models."]
+        vals = [_cell_text(by_key, (m, ipc, pipc)) for m in methods]
+        lines.append(f"| {ipc} | {pipc_label(pipc)} | " + " | ".join(vals) + " |")
+    seeds = sorted({c.seed for c in cells if not c.skipped})
+    over = "the evaluation models" + (f" of {len(seeds)} distillation seeds ({', '.join(map(str, seeds))})"
+                                      if len(seeds) > 1 else "")
+    lines += ["", f"Test accuracy in %, mean ± std over {over}. pipc 'all': every client uploaded all its images."]
+    reasons = sorted({f"{c.method} ipc={c.ipc} pipc={pipc_label(c.pipc)}: {c.skipped}" for c in cells if c.skipped})
+    if reasons:
+        lines += ["", "n/a (cell skipped):", *(f"- {r}" for r in reasons)]
     return "\n".join(lines) + "\n"
 
 
@@ -77,14 +122,15 @@ def write_results(cells: Sequence[CellResult], run_dir: Path, title: str | None 
         w = csv.writer(fh)
         w.writerow(["ipc", "pipc", *methods])
         for ipc, pipc in rows:
-            w.writerow([ipc, pipc, *(format_cell(by_key[(m, ipc, pipc)].mean, by_key[(m, ipc, pipc)].std)
-                                     if (m, ipc, pipc) in by_key else "" for m in methods)])
+            w.writerow([ipc, pipc_label(pipc), *(_cell_text(by_key, (m, ipc, pipc)) for m in methods)])
     with paths["long"].open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "ipc", "pipc", "mean", "std", "num_models", "accuracies", "distill_s", "eval_s"])
+        w.writerow(["method", "ipc", "pipc", "seed", "mean", "std", "num_models", "accuracies", "distill_s", "eval_s",
+                    "skipped"])
         for c in cells:
-            w.writerow([c.method, c.ipc, c.pipc, f"{c.mean:.6f}", f"{c.std:.6f}", len(c.accuracies),
-                        " ".join(f"{a:.6f}" for a in c.accuracies), f"{c.distill_s:.2f}", f"{c.eval_s:.2f}"])
+            w.writerow([c.method, c.ipc, pipc_label(c.pipc), c.seed, "" if c.skipped else f"{c.mean:.6f}",
+                        "" if c.skipped else f"{c.std:.6f}", len(c.accuracies),
+                        " ".join(f"{a:.6f}" for a in c.accuracies), f"{c.distill_s:.2f}", f"{c.eval_s:.2f}", c.skipped])
     return paths
 
 
@@ -99,14 +145,17 @@ def write_rounds(rounds: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def upload_summary(weight_uploads: Sequence[dict], safe_uploads: Sequence[dict]) -> list[dict]:
-    """Totals per client: weight bytes (all rounds), safe-image bytes, private shard bytes."""
+def upload_summary(weight_uploads: Sequence[dict], safe_uploads: Sequence[dict],
+                   dsv_uploads: Sequence[dict] = ()) -> list[dict]:
+    """Totals per client: weight bytes (all rounds), safe-image bytes, DSV bytes (no-model-access mode),
+    private shard bytes."""
     per: dict[int, dict] = {}
 
     def entry(u: dict) -> dict:
         pid = int(u["partition_id"])
         return per.setdefault(pid, {"partition_id": pid, "node_id": u["node_id"], "weights_bytes": 0, "weight_rounds": 0,
-                                    "safe_images": 0, "safe_bytes": 0, "shard_bytes": u.get("shard_bytes")})
+                                    "safe_images": 0, "safe_bytes": 0, "dsv_images": 0, "dsv_bytes": 0,
+                                    "shard_bytes": u.get("shard_bytes")})
 
     for u in weight_uploads:
         e = entry(u)
@@ -117,23 +166,31 @@ def upload_summary(weight_uploads: Sequence[dict], safe_uploads: Sequence[dict])
         e["safe_images"] += int(u["images"])
         e["safe_bytes"] += int(u["bytes"])
         e["shard_bytes"] = e["shard_bytes"] or u.get("shard_bytes")
+    for u in dsv_uploads:
+        e = entry(u)
+        e["dsv_images"] += int(u["images"])
+        e["dsv_bytes"] += int(u["bytes"])
+        e["shard_bytes"] = e["shard_bytes"] or u.get("shard_bytes")
     for e in per.values():
-        e["total_bytes"] = e["weights_bytes"] + e["safe_bytes"]
+        e["total_bytes"] = e["weights_bytes"] + e["safe_bytes"] + e["dsv_bytes"]
     return [per[k] for k in sorted(per)]
 
 
-def write_uploads(weight_uploads: Sequence[dict], safe_uploads: Sequence[dict], run_dir: Path) -> dict[str, Path]:
+def write_uploads(weight_uploads: Sequence[dict], safe_uploads: Sequence[dict], run_dir: Path,
+                  dsv_uploads: Sequence[dict] = ()) -> dict[str, Path]:
     """``uploads.csv``: one row per upload; ``uploads.json``: the rows plus per-client totals."""
     paths = {"csv": run_dir / "uploads.csv", "json": run_dir / "uploads.json"}
     rows = [{"partition_id": u["partition_id"], "node_id": u["node_id"], "kind": "weights", "round": u["round"],
              "images": "", "bytes": u["bytes"]} for u in weight_uploads]
     rows += [{"partition_id": u["partition_id"], "node_id": u["node_id"], "kind": "safe_images",
               "round": f"query {u['request']}", "images": u["images"], "bytes": u["bytes"]} for u in safe_uploads]
+    rows += [{"partition_id": u["partition_id"], "node_id": u["node_id"], "kind": "dsv", "round": "query.dsv",
+              "images": u["images"], "bytes": u["bytes"]} for u in dsv_uploads]
     with paths["csv"].open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["partition_id", "node_id", "kind", "round", "images", "bytes"])
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (r["partition_id"], r["kind"] != "weights", str(r["round"]))))
-    paths["json"].write_text(json.dumps({"per_client": upload_summary(weight_uploads, safe_uploads),
+    paths["json"].write_text(json.dumps({"per_client": upload_summary(weight_uploads, safe_uploads, dsv_uploads),
                                          "uploads": rows}, indent=2))
     return paths
 
@@ -164,8 +221,7 @@ def print_summary(
     for m in methods:
         table.add_column(m, justify="right")
     for ipc, pipc in rows:
-        table.add_row(str(ipc), str(pipc), *(format_cell(by_key[(m, ipc, pipc)].mean, by_key[(m, ipc, pipc)].std)
-                                             if (m, ipc, pipc) in by_key else "" for m in methods))
+        table.add_row(str(ipc), pipc_label(pipc), *(_cell_text(by_key, (m, ipc, pipc)) for m in methods))
     console.print(table)
     if rounds:
         last = rounds[-1]
@@ -180,3 +236,23 @@ def print_summary(
         console.print(up)
     console.print("Phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     console.print(f"Run folder: {run_dir}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m server.report RUN_DIR``: rebuild every table and figure from the run folder."""
+    import argparse
+
+    from server.figures import rebuild_report  # lazy: torch + matplotlib only when rebuilding
+
+    parser = argparse.ArgumentParser(description="Rebuild results.md/.csv, frequency.csv and all figures of a "
+                                                 "run folder from its stored cells (nothing is recomputed).")
+    parser.add_argument("run_dir", type=Path, help="run folder (holds scenario.resolved.yaml and cells/)")
+    args = parser.parse_args(argv)
+    written = rebuild_report(args.run_dir)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

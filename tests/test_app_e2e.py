@@ -102,7 +102,8 @@ def test_every_artifact_exists(e2e_run: dict) -> None:
                 "images/safe_pool.png"]
     for method in ("dm", "dkkt_dm", "random_real"):
         for pipc in PIPC:
-            expected += [f"synthetic/{method}_ipc1_pipc{pipc}.pt", f"images/{method}_ipc1_pipc{pipc}.png"]
+            expected += [f"cells/{method}_ipc1_pipc{pipc}_seed3.{ext}" for ext in ("pt", "json")]  # server.sweep
+            expected += [f"images/{method}_ipc1_pipc{pipc}_seed3.png"]
     missing = [name for name in expected if not (run_dir / name).is_file()]
     assert not missing, f"missing artifacts: {missing}"
     md = (run_dir / "results.md").read_text()
@@ -172,7 +173,7 @@ def test_reuse_artifacts_without_flower(e2e_run: dict, tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "rerun" / "results_long.csv").open()))
     assert [(r["method"], r["pipc"]) for r in rows] == [("random_real", "2")]
     assert 0.0 <= float(rows[0]["mean"]) <= 1.0
-    assert (tmp_path / "rerun" / "images" / "random_real_ipc1_pipc2.png").is_file()
+    assert (tmp_path / "rerun" / "images" / "random_real_ipc1_pipc2_seed3.png").is_file()
 
 
 # ------------------------------------------------------------------ collection logic (no Flower)

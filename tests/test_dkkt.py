@@ -14,6 +14,16 @@ from common.models import build_model
 from server.distill.dkkt import dkkt_loss, kkt_terms, primal_loss, stationarity_loss
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
+    # OpenMP spin-waiting made these tests ~20x slower (5 s -> 106 s measured).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _stationary_linear(n: int = 6, d: int = 5, c: int = 3, seed: int = 0):
     """A linear model whose theta* equals -sum_i lam_i grad_theta CE_i(theta*) exactly.
 
@@ -93,9 +103,9 @@ def test_primal_ce_and_hinge() -> None:
     pred = logits.argmax(1)
     y = pred.clone()
     y[0] = (pred[0] + 1) % 3  # exactly one misclassified sample
-    assert float(primal_loss(model, x, y)) == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-12)
-    hinge = float(primal_loss(model, x, y, mode="hinge"))
-    assert hinge == pytest.approx(float(F.cross_entropy(logits[:1], y[:1])) / 5, rel=1e-12)
+    assert primal_loss(model, x, y).item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-12)
+    hinge = primal_loss(model, x, y, mode="hinge").item()
+    assert hinge == pytest.approx(F.cross_entropy(logits[:1], y[:1]).item() / 5, rel=1e-12)
 
 
 def test_dkkt_combines_clean_and_augmented_terms() -> None:
@@ -107,12 +117,12 @@ def test_dkkt_combines_clean_and_augmented_terms() -> None:
     alpha, eta = 0.1, 5.0
     loss, t = dkkt_loss(model, x, y, lam, alpha=alpha, dsa_params=DSAParams("flip", 3), aug_weight=eta)
     want = ((t["primal"] + alpha * t["stat"]) + eta * (t["primal_aug"] + alpha * t["stat_aug"])) / (1 + eta)
-    assert loss.item() == pytest.approx(float(want), rel=1e-6)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     plain, t2 = dkkt_loss(model, x, y, lam, alpha=alpha)
     assert set(t2) == {"primal", "stat"}
-    assert float(plain) == pytest.approx(float(t2["primal"] + alpha * t2["stat"]), rel=1e-6)
+    assert plain.item() == pytest.approx((t2["primal"] + alpha * t2["stat"]).item(), rel=1e-6)
     p, s = kkt_terms(model, x, y, lam)
-    assert float(p) == pytest.approx(float(t2["primal"]), rel=1e-6) and s is not None
+    assert p.item() == pytest.approx(t2["primal"].item(), rel=1e-6) and s is not None
 
 
 def test_bad_lambda_raises() -> None:

@@ -21,6 +21,17 @@ from server.distill import (
     synthesize,
 )
 
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
+    # OpenMP spin-waiting made these tests ~20x slower (5 s -> 106 s measured).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 C, SHAPE = 3, (1, 8, 8)
 META = SimpleNamespace(channels=1, height=8, width=8, num_classes=C)
 ARCH = {"width": 8, "depth": 2}
@@ -174,3 +185,13 @@ def test_nan_raises_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     state = torch.load(ck, weights_only=True)
     assert state["iteration"] == 2 and bool(torch.isfinite(state["x"]).all())
     assert "non-finite" in state["error"]
+
+
+def test_img_optimizer_auto_is_sgd_for_dm_and_adam_for_dkkt_methods() -> None:
+    cfg = DistillConfig(iterations=2, real_batch=4, log_every=1)
+    assert _run("dm", cfg=cfg).info["img_optimizer"] == "sgd"
+    assert _run("dkkt_dm", cfg=cfg).info["img_optimizer"] == "adam"
+    forced = DistillConfig(iterations=2, real_batch=4, log_every=1, img_optimizer="sgd")
+    assert _run("dkkt_dm", cfg=forced).info["img_optimizer"] == "sgd"
+    with pytest.raises(ValueError, match="DistillConfig.img_optimizer"):
+        _run("dm", cfg=DistillConfig(img_optimizer="rmsprop"))

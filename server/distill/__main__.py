@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-img", type=float, default=1.0)
     g.add_argument("--momentum-img", type=float, default=0.5)
     g.add_argument("--lr-lambda", type=float, default=0.01)
+    g.add_argument("--img-optimizer", choices=("auto", "sgd", "adam"), default="auto",
+                   help="auto: SGD(--lr-img) for dm, Adam(--lr-img-adam) for dsv/dsv_real/dkkt_dm")
+    g.add_argument("--lr-img-adam", type=float, default=0.1)
     g.add_argument("--alpha", type=float, default=None, help="default: appendix A rule by pipc")
     g.add_argument("--gamma", type=float, default=None, help="default: appendix A rule by ipc")
     g.add_argument("--init", choices=("auto", "noise", "real"), default="auto")
@@ -156,7 +159,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = DistillConfig(
         iterations=args.iterations, lr_img=args.lr_img, momentum_img=args.momentum_img,
-        lr_lambda=args.lr_lambda, alpha=args.alpha, gamma=args.gamma, init=args.init,
+        lr_lambda=args.lr_lambda, img_optimizer=args.img_optimizer, lr_img_adam=args.lr_img_adam,
+        alpha=args.alpha, gamma=args.gamma, init=args.init,
         real_batch=args.real_batch, dsa=not args.no_dsa, time_budget_s=args.time_budget,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         stat_distance=args.stat_distance, primal=args.primal, aug_weight=args.aug_weight,

@@ -11,10 +11,13 @@ iteration, parameters frozen; the caller builds it), A_c is DSA with ONE sampled
 Implementation notes
 - The real embeddings carry no gradient (only S is optimised), so they are computed
   under ``torch.no_grad()``: no graph is kept for the (up to 256 per class) real images.
-- All classes go through psi in ONE batched forward for the real and one for the
-  synthetic images (instead of a forward per class as in the reference loop). This is
-  exact for per-sample normalisations (instance/layer norm, the ConvNet default) but
-  NOT for batch norm, where the batch statistics would mix classes.
+- Classes are packed into as few psi forwards as ``max_batch`` allows (one for the real
+  and one for the synthetic images by default, instead of a forward per class as in the
+  reference loop; ``max_batch=1`` is the reference's per-class loop). This is exact for
+  per-sample normalisations (instance/layer norm, the ConvNet default) but NOT for batch
+  norm, where the batch statistics would mix the classes of one forward.
+  Which is fastest depends on the device (``synthesize`` picks it, see
+  ``default_dm_max_batch`` there and bench/README.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import Tensor
 
 from common.augment import DSAParams, apply_dsa
 
-__all__ = ["dm_loss", "class_indices", "sample_real_batches"]
+__all__ = ["dm_loss", "class_indices", "pack_classes", "sample_real_batches"]
 
 
 def _augment(x: Tensor, params: DSAParams | None) -> Tensor:
@@ -38,6 +41,7 @@ def dm_loss(
     real: Sequence[Tensor],
     syn: Sequence[Tensor],
     dsa_params: Sequence[DSAParams | None] | None = None,
+    max_batch: int | None = None,
 ) -> Tensor:
     """Class-wise mean-embedding matching, summed over the classes given.
 
@@ -48,6 +52,9 @@ def dm_loss(
         syn: per class, the synthetic images (ipc_c×C×H×W, ipc_c >= 1), same order.
         dsa_params: per class, the DSA draw applied to BOTH the real and the synthetic
             images of that class; ``None`` (or a ``None`` entry) means no augmentation.
+        max_batch: most images per psi forward; consecutive classes are packed up to it
+            (a class is never split, so 1 = one forward per class). ``None`` or 0: all
+            classes in one forward. Same loss up to float rounding either way.
 
     Returns:
         Scalar tensor, differentiable w.r.t. every tensor in ``syn``.
@@ -73,14 +80,42 @@ def dm_loss(
                 f"images {tuple(s.shape[1:])} differ in shape"
             )
 
-    sizes_r = [r.shape[0] for r in real]
-    sizes_s = [s.shape[0] for s in syn]
-    with torch.no_grad():
-        emb_r = embed(torch.cat([_augment(r, p) for r, p in zip(real, dsa_params)]))
-    emb_s = embed(torch.cat([_augment(s, p) for s, p in zip(syn, dsa_params)]))
-    mean_r = torch.stack([e.mean(0) for e in emb_r.split(sizes_r)])
-    mean_s = torch.stack([e.mean(0) for e in emb_s.split(sizes_s)])
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 0):
+        raise ValueError(f"dm_loss: max_batch must be None or an int >= 0, got {max_batch!r}")
+    with torch.no_grad():  # real embeddings: no graph kept
+        mean_r = _class_means(embed, real, dsa_params, max_batch)
+    mean_s = _class_means(embed, syn, dsa_params, max_batch)
     return ((mean_r - mean_s) ** 2).sum()
+
+
+def pack_classes(sizes: Sequence[int], max_batch: int | None) -> list[range]:
+    """Consecutive class slots grouped so that each group holds at most ``max_batch``
+    images (a single class larger than that forms its own group). None / 0: one group."""
+    if not max_batch:
+        return [range(len(sizes))]
+    groups: list[range] = []
+    start, total = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > max_batch:
+            groups.append(range(start, i))
+            start, total = i, 0
+        total += n
+    groups.append(range(start, len(sizes)))
+    return groups
+
+
+def _class_means(
+    embed: Callable[[Tensor], Tensor],
+    xs: Sequence[Tensor],
+    dsa_params: Sequence[DSAParams | None],
+    max_batch: int | None,
+) -> Tensor:
+    """(num_classes × D) mean embedding per class slot, psi run once per packed group."""
+    means: list[Tensor] = []
+    for group in pack_classes([x.shape[0] for x in xs], max_batch):
+        emb = embed(torch.cat([_augment(xs[c], dsa_params[c]) for c in group]))
+        means.extend(e.mean(0) for e in emb.split([xs[c].shape[0] for c in group]))
+    return torch.stack(means)
 
 
 def class_indices(y: Tensor, num_classes: int) -> list[Tensor]:

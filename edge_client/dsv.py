@@ -1,0 +1,120 @@
+"""Client side of the privacy-constrained modes.
+
+* No model access (paper contribution 3, Fig. 3): the client trains a model on its own shard
+  only, extracts Deep Support Vectors from it (DKKT alone, ``server.distill.synthesize`` with
+  method ``dsv``: started from noise, so no private pixel is copied in) and uploads those
+  images; its weights never leave the device.
+* DP-FedAvg, client side: :func:`dp_clipping_mod` applies Flower's ``fixedclipping_mod`` to a
+  train message when the server's DP wrapper asked for it (``clipping_norm`` in the config),
+  and is a no-op otherwise, so one ClientApp serves both DP and plain runs.
+
+DSVs travel as float32 *normalized* images (they live in the model's input space and are not
+valid uint8 pictures); :func:`record_to_dsvs` checks what arrived before the server uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+
+from common.datasets import DatasetMeta
+from common.scenario import Scenario
+
+__all__ = ["KEY_DSV", "DSV_ACTION", "MAX_ABS_PIXEL", "extract_dsvs", "dsv_seed", "dsvs_to_record",
+           "record_to_dsvs", "dp_clipping_mod", "local_epochs"]
+
+KEY_DSV = "dsv"  # ArrayRecord in the reply: x (float32 N x C x H x W, normalized), y (int64 N)
+DSV_ACTION = "dsv"  # message_type "query.dsv" routes to the ClientApp's @app.query("dsv") handler
+# A normalized pixel beyond this is not an image any more (Fashion-MNIST spans about -0.8..2.0):
+# a diverged extraction or a malicious peer, either way the server refuses it.
+MAX_ABS_PIXEL = 50.0
+
+
+def dsv_seed(seed: int, partition_id: int) -> int:
+    """Seed of one client's extraction (and of its local model's init): scenario seed x partition."""
+    return int(np.random.SeedSequence([int(seed), int(partition_id), 0xD5F]).generate_state(1)[0])
+
+
+def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, ipc: int, seed: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """ipc DSVs per class from ``model`` (DKKT only, noise init): (x float32 CPU, y int64, info)."""
+    from server.distill.synthesize import DistillConfig, synthesize  # the engine, no Flower inside
+
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    cfg = DistillConfig(**{k: v for k, v in dataclasses.asdict(scenario.distill).items() if k in names})
+    cfg.iterations = int(scenario.privacy.dsv_iterations)
+    cfg.checkpoint_every = 0
+    # alpha by the pipc rule would depend on a pool the client does not have: use the pipc-10 value
+    # unless the scenario fixes alpha (the client's own data is its "pool").
+    syn = synthesize("dsv", ipc=ipc, num_classes=meta.num_classes, image_shape=meta.image_shape, pipc=10,
+                     safe_x=None, safe_y=None, model=model, embed_factory=None, config=cfg, seed=seed,
+                     device=device, progress=False)
+    x = syn.x.detach().to("cpu", torch.float32).contiguous()
+    y = syn.y.to("cpu", torch.int64)
+    _check_dsvs(x, y, meta.num_classes, ipc, meta.image_shape, "extracted DSVs")
+    info = {k: syn.info.get(k) for k in ("iterations_done", "wall_s", "alpha", "stopped_reason")}
+    return x, y, info
+
+
+def _check_dsvs(x: torch.Tensor, y: torch.Tensor, num_classes: int, ipc: int,
+                image_shape: tuple[int, int, int], where: str) -> None:
+    want = (num_classes * ipc, *image_shape)
+    if not x.is_floating_point() or tuple(x.shape) != want:
+        raise ValueError(f"{where}: x must be float normalized images of shape {want} ({ipc} per class), "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{where}: x holds NaN/Inf pixels")
+    peak = float(x.abs().max()) if x.numel() else 0.0
+    if peak > MAX_ABS_PIXEL:
+        raise ValueError(f"{where}: |pixel| reaches {peak:.3g} > {MAX_ABS_PIXEL}: not normalized images")
+    if y.dtype != torch.int64 or tuple(y.shape) != (want[0],):
+        raise ValueError(f"{where}: y must be int64 of shape ({want[0]},), got {y.dtype} {tuple(y.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{where}: labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+    counts = torch.bincount(y, minlength=num_classes)
+    if bool((counts != ipc).any()):
+        raise ValueError(f"{where}: expected {ipc} DSVs of every class, got counts {counts.tolist()}")
+
+
+def dsvs_to_record(x: torch.Tensor, y: torch.Tensor) -> ArrayRecord:
+    """float32 normalized images + int64 labels -> ArrayRecord (keys x, y)."""
+    record = ArrayRecord()
+    record["x"] = Array(x.detach().to("cpu", torch.float32).contiguous().numpy())
+    record["y"] = Array(y.detach().to("cpu", torch.int64).contiguous().numpy())
+    return record
+
+
+def record_to_dsvs(record: ArrayRecord, num_classes: int, ipc: int,
+                   image_shape: tuple[int, int, int], where: str = "DSV reply") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and validate a DSV upload: float, finite, plausibly normalized, ipc of every class."""
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"{where}: expected an ArrayRecord, got {type(record).__name__}")
+    if set(record.keys()) != {"x", "y"}:
+        raise ValueError(f"{where}: a DSV record holds exactly the keys x and y, got {sorted(record.keys())}")
+    x = torch.from_numpy(np.array(record["x"].numpy(), copy=True))
+    y = torch.from_numpy(np.array(record["y"].numpy(), copy=True))
+    if x.dtype != torch.float32:
+        raise ValueError(f"{where}: x must be float32 normalized images, got {x.dtype}")
+    _check_dsvs(x, y, num_classes, ipc, tuple(image_shape), where)
+    return x, y
+
+
+def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod`` when the server asked for client-side clipping, else a no-op."""
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    configs = list(msg.content.config_records.values())
+    if any(KEY_CLIPPING_NORM in c for c in configs):
+        return fixedclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+def local_epochs(scenario: Scenario) -> int:
+    """Epochs of local-only training before extraction: same passes over the shard as FedAvg by default."""
+    p, f = scenario.privacy, scenario.federation
+    return int(p.local_epochs) if p.local_epochs is not None else max(1, f.rounds * f.local_epochs)

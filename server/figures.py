@@ -1,0 +1,168 @@
+"""Rebuild a run folder's tables and figures from its stored cells (``python -m server.report RUN_DIR``).
+
+Reads only: ``scenario.resolved.yaml`` (the grid and the dataset), ``cells/*.json`` + ``.pt``
+(server.sweep), ``rounds.csv`` and ``safe_pool.pt`` when present. Writes:
+
+- ``results.md`` / ``results.csv`` / ``results_long.csv`` (server.report; Table 1 layout);
+- ``images/<cell>.png``: each synthetic set as a grid with class names (server.images);
+- ``frequency.csv`` + ``figures/spectra_ipc<k>_pipc<p>.png``: paper Fig. 3, the mean log-magnitude
+  FFT spectra of the dsv / dsv_real / dm / dkkt_dm / blend sets of one (ipc, pipc), first seed,
+  next to the real safe images, and the low/high-frequency energy split of every set
+  (server.frequency; per-image mean removed, cutoff 0.25 x Nyquist, so brightness is ignored);
+- ``figures/accuracy_vs_pipc.png``: accuracy against pipc per method, one panel per ipc;
+- ``rounds.png``: the federated learning curve from ``rounds.csv``.
+
+results.md is a pure function of the cell records, so a rebuild reproduces it byte for byte.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from common.datasets import get_meta, normalize
+from common.grid import pipc_label
+from common.scenario import Scenario, scenario_from_dict
+from server.artifacts import load_safe_artifact, load_synthetic_artifact
+from server.collect import pool_subset
+from server.frequency import frequency_table, mean_log_spectrum
+from server.images import save_image_grid
+from server.plots import plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
+from server.report import aggregate_seeds, write_results
+from server.sweep import read_cells
+
+__all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report"]
+
+SPECTRUM_METHODS = ("dsv", "dsv_real", "dm", "dkkt_dm", "blend")
+FREQ_CUTOFF = 0.25  # units of Nyquist
+
+
+def load_run_scenario(run_dir: str | Path) -> Scenario:
+    """The scenario a run folder was made with (its scenario.resolved.yaml)."""
+    path = Path(run_dir) / "scenario.resolved.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a fedpdd run folder?")
+    values = yaml.safe_load(path.read_text()) or {}
+    values.pop("output_dir", None)  # the folder may have moved; it is given explicitly
+    return scenario_from_dict(values, source=str(path))
+
+
+def _privacy_note(scenario: Scenario, run_dir: Path) -> str:
+    try:  # the privacy modes' note (server.privacy_report), when that module is present
+        from server.privacy_report import results_note
+    except ImportError:
+        return ""
+    return results_note(scenario, run_dir)
+
+
+def _append_failures(results_md: Path, run_dir: Path) -> None:
+    """The 'Client failures' section, as server.validate.FailureLog.write appends it after a run."""
+    path = run_dir / "failures.csv"
+    try:
+        from server.validate import FailureLog
+    except ImportError:
+        return
+    if not path.is_file():
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows:
+        marker = "\n## Client failures\n"
+        text = results_md.read_text().split(marker)[0].rstrip("\n") + "\n" + marker + "\n" + FailureLog(rows=rows).markdown()
+        results_md.write_text(text)
+
+
+def results_title(scenario: Scenario) -> str:
+    return f"{scenario.name}: synthetic-set test accuracy ({get_meta(scenario.data.dataset).name})"
+
+
+def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = True) -> dict[str, Path]:
+    """Write every table and figure of ``run_dir`` from its records; returns kind -> path.
+
+    ``all_grids=False`` (the pipeline) redraws only image grids missing or older than their set;
+    ``figures=False`` writes the tables and frequency.csv only (no PNG).
+    """
+    run_dir = Path(run_dir).resolve()
+    scenario = load_run_scenario(run_dir)
+    meta = get_meta(scenario.data.dataset)
+    cells = read_cells(run_dir, scenario)
+    written: dict[str, Path] = {}
+    if not cells:
+        raise FileNotFoundError(f"{run_dir / 'cells'} holds no cell records of this scenario's grid: nothing to report")
+    written.update({f"results_{k}": v for k, v in write_results(cells, run_dir, title=results_title(scenario)).items()})
+    note = _privacy_note(scenario, run_dir)
+    if note:
+        written["results_md"].write_text(written["results_md"].read_text() + note)
+    _append_failures(written["results_md"], run_dir)
+
+    ran = [c for c in cells if not c.skipped]
+    sets: dict[str, tuple] = {}  # cell name -> (x, y), loaded once
+    for c in ran:
+        syn_path = Path(c.files.get("synthetic", ""))
+        if not syn_path.is_file():
+            continue
+        art = load_synthetic_artifact(syn_path, dataset=meta.name)
+        sets[c.files["grid"]] = (art.x, art.y, c)
+        grid = Path(c.files["grid"])
+        if not figures or not all_grids and grid.is_file() and grid.stat().st_mtime >= syn_path.stat().st_mtime:
+            continue
+        save_image_grid(art.x, art.y, c.files["grid"], meta,
+                        title=f"{c.method} ipc={c.ipc} pipc={pipc_label(c.pipc)} seed={c.seed}")
+    if sets:
+        written["image_grids"] = run_dir / "images"
+
+    # Fig. 3: spectra per (ipc, pipc) at the first seed, plus the real safe images as reference.
+    first_seed = (scenario.distill.seeds or [scenario.seed])[0]
+    pool = None
+    if (run_dir / "safe_pool.pt").is_file():
+        pool = load_safe_artifact(run_dir / "safe_pool.pt", meta=meta)
+    rows: list[dict] = []
+    for ipc in scenario.distill.ipc:
+        for pipc in scenario.distill.pipc:
+            group = {c.method: (x, y) for x, y, c in sets.values()
+                     if c.ipc == ipc and c.pipc == pipc and c.seed == first_seed and c.method in SPECTRUM_METHODS}
+            if not group:
+                continue
+            named = {}
+            if pool is not None and pipc != 0 and len(pool.y):
+                real_x, _ = pool_subset(pool.x, pool.y, pipc, meta.num_classes)
+                named[f"real (pipc {pipc_label(pipc)})"] = normalize(real_x, meta)
+            named.update({m: group[m][0] for m in SPECTRUM_METHODS if m in group})
+            for r in frequency_table(named, cutoff=FREQ_CUTOFF, remove_mean=True):
+                rows.append({"ipc": ipc, "pipc": pipc_label(pipc), "seed": first_seed, **r})
+            out = run_dir / "figures" / f"spectra_ipc{ipc}_pipc{pipc_label(pipc)}.png"
+            if not figures:
+                continue
+            plot_spectra({k: mean_log_spectrum(v) for k, v in named.items()}, out,
+                         title=f"Mean log amplitude spectrum, ipc={ipc}, pipc={pipc_label(pipc)}")
+            written[f"spectra_ipc{ipc}_pipc{pipc_label(pipc)}"] = out
+    if rows:
+        path = run_dir / "frequency.csv"
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["ipc", "pipc", "seed", "set", "low_energy", "high_energy",
+                                               "low_high_ratio", "cutoff"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({**{k: (f"{v:.6f}" if isinstance(v, float) and math.isfinite(v) else v)
+                               for k, v in r.items()}, "cutoff": FREQ_CUTOFF})
+        written["frequency"] = path
+
+    if not figures:
+        return written
+    agg = [c for c in aggregate_seeds(cells) if not c.skipped]
+    if agg:
+        pts = [{"method": c.method, "ipc": c.ipc, "pipc": pipc_label(c.pipc), "mean": c.mean, "std": c.std} for c in agg]
+        written["accuracy_vs_pipc"] = plot_accuracy_vs_pipc(pts, run_dir / "figures" / "accuracy_vs_pipc.png",
+                                                            title=f"{scenario.name}: test accuracy vs pipc ({meta.name})")
+    rounds_csv = run_dir / "rounds.csv"
+    if rounds_csv.is_file():
+        with rounds_csv.open() as fh:
+            rr = [r for r in csv.DictReader(fh) if r.get("test_acc") not in (None, "")]
+        if rr:
+            written["rounds"] = plot_federated_curve([int(r["round"]) for r in rr], [float(r["test_acc"]) for r in rr],
+                                                     run_dir / "rounds.png")
+    return written

@@ -1,0 +1,158 @@
+"""Artifact integrity and phase-level resume.
+
+Every run folder gets a ``manifest.json``::
+
+    {"fingerprint": "<sha256 of the federation-relevant scenario parts>",
+     "files": {"global_model.pt": {"sha256": ..., "bytes": ..., "tensors": {"state_dict.conv.weight": [[8, 1, 3, 3], "float32"], ...}},
+               "safe_pool.pt": {...}}}
+
+* :func:`fingerprint` hashes what decides theta* and T' (seed, data, federation, model,
+  safe policy, faults, pool size). Output folder, distillation and evaluation settings are
+  left out: changing them must not force a new federation.
+* :func:`record_files` is called right after an artifact was written atomically (temp +
+  rename, ``server.artifacts.atomic_torch_save``); the manifest itself is written the same way.
+* :func:`verify_files` recomputes the hashes; a mismatch raises :class:`ManifestError`
+  naming the file (a truncated copy, a manual edit, a different run's file).
+* :func:`load_history` gives a resumed run (``server.sweep.resumable_federation`` decides
+  whether phases 1-2 are skipped) the rounds, uploads and client failures of the run that
+  made the artifacts, so its report equals that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.scenario import Scenario
+
+__all__ = ["MANIFEST", "PHASE12_FILES", "ManifestError", "fingerprint", "read_manifest", "record_files",
+           "verify_files", "load_history"]
+
+MANIFEST = "manifest.json"
+PHASE12_FILES = ("global_model.pt", "safe_pool.pt")
+
+
+class ManifestError(ValueError):
+    """An artifact does not match its manifest entry (or the manifest is unreadable)."""
+
+
+def fingerprint(scenario: Scenario) -> str:
+    """sha256 of the scenario parts that decide phases 1-2 (theta* and the safe pool T').
+
+    The same parts as ``server.sweep.federation_stamp`` (which gates the resume), hashed.
+    """
+    from server.sweep import federation_stamp
+
+    return hashlib.sha256(json.dumps(federation_stamp(scenario), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor_summary(obj: Any, prefix: str = "", out: dict | None = None) -> dict[str, list]:
+    """key path -> [shape, dtype] for every tensor in a (nested) dict: a readable summary."""
+    out = {} if out is None else out
+    if isinstance(obj, torch.Tensor):
+        out[prefix or "<tensor>"] = [list(obj.shape), str(obj.dtype).replace("torch.", "")]
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if len(out) < 200:  # keep the manifest small
+                _tensor_summary(v, f"{prefix}.{k}" if prefix else str(k), out)
+    return out
+
+
+def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path} is unreadable ({err}); delete it to start the run afresh") from err
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise ManifestError(f"{path} is not a fedpdd manifest (no 'files' mapping); delete it to start afresh")
+    return data
+
+
+def _write_manifest(run_dir: Path, data: dict[str, Any]) -> Path:
+    target = run_dir / MANIFEST
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def record_files(run_dir: str | os.PathLike[str], names: Iterable[str], fp: str | None = None) -> Path:
+    """Add (or refresh) the manifest entries of ``names`` (paths relative to ``run_dir``)."""
+    run_dir = Path(run_dir)
+    data = read_manifest(run_dir) or {"files": {}}
+    if fp is not None:
+        if data.get("fingerprint") not in (None, fp):
+            data["files"] = {}  # a different scenario's entries are stale now
+        data["fingerprint"] = fp
+    for name in names:
+        path = run_dir / name
+        try:
+            summary = _tensor_summary(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception:  # not a torch file: hash only
+            summary = {}
+        data["files"][name] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "tensors": summary}
+    return _write_manifest(run_dir, data)
+
+
+def verify_files(run_dir: str | os.PathLike[str], names: Iterable[str], required: bool = False) -> None:
+    """Raise :class:`ManifestError` naming the first listed file whose bytes changed.
+
+    Files the manifest does not list are skipped unless ``required`` (older runs have no manifest).
+    """
+    run_dir = Path(run_dir)
+    data = read_manifest(run_dir)
+    for name in names:
+        entry = (data or {}).get("files", {}).get(name)
+        path = run_dir / name
+        if entry is None:
+            if required:
+                raise ManifestError(f"{path} is not listed in {run_dir / MANIFEST}; rerun phases 1-2")
+            continue
+        if not path.is_file():
+            raise ManifestError(f"{path} is listed in {run_dir / MANIFEST} but missing; rerun phases 1-2 "
+                                "(delete the manifest) or restore the file")
+        digest = _sha256(path)
+        if digest != entry.get("sha256"):
+            raise ManifestError(
+                f"{path} does not match {run_dir / MANIFEST} (sha256 {digest[:12]}… != {str(entry.get('sha256'))[:12]}…, "
+                f"{path.stat().st_size} bytes vs {entry.get('bytes')}): the file is corrupt or from another run; "
+                "delete it and the manifest to recompute it"
+            )
+
+
+def load_history(run_dir: str | os.PathLike[str], dataset: str) -> dict[str, list]:
+    """The phase 1-2 records stored inside the artifacts (rounds, uploads, client failures)."""
+    from server.artifacts import load_model_artifact, load_safe_artifact
+
+    run_dir = Path(run_dir)
+    model_extra = load_model_artifact(run_dir / "global_model.pt", dataset=dataset).extra
+    safe_extra = load_safe_artifact(run_dir / "safe_pool.pt", dataset=dataset).extra
+    return {"rounds": list(model_extra.get("rounds") or []),
+            "weight_uploads": list(model_extra.get("weight_uploads") or []),
+            "safe_uploads": list(safe_extra.get("uploads") or []),
+            "failures": list(safe_extra.get("failures") or [])}

@@ -1,0 +1,212 @@
+"""Server side of the privacy-constrained modes (scenario section ``privacy``).
+
+``privacy.mode: no_model_access`` (paper contribution 3, Fig. 3). No FedAvg rounds and no
+model weights ever travel client -> server. Phase 1 becomes: every client trains a model on its
+own shard for ``privacy.local_epochs`` epochs, extracts ``max(distill.ipc)`` Deep Support Vectors
+per class from it (DKKT only, ``privacy.dsv_iterations`` iterations) and uploads them (a
+``query.dsv`` message, handled by the ClientApp's ``@app.query("dsv")``). Phase 2 collects the
+safe pool as usual. The server then distills without theta*:
+
+* ``dm``          DM on the safe pool alone;
+* ``dsv``         the combined client DSVs as they are;
+* ``blend``       pixel average of the combined DSVs and DM images (Fig. 3);
+* ``dm_from_dsv`` DM started from the combined DSVs.
+
+Combining N clients' DSVs into ipc per class (``privacy.dsv_combine``):
+
+* ``average`` (default): slot j of class c = the mean of every client's j-th DSV of class c.
+  Every client contributes to every synthetic image (like the paper's blend, an average of
+  complementary views) and no single client's DSV is shown as is;
+* ``select``: slot j of class c = client (j mod N)'s DSV number (j div N), clients in
+  partition order: the DSVs stay intact and are spread over the clients.
+
+``privacy.dp`` (mode ``model``): FedAvg wrapped in Flower's
+``DifferentialPrivacyServerSideFixedClipping`` (the server clips each update to
+``clipping_norm`` and adds Gaussian noise of stdev ``noise_multiplier * clipping_norm / N``
+to the average) or ``DifferentialPrivacyClientSideFixedClipping`` (clients clip with
+``fixedclipping_mod``, see edge_client/dsv.py; the server adds the noise).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from logging import INFO
+
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
+)
+
+from common.datasets import DatasetMeta
+from common.records import CFG_SCENARIO, KEY_CLIENT, KEY_CONFIG, KEY_METRICS, record_bytes
+from common.scenario import Scenario
+from edge_client.dsv import DSV_ACTION, KEY_DSV, record_to_dsvs
+from server.artifacts import atomic_torch_save, save_safe_artifact
+from server.collect import SafePool, collect_safe_pool
+from server.federate import FederationError, wait_for_nodes
+
+__all__ = ["ClientDSVs", "NoModelResult", "DSV_MESSAGE_TYPE", "dp_wrap", "dp_summary", "combine_dsvs",
+           "collect_client_dsvs", "federate_without_model"]
+
+DSV_MESSAGE_TYPE = f"{MessageType.QUERY}.{DSV_ACTION}"  # "query.dsv"
+
+
+# ---------------------------------------------------------------- DP-FedAvg
+
+
+def dp_wrap(strategy: Strategy, scenario: Scenario, num_clients: int) -> Strategy:
+    """``strategy`` wrapped in Flower's fixed-clipping DP wrapper when ``privacy.dp.enabled``."""
+    dp = scenario.privacy.dp
+    if not dp.enabled:
+        return strategy
+    cls = DifferentialPrivacyServerSideFixedClipping if dp.side == "server" else DifferentialPrivacyClientSideFixedClipping
+    log(INFO, "federate: DP-FedAvg (%s-side fixed clipping, clipping norm %g, noise multiplier %g, %d clients)",
+        dp.side, dp.clipping_norm, dp.noise_multiplier, num_clients)
+    return cls(strategy, noise_multiplier=float(dp.noise_multiplier), clipping_norm=float(dp.clipping_norm),
+               num_sampled_clients=int(num_clients))
+
+
+def dp_summary(scenario: Scenario, num_clients: int | None) -> dict:
+    """What the run's report says about DP (empty dict when DP is off)."""
+    dp = scenario.privacy.dp
+    if not dp.enabled:
+        return {}
+    n = num_clients or scenario.federation.num_clients
+    stdev = dp.noise_multiplier * dp.clipping_norm / n if n else None
+    return {"side": dp.side, "clipping_norm": dp.clipping_norm, "noise_multiplier": dp.noise_multiplier,
+            "num_clients": n, "noise_stdev": stdev, "rounds": scenario.federation.rounds,
+            "wrapper": ("DifferentialPrivacyServerSideFixedClipping" if dp.side == "server"
+                        else "DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod")}
+
+
+# ---------------------------------------------------------------- no model access
+
+
+@dataclass
+class ClientDSVs:
+    """Every client's uploaded DSVs (class-major, ``ipc`` per class), in partition order."""
+
+    partition_ids: list[int]
+    x: list[torch.Tensor]  # float32 normalized, per client
+    y: list[torch.Tensor]
+    ipc: int
+    combine: str = "average"
+
+    def combined(self, ipc: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return combine_dsvs(self.x, self.y, ipc, num_classes, self.combine)
+
+
+def combine_dsvs(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], ipc: int, num_classes: int,
+                 how: str = "average") -> tuple[torch.Tensor, torch.Tensor]:
+    """N clients' DSVs -> ``ipc`` per class, class-major (see the module docstring)."""
+    if not xs:
+        raise ValueError("no client DSVs to combine")
+    per_client = []  # [client][class] -> tensor (k, C, H, W)
+    for x, y in zip(xs, ys):
+        per_client.append([x[y == c] for c in range(num_classes)])
+    n = len(per_client)
+    out = []
+    for c in range(num_classes):
+        for j in range(ipc):
+            if how == "average":
+                if any(pc[c].shape[0] <= j for pc in per_client):
+                    raise ValueError(f"average needs {ipc} DSVs of class {c} from every client")
+                out.append(torch.stack([pc[c][j] for pc in per_client]).mean(0))
+            elif how == "select":
+                k, i = j % n, j // n
+                if per_client[k][c].shape[0] <= i:
+                    raise ValueError(f"select needs {i + 1} DSVs of class {c} from client {k}")
+                out.append(per_client[k][c][i])
+            else:
+                raise ValueError(f"privacy.dsv_combine must be 'average' or 'select', got {how!r}")
+    y = torch.arange(num_classes, dtype=torch.int64).repeat_interleave(ipc)
+    return torch.stack(out).to(torch.float32), y
+
+
+def dsv_per_client(scenario: Scenario, num_clients: int) -> int:
+    """DSVs per class each client extracts: enough for the largest ipc of the grid."""
+    ipc = max(scenario.distill.ipc)
+    if scenario.privacy.dsv_combine == "select":
+        return -(-ipc // num_clients)  # ceil: the clients together hold ipc per class
+    return ipc
+
+
+def collect_client_dsvs(grid: Grid, nodes: Sequence[int], scenario: Scenario, meta: DatasetMeta,
+                        timeout: float = 600.0) -> tuple[ClientDSVs, list[dict], dict[int, int]]:
+    """Send ``query.dsv`` to every node; returns the DSVs, the upload log and node -> partition."""
+    ipc = dsv_per_client(scenario, len(nodes))
+    cfg = ConfigRecord({CFG_SCENARIO: scenario.to_json(), "ipc": ipc})
+    messages = [Message(content=RecordDict({KEY_CONFIG: cfg}), dst_node_id=n, message_type=DSV_MESSAGE_TYPE)
+                for n in nodes]
+    got: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    uploads: list[dict] = []
+    partition_of: dict[int, int] = {}
+    errors = []
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            errors.append(f"node {node}: {reply.error.reason}")
+            continue
+        content = reply.content
+        if KEY_DSV not in content.array_records:
+            raise FederationError(f"node {node} answered the DSV query without an ArrayRecord {KEY_DSV!r}")
+        pid = int(content.config_records[KEY_CLIENT]["partition-id"])
+        x, y = record_to_dsvs(content.array_records[KEY_DSV], meta.num_classes, ipc, meta.image_shape,
+                              where=f"DSVs from node {node} (partition {pid})")
+        partition_of[node] = pid
+        got.append((pid, x, y))
+        metrics = content.metric_records.get(KEY_METRICS, {})
+        uploads.append({"node_id": node, "partition_id": pid, "images": int(y.numel()),
+                        "bytes": record_bytes(content[KEY_DSV]), "message_bytes": record_bytes(content),
+                        "shard_bytes": content.config_records[KEY_CLIENT].get("shard-bytes"),
+                        "local_train_acc": metrics.get("train-acc")})
+    if len(got) < max(scenario.federation.min_clients, 1):
+        raise FederationError(f"only {len(got)} of {len(nodes)} clients sent DSVs (federation.min_clients = "
+                              f"{scenario.federation.min_clients}). {'; '.join(errors)}")
+    got.sort(key=lambda g: g[0])
+    dsvs = ClientDSVs(partition_ids=[g[0] for g in got], x=[g[1] for g in got], y=[g[2] for g in got], ipc=ipc,
+                      combine=scenario.privacy.dsv_combine)
+    return dsvs, uploads, partition_of
+
+
+@dataclass
+class NoModelResult:
+    pool: SafePool
+    dsvs: ClientDSVs
+    dsv_uploads: list[dict] = field(default_factory=list)
+
+
+def federate_without_model(grid: Grid, scenario: Scenario, meta: DatasetMeta, timings: dict[str, float]) -> NoModelResult:
+    """Phases 1-2 of mode no_model_access: client DSVs (no weights), then the safe pool."""
+    f = scenario.federation
+    t0 = time.perf_counter()
+    nodes = wait_for_nodes(grid, f.num_clients, f.min_clients)
+    log(INFO, "no-model-access: %d clients train locally and upload DSVs (no model weights leave them)", len(nodes))
+    dsvs, uploads, partition_of = collect_client_dsvs(grid, nodes, scenario, meta,
+                                                      timeout=float(getattr(f, "reply_timeout_s", 600.0)))
+    timings["client_dsv"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, scenario.pool_pipc,
+                             seed=scenario.seed, image_shape=meta.image_shape, partition_of=partition_of)
+    timings["collect"] = time.perf_counter() - t0
+    run_dir = scenario.run_dir
+    save_safe_artifact(run_dir / "safe_pool.pt", pool.x, pool.y, meta.name,
+                       extra={"indices": pool.indices, "partition_ids": pool.partition_ids, "pipc": pool.pipc,
+                              "uploads": pool.uploads})
+    atomic_torch_save({"partition_ids": dsvs.partition_ids, "x": dsvs.x, "y": dsvs.y, "ipc": dsvs.ipc,
+                       "combine": dsvs.combine, "dataset": meta.name, "uploads": uploads}, run_dir / "client_dsvs.pt")
+    log(INFO, "no-model-access: %d DSVs from %d clients, %d safe images", sum(int(y.numel()) for y in dsvs.y),
+        len(dsvs.x), int(pool.y.numel()))
+    return NoModelResult(pool=pool, dsvs=dsvs, dsv_uploads=uploads)
+
+
+def client_dsv_set(dsvs: ClientDSVs, ipc: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DSV set a cell of the grid uses (ipc per class), combined per ``privacy.dsv_combine``."""
+    return dsvs.combined(ipc, num_classes)

@@ -1,0 +1,232 @@
+"""Phase 5 additions: privacy audit of every synthetic set, communication accounting, privacy.md.
+
+Files (in the run folder):
+
+* ``privacy_audit.csv``: one row per synthetic set (``server.privacy.AuditResult.row``) plus a
+  sanity row ``safe_pool`` (the uploaded safe images against the private bank: real images that
+  were never in that bank, so they should sit at the reference distance, unflagged);
+  ``privacy/closest_<set>.png``: the 10 synthetic images closest to a private image, each above it.
+* ``communication.csv`` / ``communication.md``: bytes uploaded per client and in total, by kind
+  (model weights over all rounds, safe images, DSVs), against the bytes of the private shard.
+* ``privacy.md``: privacy mode, DP settings (clipping norm, noise multiplier, noise stdev), what
+  left the clients, the audit summary and its cost.
+
+The audit's private bank = the federation's training images whose global index is NOT in the
+uploaded safe pool (``safe_pool.pt`` extra ``indices``); reference = ``privacy.audit_reference``
+held-out test images; embedding space = theta* when the server has it (mode ``model``), pixel
+space only otherwise. The server reloads the training images for this: it is an experimenter's
+audit of a simulation, not something a deployed server could do. Cost: one pass of ``embed`` over
+the private bank plus chunked (4096 x 4096) distance blocks; timed in ``timings.json`` (``audit``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+from collections.abc import Sequence
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.common.logger import log
+
+from common.datasets import normalize
+from common.models import build_model
+from server.report import CellResult, upload_summary
+
+__all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank"]
+
+_AUDIT_KEYS = ["set", "n_synthetic", "n_private", "n_reference", "l2_min", "l2_median", "l2_mean", "l2_ref_min",
+               "l2_ref_p1", "l2_ref_median", "n_flagged_l2", "flagged_l2", "cos_max", "cos_median", "cos_mean",
+               "cos_ref_max", "cos_ref_p99", "cos_ref_median", "n_flagged_cos", "flagged_cos"]
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**20:.3f} MiB" if n >= 2**16 else f"{n / 2**10:.1f} KiB"
+
+
+def write_communication(weight_uploads: Sequence[dict], safe_uploads: Sequence[dict], dsv_uploads: Sequence[dict],
+                        run_dir: Path, mode: str = "model") -> list[dict]:
+    """communication.csv/.md: per client and total bytes by kind vs the private shard; returns the rows."""
+    rows = upload_summary(weight_uploads, safe_uploads, dsv_uploads)
+    keys = ["weights_bytes", "weight_rounds", "safe_images", "safe_bytes", "dsv_images", "dsv_bytes", "total_bytes",
+            "shard_bytes"]
+    total: dict[str, Any] = {"partition_id": "total", "node_id": ""}
+    for k in keys:
+        vals = [r.get(k) for r in rows]
+        total[k] = sum(int(v) for v in vals if v is not None) if any(v is not None for v in vals) else None
+    for r in [*rows, total]:
+        shard = r.get("shard_bytes")
+        r["upload_vs_shard"] = (r["total_bytes"] / shard) if shard else None
+    fields = ["partition_id", "node_id", *keys, "upload_vs_shard"]
+    with (run_dir / "communication.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in [*rows, total]:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    lines = ["# Communication: bytes uploaded by the clients", "",
+             f"privacy.mode: `{mode}`. Payload bytes of what each client chose to send (array buffers, keys, "
+             "scalars; no framing), next to the size of its private shard (uint8 images).", "",
+             "| client | model weights (rounds) | safe images | DSVs | total | private shard | total / shard |",
+             "|---|---|---|---|---|---|---|"]
+    for r in [*rows, total]:
+        ratio = "" if r["upload_vs_shard"] is None else f"{100 * r['upload_vs_shard']:.2f} %"
+        lines.append(f"| {r['partition_id']} | {_fmt_bytes(r['weights_bytes'])} ({r['weight_rounds']}) | "
+                     f"{r['safe_images']} = {_fmt_bytes(r['safe_bytes'])} | {r['dsv_images']} = "
+                     f"{_fmt_bytes(r['dsv_bytes'])} | {_fmt_bytes(r['total_bytes'])} | {_fmt_bytes(r.get('shard_bytes'))} "
+                     f"| {ratio} |")
+    if mode == "no_model_access":
+        lines += ["", f"Model weights uploaded: {total['weights_bytes'] or 0} bytes (no FedAvg round ran; the clients "
+                  "sent DSVs, float32 normalized images, instead)."]
+    (run_dir / "communication.md").write_text("\n".join(lines) + "\n")
+    return [*rows, total]
+
+
+def private_bank(scenario: Any, uploaded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(private normalized images, their global indices, meta): federation training images never uploaded."""
+    from edge_client.data import federation_train_set
+
+    data = federation_train_set(scenario)
+    keep = torch.ones(data.train_y.shape[0], dtype=torch.bool)
+    if uploaded is not None and uploaded.numel():
+        idx = uploaded[uploaded >= 0].to(torch.int64)
+        keep[idx] = False
+    index = torch.nonzero(keep).flatten()
+    return normalize(data.train_x[index], data.meta), index, data.meta
+
+
+def audit_sets(sets: dict[str, torch.Tensor], private_x: torch.Tensor, reference_x: torch.Tensor,
+               model: torch.nn.Module | None, meta: Any, out_dir: Path, device: torch.device,
+               n_reference: int = 500, seed: int = 0) -> list[dict]:
+    """Audit every set against the private bank; writes one closest-pairs PNG per set; returns CSV rows."""
+    from server.privacy import AuditReference, save_closest_pairs_grid
+
+    ref = AuditReference.build(private_x, reference_x, model, device=device, n_reference=n_reference, seed=seed)
+    rows = []
+    for name, x in sets.items():
+        res = ref.audit(name, x.to(torch.float32))
+        save_closest_pairs_grid(res, x, private_x, meta, out_dir / f"closest_{name}.png", k=min(10, x.shape[0]))
+        rows.append(res.row())
+    return rows
+
+
+def _safe_indices(scenario: Any, run_dir: Path) -> torch.Tensor | None:
+    for folder in (run_dir, Path(scenario.reuse_artifacts).expanduser() if scenario.reuse_artifacts else None):
+        if folder is not None and (folder / "safe_pool.pt").is_file():
+            obj = torch.load(folder / "safe_pool.pt", map_location="cpu", weights_only=False)
+            idx = (obj.get("extra") or {}).get("indices")
+            return None if idx is None else torch.as_tensor(idx, dtype=torch.int64)
+    return None
+
+
+def _run_audit(inp: Any, cells: Sequence[CellResult]) -> tuple[list[dict], float]:
+    from server.artifacts import load_synthetic_artifact
+
+    s, meta, run_dir = inp.scenario, inp.meta, Path(inp.run_dir)
+    t0 = time.perf_counter()
+    uploaded = _safe_indices(s, run_dir)
+    if uploaded is None and len(inp.pool_y):
+        log(WARNING, "audit: safe_pool.pt has no image indices; the uploaded images stay in the private bank")
+    private_x, _, _ = private_bank(s, uploaded)
+    model = None
+    if inp.model_state is not None:
+        model = build_model(meta, dataclasses.asdict(s.model))
+        model.load_state_dict(inp.model_state)
+        model.eval()
+    sets: dict[str, torch.Tensor] = {}
+    for c in cells:
+        path = c.files.get("synthetic") if c.files else None
+        if c.skipped or not path or not Path(path).is_file():
+            continue
+        sets[Path(path).stem] = load_synthetic_artifact(path, dataset=meta.name).x
+    if len(inp.pool_y):
+        sets["safe_pool"] = normalize(inp.pool_x, meta)  # sanity row: real uploaded images
+    rows = audit_sets(sets, private_x, normalize(inp.test_x, meta), model, meta, run_dir / "privacy", inp.device,
+                      n_reference=s.privacy.audit_reference, seed=s.seed) if sets else []
+    with (run_dir / "privacy_audit.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=_AUDIT_KEYS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return rows, time.perf_counter() - t0
+
+
+def _fnum(v: Any, digits: int = 3) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "n/a" if f != f else f"{f:.{digits}f}"
+
+
+def results_note(s: Any, run_dir: Path) -> str:
+    """The run's DP / mode settings, shown under the accuracies they produced (results.md)."""
+    import json
+
+    from server.modes import dp_summary
+
+    uploads = Path(run_dir) / "uploads.json"
+    per_client = json.loads(uploads.read_text()).get("per_client", []) if uploads.is_file() else []
+    n_clients = len({u["partition_id"] for u in per_client if u.get("weights_bytes")}) or s.federation.num_clients
+    dp = dp_summary(s, n_clients)
+    return f"\nPrivacy: mode `{s.privacy.mode}`; " + (
+        f"DP-FedAvg {dp['side']}-side, clipping norm {dp['clipping_norm']}, noise multiplier "
+        f"{dp['noise_multiplier']}" if dp else "DP off") + " (privacy.md).\n"
+
+
+def write_privacy_reports(inp: Any, cells: Sequence[CellResult]) -> dict[str, Path]:
+    """communication.*, privacy_audit.csv (+ PNGs) and privacy.md for a finished grid (see module doc)."""
+    from server.modes import dp_summary
+
+    s, run_dir = inp.scenario, Path(inp.run_dir)
+    mode = s.privacy.mode
+    comm = write_communication(inp.weight_uploads, inp.safe_uploads, getattr(inp, "dsv_uploads", []), run_dir, mode)
+    total = comm[-1]
+    audit_rows: list[dict] = []
+    audit_s = 0.0
+    if s.privacy.audit:
+        audit_rows, audit_s = _run_audit(inp, cells)
+        inp.timings["audit"] = audit_s
+        log(INFO, "privacy audit: %d sets in %.1fs -> privacy_audit.csv", len(audit_rows), audit_s)
+    n_clients = len({u["partition_id"] for u in inp.weight_uploads}) or s.federation.num_clients
+    dp = dp_summary(s, n_clients)
+    lines = [f"# Privacy: {s.name}", "", f"- privacy.mode: `{mode}`"]
+    if mode == "no_model_access":
+        lines.append(f"- clients trained locally, extracted DSVs ({s.privacy.dsv_iterations} DKKT iterations, "
+                     f"combined by `{s.privacy.dsv_combine}`) and uploaded them; model weights uploaded: "
+                     f"{total['weights_bytes'] or 0} bytes")
+    if dp:
+        lines.append(f"- DP-FedAvg: {dp['wrapper']}, clipping norm {dp['clipping_norm']}, noise multiplier "
+                     f"{dp['noise_multiplier']}, {dp['num_clients']} clients per round, {dp['rounds']} rounds -> "
+                     f"Gaussian noise stdev {_fnum(dp['noise_stdev'], 5)} on the averaged weights")
+    else:
+        lines.append("- DP-FedAvg: off")
+    if inp.rounds:
+        lines.append(f"- global model test accuracy after round {inp.rounds[-1]['round']}: "
+                     f"{100 * inp.rounds[-1]['test_acc']:.2f} %")
+    lines.append(f"- uploaded in total: weights {_fmt_bytes(total['weights_bytes'])}, safe images "
+                 f"{total['safe_images']} ({_fmt_bytes(total['safe_bytes'])}), DSVs {total['dsv_images']} "
+                 f"({_fmt_bytes(total['dsv_bytes'])}); private data {_fmt_bytes(total.get('shard_bytes'))} "
+                 "(communication.md)")
+    if audit_rows:
+        lines += ["", "## Audit (privacy_audit.csv)", "",
+                  "Nearest private (never uploaded) training image of each synthetic image. L2 in normalized pixel "
+                  "space (flag: closer than the 1st percentile of held-out test images), cosine in theta*'s "
+                  "embedding (flag: above the reference's 99th percentile; n/a without theta*). "
+                  f"Cost: {audit_s:.1f}s.", "",
+                  "| set | n | L2 min | L2 median | ref L2 p1 | flagged L2 | cos max | ref cos p99 | flagged cos |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in audit_rows:
+            lines.append(f"| {r['set']} | {r['n_synthetic']} | {_fnum(r['l2_min'])} | {_fnum(r['l2_median'])} | "
+                         f"{_fnum(r['l2_ref_p1'])} | {r['n_flagged_l2']} | {_fnum(r['cos_max'])} | "
+                         f"{_fnum(r['cos_ref_p99'])} | {r['n_flagged_cos']} |")
+    paths = {"privacy": run_dir / "privacy.md", "communication": run_dir / "communication.md"}
+    paths["privacy"].write_text("\n".join(lines) + "\n")
+    # results.md's privacy note comes from results_note(), appended by server.figures.rebuild_report
+    # (so `python -m server.report` rebuilds results.md byte-identically).
+    if audit_rows:
+        paths["audit"] = run_dir / "privacy_audit.csv"
+    return paths

@@ -1,0 +1,287 @@
+"""Sweep bookkeeping: the grid's cells, one atomic record per finished cell, resume.
+
+A scenario's grid is ``distill.pipc x distill.ipc x distill.seeds x distill.methods``. The
+federated phases run once; every cell reuses theta* and the safe pool T' (a cell with pipc p
+distills from the first p images per class of T', so smaller pools are nested subsets of
+larger ones, ``server.collect.pool_subset``).
+
+Each finished cell is written to ``<run>/cells/<method>_ipc<k>_pipc<p>_seed<s>``: first the
+synthetic set (``.pt``), then the record (``.json``, written via a temp file + rename, so a
+record exists only for a complete cell). The record stores the cell's resolved distillation
+and evaluation config plus a digest of its inputs (theta*, the pool subset, the test split).
+With ``distill.resume`` (default) a rerun of the same scenario reads finished cells back
+instead of recomputing them; a record whose config or inputs differ is recomputed, and the log
+says which keys differ. Cells that cannot run (``common.grid.static_skip_reason``, or a pipc
+'all' pool with fewer than ipc images of a class for real-image methods) are recorded as skipped.
+
+The federated phases resume too: ``federation.json`` stamps the settings that produced the
+folder's ``global_model.pt`` + ``safe_pool.pt``; a rerun with the same stamp loads them
+(:func:`resumable_federation`) instead of training again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.common.logger import log  # plain python logger; no Flower objects here
+
+from common.datasets import DatasetMeta, normalize
+from common.grid import PIPC_ALL, pipc_label, real_init_methods, static_skip_reason
+from common.scenario import Scenario
+from server.artifacts import load_synthetic_artifact, save_synthetic_artifact
+from server.collect import pool_subset
+from server.distill.synthesize import DistillationError, SyntheticSet, synthesize
+from server.faults import record_failed_cell
+from server.evaluate import evaluate_synthetic
+from server.report import CellResult
+
+__all__ = [
+    "CELLS_DIR", "CellSpec", "seeds_of", "cell_specs", "tensor_digest", "run_cells", "read_cells",
+    "federation_stamp", "write_federation_stamp", "resumable_federation", "pool_quota",
+]
+
+CELLS_DIR = "cells"
+FORMAT = 1
+# Appendix A: alpha 0.001 for pipc 'all' (synthesize's own rule sees only the pool size).
+ALPHA_ALL = 0.001
+# DistillConfig fields that do not change a cell's result (excluded from the resume guard).
+_NOT_RESULT_KEYS = ("checkpoint_every",)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    method: str
+    ipc: int
+    pipc: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_ipc{self.ipc}_pipc{pipc_label(self.pipc)}_seed{self.seed}"
+
+
+def seeds_of(s: Scenario) -> list[int]:
+    """The sweep's seeds: ``distill.seeds``, default ``[seed]``."""
+    return list(s.distill.seeds) if s.distill.seeds else [s.seed]
+
+
+def cell_specs(s: Scenario) -> list[CellSpec]:
+    """Every cell in run order: pipc, ipc, seed, then methods in scenario order (dsv before blend)."""
+    return [CellSpec(m, ipc, pipc, seed) for pipc in s.distill.pipc for ipc in s.distill.ipc
+            for seed in seeds_of(s) for m in s.distill.methods]
+
+
+def tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """sha256 over shapes, dtypes and bytes: identifies theta*, a pool or a test split."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _atomic_write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _record_to_cell(rec: dict, run_dir: Path) -> CellResult:
+    c = rec["cell"]
+    res = rec.get("result") or {}
+    files = {k: str(run_dir / v) for k, v in (rec.get("files") or {}).items()}
+    return CellResult(method=c["method"], ipc=int(c["ipc"]), pipc=int(c["pipc"]), seed=int(c["seed"]),
+                      accuracies=[float(a) for a in res.get("accuracies", [])], mean=float(res.get("mean", "nan")),
+                      std=float(res.get("std", "nan")), distill_s=float(res.get("distill_s", 0.0)),
+                      eval_s=float(res.get("eval_s", 0.0)), files=files, skipped=rec.get("skipped") or "")
+
+
+def read_cells(run_dir: str | Path, scenario: Scenario) -> list[CellResult]:
+    """The recorded cells of ``scenario``'s grid in run order (cells with no record are left out)."""
+    run_dir = Path(run_dir)
+    cells = []
+    for spec in cell_specs(scenario):
+        path = run_dir / CELLS_DIR / f"{spec.name}.json"
+        if path.is_file():
+            cells.append(_record_to_cell(json.loads(path.read_text()), run_dir))
+    return cells
+
+
+def _skipped(spec: CellSpec, reason: str, run_dir: Path, config: dict) -> CellResult:
+    log(INFO, "cell %s skipped: %s", spec.name, reason)
+    rec = {"format": FORMAT, "cell": {**dataclasses.asdict(spec), "pipc_label": pipc_label(spec.pipc)},
+           "config": config, "skipped": reason}
+    _atomic_write_json(rec, run_dir / CELLS_DIR / f"{spec.name}.json")
+    return CellResult(method=spec.method, ipc=spec.ipc, pipc=spec.pipc, seed=spec.seed, accuracies=[],
+                      mean=float("nan"), std=float("nan"), skipped=reason)
+
+
+def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, ecfg: Any,
+              model_factory: Any, progress: bool) -> list[CellResult]:
+    """Distill + evaluate every cell of ``inp.scenario`` (a ``server.pipeline.PipelineInputs``), resuming."""
+    s, meta, dev, run_dir = inp.scenario, inp.meta, inp.device, Path(inp.run_dir)
+    cells_dir = run_dir / CELLS_DIR
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    test_x = normalize(inp.test_x, meta)
+    state = list(inp.model_state.values()) if inp.model_state is not None else []
+    client_dsvs = getattr(inp, "client_dsvs", None)  # privacy.mode no_model_access (server.modes): no theta*
+    if client_dsvs is not None:
+        state = list(client_dsvs.x)
+    base_digest = {"model": tensor_digest(*state), "test": tensor_digest(inp.test_x, inp.test_y)}
+    distill_dict = {k: v for k, v in dataclasses.asdict(dcfg).items() if k not in _NOT_RESULT_KEYS}
+    cells: list[CellResult] = []
+    reused = computed = 0
+    for pipc in s.distill.pipc:
+        safe_x = safe_y = None
+        min_count = 0
+        pool_digest = tensor_digest(None)
+        if pipc != 0:
+            sub_x, safe_y = pool_subset(inp.pool_x, inp.pool_y, pipc, meta.num_classes)
+            safe_x = normalize(sub_x, meta)
+            counts = torch.bincount(safe_y, minlength=meta.num_classes)
+            min_count = int(counts.min()) if len(counts) else 0
+            pool_digest = tensor_digest(sub_x, safe_y)
+        # synthesize wants the real pool size; 'all' keeps appendix A's alpha through ALPHA_ALL.
+        eff_pipc = min_count if pipc == PIPC_ALL else pipc
+        cell_dcfg = dcfg if (pipc != PIPC_ALL or dcfg.alpha is not None) else dataclasses.replace(dcfg, alpha=ALPHA_ALL)
+        for ipc in s.distill.ipc:
+            for seed in seeds_of(s):
+                dsv_set: SyntheticSet | None = None  # blend reuses this (ipc, pipc, seed)'s DSVs
+                for method in s.distill.methods:
+                    spec = CellSpec(method, ipc, pipc, seed)
+                    json_path, pt_path = cells_dir / f"{spec.name}.json", cells_dir / f"{spec.name}.pt"
+                    config = {"distill": {**distill_dict, "alpha": cell_dcfg.alpha},
+                              "evaluation": dataclasses.asdict(ecfg), "model": dataclasses.asdict(s.model),
+                              "dataset": meta.name, "inputs": {**base_digest, "pool": pool_digest}}
+                    if method in ("blend", "dm_from_dsv"):
+                        config["inputs"]["dsv"] = tensor_digest(dsv_set.x) if dsv_set is not None else None
+                    config = _plain(config)
+                    reason = static_skip_reason(method, ipc, pipc, s.distill.init)
+                    if reason is None and pipc == PIPC_ALL and method in real_init_methods(s.distill.init) \
+                            and ipc > min_count:
+                        reason = f"method '{method}' takes {ipc} real images per class; the 'all' pool has {min_count}"
+                    if reason:
+                        cells.append(_skipped(spec, reason, run_dir, config))
+                        continue
+                    if s.distill.resume and json_path.is_file() and pt_path.is_file():
+                        rec = json.loads(json_path.read_text())
+                        if rec.get("config") == config and not rec.get("skipped"):
+                            cells.append(_record_to_cell(rec, run_dir))
+                            if method == "dsv":
+                                art = load_synthetic_artifact(pt_path, dataset=meta.name)
+                                dsv_set = SyntheticSet(x=art.x, y=art.y, method="dsv", ipc=art.ipc, info=art.info)
+                            reused += 1
+                            log(INFO, "cell %s: finished earlier, read back from %s", spec.name, json_path)
+                            continue
+                        log(WARNING, "cell %s: stored record differs in %s; recomputing", spec.name,
+                            ", ".join(_diff_keys(rec.get("config"), config)[:8]) or "status")
+                    t0 = time.perf_counter()
+                    if client_dsvs is not None:  # the clients' uploaded DSVs, combined to ipc per class
+                        dsv_x, dsv_y = client_dsvs.combined(ipc, meta.num_classes)
+                        dsv_set = SyntheticSet(x=dsv_x, y=dsv_y, method="dsv", ipc=ipc,
+                                               info={"source": "client uploads", "combine": client_dsvs.combine})
+                    try:
+                        syn = dsv_set if (method == "dsv" and client_dsvs is not None) else synthesize(
+                            method, ipc=ipc, num_classes=meta.num_classes, image_shape=meta.image_shape,
+                            pipc=eff_pipc, safe_x=safe_x, safe_y=safe_y, model=model, embed_factory=embed_factory,
+                            config=cell_dcfg, seed=seed, device=dev, progress=progress,
+                            # always a path: with checkpoint_every 0 it is only written on a NaN (last good S)
+                            checkpoint_path=cells_dir / f"{spec.name}.ckpt.pt",
+                            dsv_x=dsv_set.x if (method in ("blend", "dm_from_dsv") and dsv_set is not None) else None,
+                            dsv_y=dsv_set.y if (method in ("blend", "dm_from_dsv") and dsv_set is not None) else None,
+                        )
+                    except DistillationError as err:  # NaN/Inf in this cell: record it, go on (server/faults.py)
+                        cells.append(record_failed_cell(spec, err, run_dir, config, CELLS_DIR, FORMAT))
+                        continue
+                    if method == "dsv":
+                        dsv_set = syn
+                    t1 = time.perf_counter()
+                    res = evaluate_synthetic(syn.x, syn.y, test_x, inp.test_y, model_factory, ecfg, seed=seed,
+                                             device=dev, progress=progress)
+                    t2 = time.perf_counter()
+                    save_synthetic_artifact(pt_path, syn, meta.name, pipc)  # before the record: record => set exists
+                    rec = {"format": FORMAT, "cell": {**dataclasses.asdict(spec), "pipc_label": pipc_label(pipc)},
+                           "config": config, "files": {"synthetic": f"{CELLS_DIR}/{pt_path.name}",
+                                                       "grid": f"images/{spec.name}.png"},
+                           "result": {"accuracies": list(res.accuracies), "mean": res.mean, "std": res.std,
+                                      "distill_s": t1 - t0, "eval_s": t2 - t1},
+                           "info": _plain(syn.info)}
+                    _atomic_write_json(rec, json_path)
+                    cells.append(_record_to_cell(rec, run_dir))
+                    computed += 1
+                    log(INFO, "cell %s: %.2f ± %.2f %% (distill %.1fs, evaluate %.1fs)", spec.name,
+                        100 * res.mean, 100 * res.std, t1 - t0, t2 - t1)
+    log(INFO, "sweep: %d cells computed, %d read back, %d skipped", computed, reused,
+        sum(1 for c in cells if c.skipped))
+    return cells
+
+
+# ---------------------------------------------------------------- federated phases: pool quota and resume
+
+
+def pool_quota(scenario: Scenario, train_y: torch.Tensor, num_classes: int) -> tuple[int, bool]:
+    """(per-class quota, allow_short) for the safe-pool collection.
+
+    pipc 'all': the clients upload everything, so the quota is the largest class count of the
+    federation's training view and smaller classes are taken whole.
+    """
+    if scenario.pool_pipc != PIPC_ALL:
+        return scenario.pool_pipc, False
+    counts = torch.bincount(train_y.long(), minlength=num_classes)
+    return int(counts.max()), True
+
+
+_STAMP = "federation.json"
+
+
+def federation_stamp(s: Scenario) -> dict:
+    """Everything that decides theta* and T': the scenario minus the grid and where/how it runs."""
+    d = s.to_dict()
+    for key in ("distill", "evaluation", "name", "output_dir", "reuse_artifacts", "device"):
+        d.pop(key, None)
+    return _plain({**d, "pool_pipc": s.pool_pipc})
+
+
+def write_federation_stamp(s: Scenario) -> Path:
+    path = s.run_dir / _STAMP
+    _atomic_write_json(federation_stamp(s), path)
+    return path
+
+
+def resumable_federation(s: Scenario) -> bool:
+    """True when this run folder already holds theta* and T' made by the same federation settings."""
+    d = s.run_dir
+    if not s.distill.resume or s.reuse_artifacts:
+        return False
+    if not all((d / f).is_file() for f in (_STAMP, "global_model.pt", "safe_pool.pt")):
+        return False
+    stored = json.loads((d / _STAMP).read_text())
+    if stored != federation_stamp(s):
+        log(WARNING, "resume: %s differs in %s; running the federated phases again", d / _STAMP,
+            ", ".join(_diff_keys(stored, federation_stamp(s))[:8]))
+        return False
+    return True
