@@ -157,7 +157,9 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
     if agg:
         pts = [{"method": c.method, "ipc": c.ipc, "pipc": pipc_label(c.pipc), "mean": c.mean, "std": c.std} for c in agg]
         written["accuracy_vs_pipc"] = plot_accuracy_vs_pipc(pts, run_dir / "figures" / "accuracy_vs_pipc.png",
-                                                            title=f"{scenario.name}: test accuracy vs pipc ({meta.name})")
+                                                            title=f"{scenario.name}: test accuracy vs pipc ({meta.name})",
+                                                            # wider than plots' default: room for the legend + title
+                                                            figsize=(3.6 * len(scenario.distill.ipc) + 3.4, 3.8))
     rounds_csv = run_dir / "rounds.csv"
     if rounds_csv.is_file():
         with rounds_csv.open() as fh:

@@ -2,8 +2,7 @@
 
 * no_model_access: the server never receives an ArrayRecord of model weights, no train message
   is sent, clients answer ``query.dsv`` with float DSVs; dm / dsv / blend / dm_from_dsv run.
-* pipc 0 (zero safe data) + client-side DP-FedAvg: no safe-image query is sent and no image is
-  uploaded; the clipping norm and noise multiplier are recorded in privacy.md / results.md.
+* pipc 0 + client-side DP-FedAvg end to end: tests/test_privacy_dp.py (own file: < 60 s each).
 * the audit, at pipeline level, flags an exact copy of a private image planted into S and does
   not flag random noise.
 """
@@ -106,14 +105,6 @@ def no_model_run(data_dir: Path) -> tuple[Path, RecordingGrid]:
     return _simulate(data_dir, values)
 
 
-@pytest.fixture(scope="module")
-def zero_safe_dp_run(data_dir: Path) -> tuple[Path, RecordingGrid]:
-    values = _base(data_dir, "zerodp")
-    values["distill"].update({"methods": ["dsv"], "pipc": [0]})
-    values["privacy"]["dp"] = {"enabled": True, "side": "client", "clipping_norm": 0.5, "noise_multiplier": 0.3}
-    return _simulate(data_dir, values)
-
-
 def _is_model_record(record) -> bool:  # noqa: ANN001
     # Model weights: the ConvNet's parameter names; image sets / DSVs hold only x, y (, indices).
     return not set(record.keys()) <= {"x", "y", "indices"}
@@ -148,28 +139,6 @@ def test_no_model_access_never_uploads_weights(no_model_run: tuple[Path, Recordi
     assert "safe_pool" in audit and len(audit) == 5
     assert all(r["cos_max"] in ("nan", "") for r in audit.values())  # no theta* on the server: pixel audit only
     assert "no_model_access" in (run_dir / "privacy.md").read_text()
-
-
-def test_zero_safe_uploads_no_images_and_dp_is_recorded(zero_safe_dp_run: tuple[Path, RecordingGrid]) -> None:
-    run_dir, grid = zero_safe_dp_run
-    types = [m.metadata.message_type for m in grid.sent]
-    assert "query" not in types and "train" in types  # no safe-image query when pipc is 0
-    for reply in grid.replies:
-        assert "safe" not in reply.content.array_records
-    # client-side DP: the wrapper sent the clipping norm with every train message
-    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert all(m.content.config_records["config"]["clipping_norm"] == 0.5 for m in train_msgs)
-    safe = torch.load(run_dir / "safe_pool.pt", weights_only=False)
-    assert safe["x"].shape[0] == 0
-    with (run_dir / "communication.csv").open() as fh:
-        total = list(csv.DictReader(fh))[-1]
-    assert int(total["safe_images"]) == 0 and int(total["safe_bytes"]) == 0 and int(total["weights_bytes"]) > 0
-    privacy = (run_dir / "privacy.md").read_text()
-    assert "clipping norm 0.5" in privacy and "noise multiplier 0.3" in privacy
-    assert "noise multiplier 0.3" in (run_dir / "results.md").read_text()
-    with (run_dir / "privacy_audit.csv").open() as fh:
-        audit = list(csv.DictReader(fh))
-    assert len(audit) == 1 and audit[0]["set"].startswith("dsv_ipc1_pipc0")  # no safe pool, no sanity row
 
 
 # ---------------------------------------------------------------- parts, no Flower run
