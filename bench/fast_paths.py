@@ -4,9 +4,9 @@ Groups (``--only`` picks some; default all but ``compile``):
 - ``malloc``: common/perf.py's allocator setting off vs on, for a dkkt_dm iteration
   (ipc 10, pipc 50) and an evaluation epoch of one model (ipc 10). "off" is glibc with
   its adaptive thresholds at their steady-state ceilings (``reset_cpu_allocator``).
-- ``dm_pack``: DM term with all classes in one forward (``dm_max_batch=0``, kept) vs one
-  forward per class (``dm_max_batch=1``, the reference loop), dm iteration at (10, 50)
-  and (50, 50).
+- ``dm_pack``: DM term with all classes in one forward (``dm_max_batch=0``) vs one
+  forward per class (``dm_max_batch=1``, the reference loop), or any ``--dm-pack-sizes``,
+  dm iteration at (10, 50) and (50, 50).
 - ``dkkt``: DKKT loss (clean + augmented pass, N = 100) and its backward three ways:
   ``backward()`` (before), ``backward(inputs=[x, lambda])`` (kept in synthesize), and
   both passes fused into ONE vmap-ed pass over two copies of theta* (a prototype here,
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     p = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), repeats=3, warmup=1)
     p.add_argument("--only", default=",".join(g for g in GROUPS if g != "compile"))
     p.add_argument("--width", type=int, default=128)
+    p.add_argument("--dm-pack-sizes", default="1,0",
+                   help="dm_max_batch values for the dm_pack group (0 = one forward, 1 = per class)")
     args = p.parse_args(argv)
     small = args.quick
     if small:
@@ -100,10 +102,19 @@ def main(argv: list[str] | None = None) -> None:
             set_malloc(args.malloc == "on")
 
     if "dm_pack" in groups:
+        sizes = [int(v) for v in args.dm_pack_sizes.split(",")]
         for i, pc in ((ipc, pipc), (2, 4) if small else (50, 50)):
-            ab("dm_pack", "dm_iter", {"per_class": lambda i=i, pc=pc: distill("dm", i, pc, dm_max_batch=1),
-                                      "one_forward": lambda i=i, pc=pc: distill("dm", i, pc, dm_max_batch=0)},
-               "per_class", "one_forward", ipc=i, pipc=pc)
+            variants = {f"max_batch_{mb}": (lambda mb=mb, i=i, pc=pc: distill("dm", i, pc, dm_max_batch=mb))
+                        for mb in sizes}
+            res = interleave(variants, args.repeats, args.warmup, device)
+            for n, r in res.items():
+                emit({"kind": "fast_path", "group": "dm_pack", "work": "dm_iter", "variant": n, "ipc": i, "pipc": pc,
+                      "device": str(device), **r})
+            for mb in sizes:
+                if mb != 0 and 0 in sizes:
+                    emit({"kind": "ratio", "group": "dm_pack", "ipc": i, "pipc": pc,
+                          "what": f"dm_iter: max_batch_{mb} / max_batch_0 (speed-up of one forward)",
+                          "value": round(res.ratio(f"max_batch_{mb}", "max_batch_0"), 3)})
 
     n_syn = 10 * ipc
     gx = torch.Generator().manual_seed(5)

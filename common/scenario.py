@@ -95,6 +95,11 @@ class DistillSection:
     dsa: bool = True
     time_budget_s: float | None = None  # per distillation cell
     checkpoint_every: int = 0
+    stat_distance: str = "l1"  # D of L_stat: l1 | l2 | cosine (Deep Support Vectors, sec. 4.2)
+    aug_weight: float = 5.0  # eta: weight of the DKKT terms on augmented images (manifold condition)
+    lambda_init: float = 1.0  # initial Lagrange multipliers (kept >= 0)
+    img_optimizer: str = "auto"  # auto (SGD for dm, Adam for DKKT methods) | sgd | adam
+    lr_img_adam: float = 0.1  # image lr when the image optimizer is Adam
     seeds: list[int] | None = None  # distillation+evaluation seeds of the sweep; None: [seed]
     resume: bool = True  # reuse finished cells (and this folder's theta*/T') whose config matches
 
@@ -273,6 +278,11 @@ def validate(s: Scenario) -> Scenario:
     _check_choice(s.federation.partition, PARTITIONS, "federation.partition", src)
     _check_choice(s.safe.policy, SAFE_POLICIES, "safe.policy", src)
     _check_choice(s.distill.init, INITS, "distill.init", src)
+    _check_choice(s.distill.stat_distance, ("l1", "l2", "cosine"), "distill.stat_distance", src)
+    _check_choice(s.distill.img_optimizer, ("auto", "sgd", "adam"), "distill.img_optimizer", src)
+    _check_positive(s.distill.lr_img_adam, "distill.lr_img_adam", src)
+    _check_positive(s.distill.aug_weight, "distill.aug_weight", src, allow_zero=True)
+    _check_positive(s.distill.lambda_init, "distill.lambda_init", src, allow_zero=True)
     _check_choice(s.evaluation.optimizer, OPTIMIZERS, "evaluation.optimizer", src)
     _check_choice(s.model.norm, NORMS, "model.norm", src)
     _check_choice(s.model.activation, ACTIVATIONS, "model.activation", src)
