@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run every benchmark; one JSON line per measurement, collected in bench/results/<UTC time>.jsonl.
-#   bash bench/run_all.sh                 # all but the quickstart end to end (about 10-15 min on 2 quiet cores)
+#   bash bench/run_all.sh                 # all but the quickstart end to end (about 5 min on 2 quiet cores, ~15 when loaded)
 #   bash bench/run_all.sh --e2e           # plus bench/quickstart_e2e.py (several more minutes)
-#   bash bench/run_all.sh --quick         # tiny sizes: a smoke run of every script (about 1-2 min)
+#   bash bench/run_all.sh --quick         # tiny sizes: a smoke run of every script (about 20 s)
 #   bash bench/run_all.sh --device cuda   # any other flag goes to every script (--repeats, --threads, ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -14,6 +14,7 @@ from torch import nn
 
 from common.augment import dsa
 from common.datasets import DatasetMeta, normalize
+from common.perf import tune_cpu_allocator
 
 __all__ = ["TrainStats", "train_local", "evaluate_local"]
 
@@ -61,6 +62,8 @@ def train_local(
     if x_uint8.shape[0] == 0:
         raise ValueError(f"{label}: no training images")
     start = time.perf_counter()
+    if device.type == "cpu":
+        tune_cpu_allocator()  # 1.45x faster client epochs on the CPU (bench/client_epoch.py); FEDPDD_MALLOC_TUNE=0 opts out
     model.to(device).train()
     x = normalize(x_uint8, meta)  # float32 on CPU; batches go to the device one at a time
     gen = torch.Generator().manual_seed(seed)  # shuffling and DSA draws: CPU generator

@@ -18,7 +18,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${FEDPDD_DATA_ROOT:-}" ];
   echo "[setup] Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist'," \
        "or pass --run-config \"data-root='/path/to/idx/files'\"" >&2
 fi
-export PATH="$PWD/$VENV/bin:$PATH"
+export PATH="$(cd "$VENV" && pwd)/bin:$PATH"
 # Offline: flwr 1.41 would otherwise try to `uv sync` the app's dependencies into a fresh env.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 

@@ -294,7 +294,7 @@ def synthesize(
     config.validate()
     device = torch.device(device)
     if device.type == "cpu":
-        tune_cpu_allocator()  # 1.6x faster dkkt_dm iterations on the CPU (common/perf.py); FEDPDD_MALLOC_TUNE=0 opts out
+        tune_cpu_allocator()  # 1.7x faster dkkt_dm iterations on the CPU (common/perf.py); FEDPDD_MALLOC_TUNE=0 opts out
     if method in _NEEDS_MODEL and model is None:
         raise ValueError(f"method {method!r} needs the trained model (DKKT loss), but model is None")
     if method in _NEEDS_SAFE and (safe_x is None or safe_y is None):
