@@ -33,10 +33,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 

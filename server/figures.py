@@ -21,7 +21,6 @@ import csv
 import math
 from pathlib import Path
 
-import torch
 import yaml
 
 from common.datasets import get_meta, normalize

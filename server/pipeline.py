@@ -84,7 +84,7 @@ def eval_config(scenario: Scenario) -> EvalConfig:
 
 def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
     """Distill and evaluate every (pipc, ipc, seed, method) cell of the scenario (server.sweep)."""
-    s, meta, dev = inp.scenario, inp.meta, inp.device
+    s, meta = inp.scenario, inp.meta
     progress = sys.stderr.isatty() if progress is None else progress
     arch = dataclasses.asdict(s.model)
     model = None  # privacy.mode no_model_access: the server never holds theta*

@@ -1,4 +1,4 @@
-"""Report figures (PNG, dpi 150): accuracy vs pipc, federated learning curve, FFT spectra, image grids.
+"""Report figures (PNG, dpi 150): accuracy vs pipc, federated learning curve, FFT spectra (image grids: server/images.py).
 
 Figures are built with the object-oriented API on an explicit Agg canvas
 (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``) instead of pyplot: no global
@@ -21,17 +21,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
-from torchvision.utils import make_grid
 
-from common.datasets import DatasetMeta, denormalize
+
 
 __all__ = [
     "DPI",
     "plot_accuracy_vs_pipc",
     "plot_federated_curve",
     "plot_spectra",
-    "class_grid",
-    "save_image_grid",
 ]
 
 DPI = 150
@@ -224,90 +221,3 @@ def plot_spectra(
 # ---------------------------------------------------------------------------
 # Image grids
 # ---------------------------------------------------------------------------
-
-
-def _to_unit(x: Tensor, meta: DatasetMeta) -> Tensor:
-    # uint8 pixels (e.g. uploaded safe images) are just rescaled; floats are de-normalized.
-    x = x.detach().cpu()
-    if x.dtype == torch.uint8:
-        return x.float() / 255.0
-    return denormalize(x.float(), meta)
-
-
-def class_grid(
-    x01: Tensor, y: Tensor, nrow: int | None = None, padding: int = 2
-) -> tuple[Tensor, list[int]]:
-    """Tile images in [0, 1] into a (3 x H' x W') grid with one column per class present in ``y``.
-
-    Column j holds the images of the j-th smallest class label in their original order,
-    at most ``nrow`` of them (None: all); classes with fewer images get white tiles.
-    Returns the grid and the class label of each column.
-    """
-    if x01.dim() != 4 or y.dim() != 1 or x01.shape[0] != y.shape[0]:
-        raise ValueError(f"class_grid: expected x N x C x H x W and y (N,), got {tuple(x01.shape)} and {tuple(y.shape)}")
-    if x01.shape[0] == 0:
-        raise ValueError("class_grid: no images")
-    if nrow is not None and nrow < 1:
-        raise ValueError(f"class_grid: nrow must be >= 1 or None, got {nrow}")
-    y = y.detach().cpu().long()
-    classes = sorted(int(c) for c in torch.unique(y))
-    per_class = [torch.nonzero(y == c).flatten()[:nrow] for c in classes]
-    rows = max(len(idx) for idx in per_class)
-    blank = torch.ones_like(x01[0])
-    tiles = [x01[per_class[j][r]] if r < len(per_class[j]) else blank
-             for r in range(rows) for j in range(len(classes))]  # row-major: row r = r-th image of every class
-    grid = make_grid(torch.stack(tiles), nrow=len(classes), padding=padding, pad_value=1.0)
-    return grid, classes
-
-
-def save_image_grid(
-    x: Tensor,
-    y: Tensor,
-    meta: DatasetMeta,
-    path: str | Path,
-    class_names: Sequence[str] | None = None,
-    nrow: int | None = None,
-    title: str | None = None,
-) -> list[int]:
-    """Save images as a class-sorted grid: one column per class, class names as column titles.
-
-    ``x``: normalized float images (de-normalized with ``meta.mean``/``meta.std``) or uint8
-    pixels. ``nrow``: at most this many images per class (grid rows); None shows all.
-    ``class_names`` defaults to ``meta.class_names``. 1-channel images are drawn in grayscale.
-    Returns the class label of each column (left to right).
-    """
-    if x.dim() != 4 or x.shape[1] != meta.channels:
-        raise ValueError(f"save_image_grid: expected N x {meta.channels} x H x W images for {meta.name}, got {tuple(x.shape)}")
-    names = list(class_names) if class_names is not None else list(meta.class_names)
-    padding = 2
-    grid, classes = class_grid(_to_unit(x, meta), y, nrow=nrow, padding=padding)
-    if any(c < 0 or c >= len(names) for c in classes):
-        raise ValueError(f"save_image_grid: labels {classes} out of range for {len(names)} class names")
-    n_cols = len(classes)
-    n_rows = (grid.shape[1] - padding) // (x.shape[2] + padding)
-
-    labels = [names[c] for c in classes]
-    # ~0.8 inch per tile, capped so very wide grids (100 classes) stay printable.
-    tile_in = min(0.8, 30.0 / n_cols)
-    fontsize = 8 if n_cols <= 20 else 6
-    rotate = n_cols > 12 or max(len(s) for s in labels) * fontsize * 0.6 / 72 > tile_in
-    # Room for the column titles: vertical text needs its length, horizontal one line.
-    label_in = (max(len(s) for s in labels) if rotate else 1.5) * fontsize * 0.6 / 72
-    height = n_rows * tile_in + label_in + 0.2 + (0.35 if title is not None else 0.0)
-    fig = _new_figure((n_cols * tile_in + 0.3, height))
-    ax = fig.add_subplot()
-    if meta.channels == 1:
-        ax.imshow(grid[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    else:
-        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    step = x.shape[3] + padding
-    centers = [padding + j * step + (x.shape[3] - 1) / 2 for j in range(n_cols)]
-    ax.set_xticks(centers, labels, rotation=90 if rotate else 0, fontsize=fontsize)
-    ax.tick_params(axis="x", top=True, labeltop=True, bottom=False, labelbottom=False, length=0)
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    if title is not None:
-        fig.suptitle(title)
-    _save(fig, path)
-    return classes

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from flwr.common.logger import log  # plain python logger; no Flower objects here
 
-from common.datasets import DatasetMeta, normalize
+from common.datasets import normalize
 from common.grid import PIPC_ALL, pipc_label, real_init_methods, static_skip_reason
 from common.scenario import Scenario
 from server.artifacts import load_synthetic_artifact, save_synthetic_artifact

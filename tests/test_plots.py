@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.datasets import DatasetMeta
-from server.plots import DPI, class_grid, plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra, save_image_grid
+from server.plots import DPI, plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
 
 RGB = DatasetMeta(name="toy-rgb", class_names=tuple(f"class{i}" for i in range(10)), channels=3,
                   height=8, width=8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
@@ -58,41 +58,3 @@ def test_spectra(tmp_path: Path) -> None:
     assert _read_png(out).shape[:2] == _px((10.0, 3.4))
     with pytest.raises(ValueError, match="H x W"):
         plot_spectra({"bad": torch.zeros(2, 4, 4)}, tmp_path / "bad.png")
-
-
-def test_class_grid_one_column_per_class() -> None:
-    # Each image is constant = its class / 10, shuffled: column j must hold class j only.
-    y = torch.tensor([2, 0, 1, 2, 0, 1, 2])
-    x01 = (y.float() / 10).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone()
-    grid, classes = class_grid(x01, y, padding=2)
-    assert classes == [0, 1, 2]
-    rows = 3  # class 2 has three images
-    assert grid.shape == (3, rows * (4 + 2) + 2, 3 * (4 + 2) + 2)
-    for j, c in enumerate(classes):
-        for r in range(rows):
-            tile = grid[:, 2 + r * 6 : 2 + r * 6 + 4, 2 + j * 6 : 2 + j * 6 + 4]
-            expected = 1.0 if (c != 2 and r == 2) else c / 10  # missing images are white tiles
-            assert torch.allclose(tile, torch.full_like(tile, expected))
-    grid2, _ = class_grid(x01, y, nrow=1)
-    assert grid2.shape[1] == 1 * (4 + 2) + 2
-
-
-def test_save_image_grid_rgb_and_gray(tmp_path: Path) -> None:
-    gen = torch.Generator().manual_seed(1)
-    y = torch.arange(10).repeat(2)[torch.randperm(20, generator=gen)]
-    x = torch.randn(20, 3, 8, 8, generator=gen)
-    cols = save_image_grid(x, y, RGB, tmp_path / "grid.png")
-    assert cols == list(range(10))
-    img = _read_png(tmp_path / "grid.png")
-    assert img.shape[1] > img.shape[0]  # 10 columns x 2 rows: wide
-
-    gy = torch.tensor([1, 0, 1])
-    gx = torch.randint(0, 256, (3, 1, 6, 6), dtype=torch.uint8, generator=gen)  # raw uint8 accepted too
-    cols = save_image_grid(gx, gy, GRAY, tmp_path / "gray.png", class_names=["z", "o", "t"], title="safe set")
-    assert cols == [0, 1]
-    _read_png(tmp_path / "gray.png")
-
-    with pytest.raises(ValueError, match="x 3 x H x W"):
-        save_image_grid(gx, gy, RGB, tmp_path / "bad.png")
-    with pytest.raises(ValueError, match="out of range"):
-        save_image_grid(x[:2], torch.tensor([0, 11]), RGB, tmp_path / "bad.png")
