@@ -41,7 +41,6 @@ __all__ = [
     "AuditResult",
     "AuditReference",
     "audit_synthetic",
-    "reference_distances",
     "nearest_l2",
     "nearest_cosine",
     "embed_images",
@@ -228,7 +227,7 @@ def _frozen_copy(model: nn.Module, device: torch.device) -> nn.Module:
 class AuditReference:
     """Private bank (pixels + embeddings) and the reference distribution, built once.
 
-    Build it with :meth:`build` (or :func:`reference_distances`) and call :meth:`audit`
+    Build it with :meth:`build` and call :meth:`audit`
     for each synthetic set. Attributes after building:
 
     * ``ref_index`` (int64, n_reference): which ``reference_x`` rows were sampled;
@@ -359,24 +358,6 @@ class AuditReference:
 def _quantile(x: Tensor, q: float) -> float:
     # torch.quantile uses linear interpolation between order statistics (numpy's default).
     return float(torch.quantile(x.double(), q))
-
-
-def reference_distances(
-    private_x: Tensor,
-    reference_x: Tensor,
-    model: nn.Module | None = None,
-    *,
-    device: torch.device | str | None = None,
-    chunk: int = 4096,
-    n_reference: int = 500,
-    seed: int = 0,
-    embed_batch: int = 512,
-) -> AuditReference:
-    """Same as :meth:`AuditReference.build`: compute once, then ``.audit(name, syn_x)`` per set."""
-    return AuditReference.build(
-        private_x, reference_x, model, device=device, chunk=chunk,
-        n_reference=n_reference, seed=seed, embed_batch=embed_batch,
-    )
 
 
 def audit_synthetic(

@@ -16,7 +16,6 @@ from server.privacy import (
     audit_synthetic,
     nearest_cosine,
     nearest_l2,
-    reference_distances,
     save_closest_pairs_grid,
 )
 
@@ -149,9 +148,9 @@ def test_reference_is_reusable_seeded_and_model_untouched() -> None:
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    ref = reference_distances(private, reference, model, device=CPU, n_reference=30, seed=7)
-    again = reference_distances(private, reference, model, device=CPU, n_reference=30, seed=7)
-    other = reference_distances(private, reference, model, device=CPU, n_reference=30, seed=8)
+    ref = AuditReference.build(private, reference, model, device=CPU, n_reference=30, seed=7)
+    again = AuditReference.build(private, reference, model, device=CPU, n_reference=30, seed=7)
+    other = AuditReference.build(private, reference, model, device=CPU, n_reference=30, seed=8)
     assert ref.ref_index.shape == (30,) and torch.equal(ref.ref_index, again.ref_index)
     assert not torch.equal(ref.ref_index, other.ref_index)
     assert torch.equal(ref.ref_l2, again.ref_l2)
