@@ -108,3 +108,28 @@ def test_sample_real_batches_caps_and_is_seeded() -> None:
     assert set(a[0].flatten().tolist()) <= {0, 1, 2, 3, 4, 5}
     with pytest.raises(ValueError, match="class 1 has no real"):
         sample_real_batches(x, [idx[0], torch.zeros(0, dtype=torch.int64)], 4, torch.Generator())
+
+
+@pytest.mark.parametrize("op", ["color", "crop", "cutout", "flip", "scale", "rotate"])
+def test_siamese_params_give_one_transform_for_the_whole_batch(op: str) -> None:
+    # The reference's seeded DiffAugment: every image gets sample 0's values, so a batch of
+    # copies of one image stays a batch of identical images; per-sample draws do not.
+    x = _batches(8, [1])[0].repeat(16, 1, 1, 1)
+    shared = apply_dsa(x, DSAParams(op, 99, siamese=True))
+    assert torch.equal(shared, shared[:1].expand_as(shared))
+    if op != "flip":  # a flip coin can land the same for 16 samples only with prob 2^-15
+        own = apply_dsa(x, DSAParams(op, 99, siamese=False))
+        assert not torch.equal(own, own[:1].expand_as(own))
+
+
+def test_siamese_mean_matching_is_exact_for_any_subset_order() -> None:
+    # One transform per class: the synthetic set = the real batch in another order gives
+    # loss 0 (up to float summation order), which per-sample values would not.
+    net = _net()
+    real = _batches(3, [6, 6, 6])
+    syn = [r[torch.randperm(6, generator=torch.Generator().manual_seed(c))] for c, r in enumerate(real)]
+    g = torch.Generator().manual_seed(5)
+    shared = [sample_dsa_params(g, siamese=True) for _ in real]
+    assert float(dm_loss(net.embed, real, syn, shared)) < 1e-9
+    own = [DSAParams(p.op if p.op != "flip" else "rotate", p.seed, siamese=False) for p in shared]
+    assert float(dm_loss(net.embed, real, syn, own)) > 1e-4

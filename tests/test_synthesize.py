@@ -195,3 +195,19 @@ def test_img_optimizer_auto_is_sgd_for_dm_and_adam_for_dkkt_methods() -> None:
     assert _run("dkkt_dm", cfg=forced).info["img_optimizer"] == "sgd"
     with pytest.raises(ValueError, match="DistillConfig.img_optimizer"):
         _run("dm", cfg=DistillConfig(img_optimizer="rmsprop"))
+
+
+def test_dm_real_init_with_ipc_equal_pipc_has_zero_loss_and_does_not_move() -> None:
+    # The DM reference property: with ipc = pipc, real initialisation and the siamese DSA
+    # (one transform per class for the real and the synthetic images) the class means
+    # coincide, so the loss is 0 at EVERY iteration and S stays the safe images.
+    sx, sy = _safe(per_class=4)
+    cfg = DistillConfig(iterations=6, real_batch=8, log_every=1, init="real", img_optimizer="sgd")
+    out = synthesize("dm", ipc=4, num_classes=C, image_shape=SHAPE, pipc=4, safe_x=sx, safe_y=sy,
+                     model=None, embed_factory=make_embed_factory(META, ARCH), config=cfg, seed=3,
+                     device=torch.device("cpu"), progress=False)
+    dm = [row["dm"] for row in out.info["loss_history"]]
+    assert len(dm) == 6 and max(dm) < 1e-9
+    for c in range(C):  # every synthetic image is still exactly one of its class's safe images
+        d = torch.cdist(out.x[out.y == c].flatten(1), sx[sy == c].flatten(1))
+        assert float(d.min(1).values.max()) < 1e-4

@@ -515,7 +515,8 @@ class _Run:
                 psi = getattr(net, "embed", net)
                 real = sample_real_batches(self.pool.x, self.pool.idx, cfg.real_batch, gen)  # type: ignore[union-attr]
                 syn = list(x_syn.split(ipc))
-                params = [sample_dsa_params(gen, cfg.dsa_strategy) for _ in range(C)] if cfg.dsa else None
+                params = ([sample_dsa_params(gen, cfg.dsa_strategy, siamese=True) for _ in range(C)]
+                          if cfg.dsa else None)  # one transform per class, real and synthetic alike
                 terms["dm"] = dm_loss(psi, real, syn, params, max_batch=cfg.dm_max_batch or None)
                 total = total + dm_weight * terms["dm"]
 
