@@ -87,7 +87,7 @@ class DistillSection:
     iterations: int = 1000
     lr_img: float = 1.0
     momentum_img: float = 0.5
-    lr_lambda: float = 0.01
+    lr_lambda: float = 0.05  # Adam lr of log lambda (lambda_param log) or lambda (clamp)
     alpha: float | None = None  # None: appendix A rule by pipc (0.1 / 0.01 / 0.001)
     gamma: float | None = None  # None: appendix A rule by ipc (0.01 for ipc 50, else 0.001)
     init: str = "auto"  # auto (noise for ipc 1, real otherwise) | noise | real
@@ -95,9 +95,14 @@ class DistillSection:
     dsa: bool = True
     time_budget_s: float | None = None  # per distillation cell
     checkpoint_every: int = 0
-    stat_distance: str = "l1"  # D of L_stat: l1 | l2 | cosine (Deep Support Vectors, sec. 4.2)
+    stat_distance: str = "cosine"  # D of L_stat: cosine | l1 | l2 (server/distill/dkkt.py: why cosine)
+    stat_target: str = "update"  # what -sum lambda_i grad L_i must reach: update (theta* - theta_0) | theta (theta*)
+    stat_relative: bool = False  # divide L_stat by D(target, 0) (l1 / l2 only; cosine is already relative)
+    primal: str = "ce"  # ce (paper Eq. 3) | hinge (Deep Support Vectors Eq. 7)
     aug_weight: float = 5.0  # eta: weight of the DKKT terms on augmented images (manifold condition)
-    lambda_init: float = 1.0  # initial Lagrange multipliers (kept >= 0)
+    lambda_init: float = 1.0  # initial Lagrange multipliers (> 0 with lambda_param log)
+    lambda_param: str = "log"  # log (lambda = exp(rho), always > 0) | clamp (lambda, projected onto >= 0)
+    lambda_autoscale: bool = False  # start lambda at the least-squares scale of the target (l1 / l2)
     img_optimizer: str = "auto"  # auto (SGD for dm, Adam for DKKT methods) | sgd | adam
     lr_img_adam: float = 0.1  # image lr when the image optimizer is Adam
     seeds: list[int] | None = None  # distillation+evaluation seeds of the sweep; None: [seed]
@@ -115,6 +120,8 @@ class EvalSection:
     batch_size: int = 256
     dsa: bool = True
     num_models: int = 3
+    width: int = 128  # evaluation ConvNet, the same for every method whatever theta*'s architecture
+    depth: int = 3
 
 
 FAULT_MODES = ("raise", "timeout", "drop_after_train", "malformed")
@@ -280,6 +287,11 @@ def validate(s: Scenario) -> Scenario:
     _check_choice(s.distill.init, INITS, "distill.init", src)
     _check_choice(s.distill.stat_distance, ("l1", "l2", "cosine"), "distill.stat_distance", src)
     _check_choice(s.distill.img_optimizer, ("auto", "sgd", "adam"), "distill.img_optimizer", src)
+    _check_choice(s.distill.stat_target, ("update", "theta"), "distill.stat_target", src)
+    _check_choice(s.distill.primal, ("ce", "hinge"), "distill.primal", src)
+    _check_choice(s.distill.lambda_param, ("log", "clamp"), "distill.lambda_param", src)
+    _check_positive(s.evaluation.width, "evaluation.width", src)
+    _check_positive(s.evaluation.depth, "evaluation.depth", src)
     _check_positive(s.distill.lr_img_adam, "distill.lr_img_adam", src)
     _check_positive(s.distill.aug_weight, "distill.aug_weight", src, allow_zero=True)
     _check_positive(s.distill.lambda_init, "distill.lambda_init", src, allow_zero=True)

@@ -23,6 +23,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.datasets import DatasetMeta
+from common.models import build_model
 from common.scenario import Scenario
 
 __all__ = ["KEY_DSV", "DSV_ACTION", "MAX_ABS_PIXEL", "extract_dsvs", "dsv_seed", "dsvs_to_record",
@@ -51,9 +52,12 @@ def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, 
     cfg.checkpoint_every = 0
     # alpha by the pipc rule would depend on a pool the client does not have: use the pipc-10 value
     # unless the scenario fixes alpha (the client's own data is its "pool").
+    # theta_0: the client's local model starts from the scenario-seeded ConvNet (edge_client/app.py),
+    # the reference point of the stationarity target "update" (server/distill/dkkt.py).
+    init = build_model(meta, dataclasses.asdict(scenario.model), seed=scenario.seed)
     syn = synthesize("dsv", ipc=ipc, num_classes=meta.num_classes, image_shape=meta.image_shape, pipc=10,
                      safe_x=None, safe_y=None, model=model, embed_factory=None, config=cfg, seed=seed,
-                     device=device, progress=False)
+                     device=device, progress=False, init_model=init)
     x = syn.x.detach().to("cpu", torch.float32).contiguous()
     y = syn.y.to("cpu", torch.int64)
     _check_dsvs(x, y, meta.num_classes, ipc, meta.image_shape, "extracted DSVs")

@@ -94,12 +94,17 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
         model.eval()
     dcfg, ecfg = distill_config(s), eval_config(s)
     embed_factory = make_embed_factory(meta, arch)
+    # theta_0: FedAvg's starting point (server/app.py), the stationarity target's reference.
+    init_model = build_model(meta, arch, seed=s.seed)
+    # The evaluation network is the scenario's (evaluation.width/depth), the same for every
+    # method, whatever architecture theta* has.
+    eval_arch = {"width": s.evaluation.width, "depth": s.evaluation.depth}
 
     def model_factory(seed: int) -> torch.nn.Module:
-        return build_model(meta, arch, seed=seed)
+        return build_model(meta, eval_arch, seed=seed)
 
     # server.sweep: per-cell records under cells/, resume, skipped cells, seeds.
-    cells = run_cells(inp, model, embed_factory, dcfg, ecfg, model_factory, progress)
+    cells = run_cells(inp, model, embed_factory, dcfg, ecfg, model_factory, progress, init_model=init_model)
     return cells
 
 

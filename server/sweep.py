@@ -140,7 +140,7 @@ def _skipped(spec: CellSpec, reason: str, run_dir: Path, config: dict) -> CellRe
 
 
 def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, ecfg: Any,
-              model_factory: Any, progress: bool) -> list[CellResult]:
+              model_factory: Any, progress: bool, init_model: torch.nn.Module | None = None) -> list[CellResult]:
     """Distill + evaluate every cell of ``inp.scenario`` (a ``server.pipeline.PipelineInputs``), resuming."""
     s, meta, dev, run_dir = inp.scenario, inp.meta, inp.device, Path(inp.run_dir)
     cells_dir = run_dir / CELLS_DIR
@@ -174,7 +174,9 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                     spec = CellSpec(method, ipc, pipc, seed)
                     json_path, pt_path = cells_dir / f"{spec.name}.json", cells_dir / f"{spec.name}.pt"
                     config = {"distill": {**distill_dict, "alpha": cell_dcfg.alpha},
-                              "evaluation": dataclasses.asdict(ecfg), "model": dataclasses.asdict(s.model),
+                              "evaluation": {**dataclasses.asdict(ecfg), "width": s.evaluation.width,
+                                             "depth": s.evaluation.depth},
+                              "model": dataclasses.asdict(s.model),
                               "dataset": meta.name, "inputs": {**base_digest, "pool": pool_digest}}
                     if method in ("blend", "dm_from_dsv"):
                         config["inputs"]["dsv"] = tensor_digest(dsv_set.x) if dsv_set is not None else None
@@ -212,6 +214,7 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                             checkpoint_path=cells_dir / f"{spec.name}.ckpt.pt",
                             dsv_x=dsv_set.x if (method in ("blend", "dm_from_dsv") and dsv_set is not None) else None,
                             dsv_y=dsv_set.y if (method in ("blend", "dm_from_dsv") and dsv_set is not None) else None,
+                            init_model=init_model,
                         )
                     except DistillationError as err:  # NaN/Inf in this cell: record it, go on (server/faults.py)
                         cells.append(record_failed_cell(spec, err, run_dir, config, CELLS_DIR, FORMAT))

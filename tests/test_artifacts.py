@@ -102,7 +102,7 @@ def test_cli_distills_writes_files_and_appends_results(tmp_path: Path) -> None:
     out = tmp_path / "out"
     base = ["--model", str(m), "--safe", str(s), "--dataset", "fashion-mnist", "--ipc", "1",
             "--pipc", "2", "--iterations", "2", "--eval-epochs", "0", "--out", str(out),
-            "--device", "cpu", "--real-batch", "4", "--no-progress"]
+            "--device", "cpu", "--real-batch", "4", "--no-progress", "--init-seed", "0"]
     assert main(base + ["--method", "dkkt_dm"]) == 0
     assert main(base + ["--method", "random_real"]) == 0
     assert (out / "synthetic_dkkt_dm_ipc1_pipc2.pt").is_file()
@@ -117,6 +117,10 @@ def test_cli_distills_writes_files_and_appends_results(tmp_path: Path) -> None:
     # blend from the DSVs of an earlier run
     assert main(base + ["--method", "dsv"]) == 0
     assert main(base + ["--method", "blend", "--dsv", str(out / "synthetic_dsv_ipc1_pipc2.pt")]) == 0
+    # the stationarity target theta* - theta_0 needs theta_0's seed: without it, a clear error
+    no_seed = base[:-2]  # base ends with "--init-seed", "0"
+    assert no_seed[-1] == "--no-progress"
+    assert main(no_seed + ["--method", "dkkt_dm"]) == 2
 
 
 def test_cli_rejects_bad_files_with_their_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

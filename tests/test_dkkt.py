@@ -119,8 +119,11 @@ def test_dkkt_combines_clean_and_augmented_terms() -> None:
     want = ((t["primal"] + alpha * t["stat"]) + eta * (t["primal_aug"] + alpha * t["stat_aug"])) / (1 + eta)
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     plain, t2 = dkkt_loss(model, x, y, lam, alpha=alpha)
-    assert set(t2) == {"primal", "stat"}
+    assert set(t2) == {"primal", "stat", "primal_part", "stat_part"}
     assert plain.item() == pytest.approx((t2["primal"] + alpha * t2["stat"]).item(), rel=1e-6)
+    # the weighted parts add up to the loss (what the gradient-share trace relies on)
+    assert (t["primal_part"] + t["stat_part"]).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert t["stat_part"].item() == pytest.approx(alpha * (t["stat"] + eta * t["stat_aug"]).item() / (1 + eta), rel=1e-6)
     p, s = kkt_terms(model, x, y, lam)
     assert p.item() == pytest.approx(t2["primal"].item(), rel=1e-6) and s is not None
 

@@ -166,7 +166,8 @@ def _tiny_distill(method: str) -> torch.Tensor:
     safe_y = torch.arange(12) % 3
     s = synthesize(method, ipc=2, num_classes=3, image_shape=(1, 8, 8), pipc=4, safe_x=safe_x, safe_y=safe_y,
                    model=build_model(META, ARCH, seed=1), embed_factory=make_embed_factory(META, ARCH),
-                   config=DistillConfig(iterations=3, real_batch=4), seed=0, device="cpu", progress=False)
+                   config=DistillConfig(iterations=3, real_batch=4), seed=0, device="cpu", progress=False,
+                   init_model=build_model(META, ARCH, seed=2))
     return s.x
 
 

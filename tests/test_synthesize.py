@@ -47,6 +47,7 @@ def _run(method: str, ipc: int = 2, pipc: int = 5, cfg: DistillConfig | None = N
     sx, sy = _safe()
     args = dict(ipc=ipc, num_classes=C, image_shape=SHAPE, pipc=pipc, safe_x=sx, safe_y=sy,
                 model=build_model(META, ARCH, seed=1), embed_factory=make_embed_factory(META, ARCH),
+                init_model=build_model(META, ARCH, seed=2),
                 config=cfg or DistillConfig(iterations=3, real_batch=4, log_every=1), seed=0,
                 device=torch.device("cpu"), progress=False)
     args.update(kw)

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("distillation (DistillConfig)")
     g.add_argument("--lr-img", type=float, default=1.0)
     g.add_argument("--momentum-img", type=float, default=0.5)
-    g.add_argument("--lr-lambda", type=float, default=0.01)
+    g.add_argument("--lr-lambda", type=float, default=0.05)
     g.add_argument("--img-optimizer", choices=("auto", "sgd", "adam"), default="auto",
                    help="auto: SGD(--lr-img) for dm, Adam(--lr-img-adam) for dsv/dsv_real/dkkt_dm")
     g.add_argument("--lr-img-adam", type=float, default=0.1)
@@ -70,14 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-budget", type=float, default=None, help="seconds; stop early")
     g.add_argument("--checkpoint-every", type=int, default=0)
     g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--stat-distance", choices=("l1", "l2", "cosine"), default="l1")
+    g.add_argument("--stat-distance", choices=("l1", "l2", "cosine"), default="cosine")
     g.add_argument("--primal", choices=("ce", "hinge"), default="ce")
     g.add_argument("--aug-weight", type=float, default=5.0)
+    g.add_argument("--stat-target", choices=("update", "theta"), default="update",
+                   help="update: theta* - theta_0 (theta_0 = ConvNet seeded with --init-seed); theta: theta*")
+    g.add_argument("--init-seed", type=int, default=None,
+                   help="seed of theta_0, the network FedAvg started from (default: 'seed' of the "
+                        "scenario.resolved.yaml beside --model)")
+    g.add_argument("--lambda-param", choices=("log", "clamp"), default="log")
     e = p.add_argument_group("evaluation (EvalConfig)")
     e.add_argument("--eval-optimizer", choices=("sam", "sgd"), default="sam")
     e.add_argument("--eval-lr", type=float, default=None)
     e.add_argument("--eval-batch-size", type=int, default=256)
     e.add_argument("--no-eval-dsa", action="store_true")
+    e.add_argument("--eval-width", type=int, default=128, help="evaluation ConvNet width (every method alike)")
+    e.add_argument("--eval-depth", type=int, default=3)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -92,6 +100,19 @@ def _arch(args: argparse.Namespace, model_arch: dict[str, Any] | None) -> dict[s
             raise ValueError(f"--{key} {val} contradicts {args.model}, whose arch has {key}={arch[key]}")
         arch[key] = val
     return arch
+
+
+def _init_seed(args: argparse.Namespace) -> int:
+    """--init-seed, else the 'seed' of the run folder that produced --model."""
+    if args.init_seed is not None:
+        return int(args.init_seed)
+    resolved = Path(args.model).with_name("scenario.resolved.yaml")
+    if resolved.is_file():
+        from common.scenario import load_scenario
+
+        return int(load_scenario(resolved).seed)
+    raise ValueError(f"--stat-target update needs theta_0's seed: pass --init-seed (the scenario seed of the run "
+                     f"that trained {args.model}), or --stat-target theta")
 
 
 def append_results(out_dir: Path, row: dict[str, Any]) -> None:
@@ -164,7 +185,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         real_batch=args.real_batch, dsa=not args.no_dsa, time_budget_s=args.time_budget,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         stat_distance=args.stat_distance, primal=args.primal, aug_weight=args.aug_weight,
+        stat_target=args.stat_target, lambda_param=args.lambda_param,
     )
+    init_model = None
+    needs_kkt = args.method in ("dsv", "dsv_real", "dkkt_dm") or (args.method in ("blend", "dm_from_dsv")
+                                                                  and dsv_x is None)
+    if model is not None and needs_kkt and args.stat_target == "update":
+        init_model = build_model(meta, arch, seed=_init_seed(args))
     tag = f"{args.method}_ipc{args.ipc}_pipc{pipc}"
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         safe_x=safe_x, safe_y=safe_y, model=model, embed_factory=make_embed_factory(meta, arch),
         config=cfg, seed=args.seed, device=device, progress=not args.no_progress,
         checkpoint_path=out / f"checkpoint_{tag}.pt" if args.checkpoint_every else None,
-        dsv_x=dsv_x, dsv_y=dsv_y,
+        dsv_x=dsv_x, dsv_y=dsv_y, init_model=init_model,
     )
     syn_path = save_synthetic_artifact(out / f"synthetic_{tag}.pt", syn, dataset=meta.name, pipc=pipc)
     save_image_grid(syn.x, syn.y, out / f"synthetic_{tag}.png", meta, title=f"{args.method} ipc={args.ipc} pipc={pipc}")
@@ -196,7 +223,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           batch_size=args.eval_batch_size, dsa=not args.no_eval_dsa, num_models=args.num_models)
         res = evaluate_synthetic(
             syn.x, syn.y, normalize(splits.test_x, meta), splits.test_y,
-            lambda s: build_model(meta, arch, seed=s), ecfg, seed=args.seed, device=device,
+            lambda s: build_model(meta, {"width": args.eval_width, "depth": args.eval_depth}, seed=s), ecfg,
+            seed=args.seed, device=device,
             progress=not args.no_progress,
         )
         row.update(acc_mean=res.mean, acc_std=res.std, accuracies=res.accuracies,

@@ -42,6 +42,7 @@ Choices, and where they come from
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -53,6 +54,9 @@ from common.augment import DSAParams, apply_dsa
 
 __all__ = [
     "STAT_DISTANCES",
+    "stat_at_zero",
+    "stationarity_target",
+    "lambda_scale",
     "PRIMAL_MODES",
     "DEFAULT_AUG_WEIGHT",
     "primal_loss",
@@ -109,6 +113,46 @@ def _distance(theta: Mapping[str, Tensor], v: Mapping[str, Tensor], distance: st
     raise ValueError(f"stationarity distance must be one of {list(STAT_DISTANCES)}, got {distance!r}")
 
 
+def stationarity_target(model: nn.Module, init: nn.Module | None = None) -> dict[str, Tensor]:
+    """What the stationarity sum must reach: theta* (``init`` None, the paper's Eq. 3), or
+    the displacement theta* - theta_0 from the network's known initialisation ``init``."""
+    theta = {k: p.detach() for k, p in model.named_parameters()}
+    if init is None:
+        return theta
+    start = dict(init.named_parameters())
+    if set(start) != set(theta) or any(start[k].shape != theta[k].shape for k in theta):
+        raise ValueError("stationarity target 'update': the initial network's parameters differ "
+                         "in names or shapes from the trained model's")
+    return {k: theta[k] - start[k].detach().to(theta[k].device, theta[k].dtype) for k in theta}
+
+
+def stat_at_zero(target: Mapping[str, Tensor], distance: str = "l1") -> float:
+    """D(target, 0): L_stat when every lambda is 0 (or every gradient vanishes), the value
+    an inert stationarity term sits at; 1 for cosine."""
+    zero = {k: torch.zeros_like(t) for k, t in target.items()}
+    return float(_distance(dict(target), zero, distance))
+
+
+def lambda_scale(model: nn.Module, x: Tensor, y: Tensor, target: Mapping[str, Tensor] | None = None) -> float:
+    """The common multiplier s >= 0 that brings -s * sum_i grad L_i closest to theta* in l2
+    (least squares: s = <theta*, v> / ||v||^2 with v = -sum_i grad L_i, or ``target`` in place
+    of theta*; when the two point
+    apart, ||theta*|| / ||v|| so that at least the norms agree). Used to start lambda at
+    the scale of theta* instead of 1: per-sample gradients of a trained model are tiny, so
+    lambda = 1 leaves sum_i lambda_i grad L_i orders of magnitude short of theta*."""
+    _check_xy(x, y)
+    params = _live_params(model)
+    ce = F.cross_entropy(functional_call(model, params, (x.detach(),)), y, reduction="sum")
+    grads = torch.autograd.grad(ce, list(params.values()))
+    theta = [p.detach() for p in params.values()] if target is None else [target[k] for k in params]
+    dot = sum(float((t * -g).sum()) for t, g in zip(theta, grads))
+    vv = sum(float((g ** 2).sum()) for g in grads)
+    tt = sum(float((t ** 2).sum()) for t in theta)
+    if vv <= 0 or not math.isfinite(vv):
+        return 1.0
+    return dot / vv if dot > 0 else math.sqrt(tt / vv)
+
+
 def _live_params(model: nn.Module) -> dict[str, Tensor]:
     # Detached leaves that require grad: grad_theta is taken w.r.t. these while the
     # model's own (frozen) parameters stay untouched.
@@ -123,8 +167,12 @@ def kkt_terms(
     *,
     distance: str = "l1",
     primal: str = "ce",
+    target: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """(L_primal, L_stat) from ONE forward pass; L_stat is None when ``lam`` is None."""
+    """(L_primal, L_stat) from ONE forward pass; L_stat is None when ``lam`` is None.
+
+    ``target``: what -sum_i lam_i grad L_i must reach (per parameter name); default theta*
+    itself (the paper's Eq. 3). ``stationarity_target`` builds the alternatives."""
     _check_xy(x, y)
     if distance not in STAT_DISTANCES:
         raise ValueError(f"stationarity distance must be one of {list(STAT_DISTANCES)}, got {distance!r}")
@@ -139,7 +187,7 @@ def kkt_terms(
     ce = F.cross_entropy(logits, y, reduction="none")
     grads = torch.autograd.grad((lam * ce).sum(), list(params.values()), create_graph=True)
     v = {k: -g for k, g in zip(params, grads)}
-    theta = {k: p.detach() for k, p in params.items()}
+    theta = {k: p.detach() for k, p in params.items()} if target is None else target
     return l_primal, _distance(theta, v, distance)
 
 
@@ -173,24 +221,30 @@ def dkkt_loss(
     aug_weight: float = DEFAULT_AUG_WEIGHT,
     distance: str = "l1",
     primal: str = "ce",
+    target: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 4 with DSV's manifold (augmentation) condition.
 
     Returns ``(loss, terms)``. Without ``dsa_params`` (or ``aug_weight == 0``):
     loss = L_primal(x) + alpha L_stat(x). With them:
     loss = [L_kkt(x) + aug_weight * L_kkt(A(x))] / (1 + aug_weight), A = ``apply_dsa``.
-    ``terms`` holds the detached-able parts: "primal", "stat" and, when augmented,
-    "primal_aug", "stat_aug" (all scalar tensors, still attached to the graph).
+    ``terms`` holds the raw terms "primal", "stat" and, when augmented, "primal_aug",
+    "stat_aug", plus the two weighted parts whose sum is ``loss``: "primal_part" (the
+    primal terms with their augmentation weighting) and "stat_part" (alpha times the
+    stationarity terms, likewise); all scalar tensors still attached to the graph.
     """
     if alpha < 0 or aug_weight < 0:
         raise ValueError(f"alpha and aug_weight must be >= 0, got alpha={alpha}, aug_weight={aug_weight}")
-    p, s = kkt_terms(model, x, y, lam, distance=distance, primal=primal)
+    p, s = kkt_terms(model, x, y, lam, distance=distance, primal=primal, target=target)
     assert s is not None
     terms: dict[str, Tensor] = {"primal": p, "stat": s}
-    loss = p + alpha * s
+    primal_part, stat_part = p, alpha * s
     if dsa_params is not None and aug_weight > 0:
-        pa, sa = kkt_terms(model, apply_dsa(x, dsa_params), y, lam, distance=distance, primal=primal)
+        pa, sa = kkt_terms(model, apply_dsa(x, dsa_params), y, lam, distance=distance, primal=primal,
+                           target=target)
         assert sa is not None
         terms["primal_aug"], terms["stat_aug"] = pa, sa
-        loss = (loss + aug_weight * (pa + alpha * sa)) / (1.0 + aug_weight)
-    return loss, terms
+        primal_part = (p + aug_weight * pa) / (1.0 + aug_weight)
+        stat_part = alpha * (s + aug_weight * sa) / (1.0 + aug_weight)
+    terms["primal_part"], terms["stat_part"] = primal_part, stat_part
+    return primal_part + stat_part, terms

@@ -52,7 +52,8 @@ from torch import Tensor, nn
 from common.augment import DSA_STRATEGY, parse_strategy, sample_dsa_params
 from common.perf import tune_cpu_allocator
 from server.artifacts import atomic_torch_save
-from server.distill.dkkt import DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss
+from server.distill.dkkt import (DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss, lambda_scale,
+                                 stat_at_zero, stationarity_target)
 from server.distill.dm import class_indices, dm_loss, sample_real_batches
 from server.progress import make_progress
 
@@ -67,6 +68,7 @@ __all__ = [
     "default_init",
     "make_embed_factory",
     "synthesize",
+    "total_loss",
 ]
 
 METHODS: tuple[str, ...] = ("dm", "dsv", "dsv_real", "dkkt_dm", "blend", "dm_from_dsv", "random_real", "safe_all")
@@ -90,7 +92,7 @@ class DistillConfig:
     iterations: int = 1000
     lr_img: float = 1.0
     momentum_img: float = 0.5
-    lr_lambda: float = 0.01
+    lr_lambda: float = 0.05
     alpha: float | None = None  # None -> default_alpha(pipc)
     gamma: float | None = None  # None -> default_gamma(ipc)
     init: str = "auto"  # "auto" | "noise" | "real"
@@ -101,11 +103,15 @@ class DistillConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     # --- optional additions (not in docs/API.md); defaults follow the DSV paper ---
-    stat_distance: str = "l1"  # D of L_stat: "l1" | "l2" | "cosine"
+    stat_distance: str = "cosine"  # D of L_stat: "l1" | "l2" | "cosine" (see server/distill/dkkt.py)
     primal: str = "ce"  # "ce" (Eq. 3) | "hinge" (DSV Eq. 7)
     aug_weight: float = DEFAULT_AUG_WEIGHT  # eta of DSV's manifold (augmentation) term
-    lambda_init: float = 1.0
+    lambda_init: float = 1.0  # initial lambda (times the least-squares scale when lambda_autoscale)
     lambda_optimizer: str = "adam"  # "adam" | "sgd"
+    lambda_param: str = "log"  # "log": lambda = exp(rho) > 0 | "clamp": lambda itself, projected onto >= 0
+    lambda_autoscale: bool = False  # start lambda at the scale where -sum lambda_i grad L_i reaches theta*
+    stat_relative: bool = False  # divide L_stat by D(theta*, 0), so alpha weighs a number in [0, ~1]
+    stat_target: str = "update"  # "update": theta* - theta_0 (needs init_model) | "theta": Eq. 3's theta*
     # Image optimizer: "sgd" = SGD(lr_img, momentum_img) (DM reference); "adam" = Adam(lr_img_adam);
     # "auto" = sgd for dm, adam for the DKKT methods (dsv, dsv_real, dkkt_dm). Why: the paper gives
     # no image optimizer for Eq. 5, and with SGD(lr 1.0) the gamma = 0.001 DM term barely moves
@@ -154,6 +160,14 @@ class DistillConfig:
             raise bad("aug_weight", ">= 0")
         if not self.lambda_init >= 0:
             raise bad("lambda_init", ">= 0")
+        if self.stat_target not in ("theta", "update"):
+            raise bad("stat_target", "'theta' or 'update'")
+        if self.lambda_param not in ("clamp", "log"):
+            raise bad("lambda_param", "'clamp' or 'log'")
+        if not isinstance(self.lambda_autoscale, bool) or not isinstance(self.stat_relative, bool):
+            raise ValueError("DistillConfig.lambda_autoscale and stat_relative must be bools")
+        if self.lambda_param == "log" and not self.lambda_init > 0:
+            raise bad("lambda_init", "> 0 when lambda_param is 'log'")
         if self.lambda_optimizer not in ("adam", "sgd"):
             raise bad("lambda_optimizer", "'adam' or 'sgd'")
         if self.img_optimizer not in ("auto", "sgd", "adam"):
@@ -245,6 +259,14 @@ class _SafePool:
         return [c for c, n in enumerate(self.counts) if n < ipc]
 
 
+def total_loss(parts: Mapping[str, Tensor]) -> Tensor:
+    """Paper Eq. 5: L_total = L_primal + alpha L_stat + gamma L_DM, given its weighted parts
+    ("primal", "stat" from ``dkkt_loss`` and "dm" = gamma L_DM; a method uses a subset)."""
+    if not parts:
+        raise ValueError("total_loss: no loss terms (the method uses neither DKKT nor DM)")
+    return sum(parts.values(), next(iter(parts.values())).new_zeros(()))
+
+
 def _labels(num_classes: int, ipc: int) -> Tensor:
     return torch.arange(num_classes, dtype=torch.int64).repeat_interleave(ipc)
 
@@ -270,6 +292,7 @@ def synthesize(
     checkpoint_path: Path | str | None = None,
     dsv_x: Tensor | None = None,
     dsv_y: Tensor | None = None,
+    init_model: nn.Module | None = None,
 ) -> SyntheticSet:
     """Distill ``ipc`` images per class with ``method`` (see the module docstring).
 
@@ -278,6 +301,8 @@ def synthesize(
     generator -> fresh random network whose ``embed`` (or itself) is psi.
     ``dsv_x``/``dsv_y`` (blend only): pre-extracted DSVs, class-major, ipc per class;
     ``dsv_y`` (optional addition) lets them come in any order.
+    ``init_model``: the network theta* was trained from (theta_0), needed when
+    ``config.stat_target == "update"``.
     Returns a ``SyntheticSet`` on CPU.
     """
     if method not in METHODS:
@@ -301,6 +326,8 @@ def synthesize(
         raise ValueError(f"method {method!r} needs safe data (safe_x and safe_y), but got None")
     if method in ("dm", "dkkt_dm", "blend", "dm_from_dsv") and embed_factory is None:
         raise ValueError(f"method {method!r} needs embed_factory (random networks for DM), got None")
+    if method in _NEEDS_MODEL and config.stat_target == "update" and init_model is None:
+        raise ValueError("stat_target 'update' needs init_model (the network theta* was trained from), got None")
     if method in ("blend", "dm_from_dsv") and dsv_x is None and model is None:
         raise ValueError(f"method {method!r} needs pre-extracted DSVs (dsv_x) or the model to extract them; both are None")
 
@@ -331,7 +358,8 @@ def synthesize(
     deadline = None if config.time_budget_s is None else t0 + config.time_budget_s
     with make_progress(progress) as bar:
         run = _Run(ipc=ipc, num_classes=num_classes, image_shape=image_shape, pipc=pipc, pool=pool,
-                   model=model, embed_factory=embed_factory, config=config, device=device, bar=bar)
+                   model=model, embed_factory=embed_factory, config=config, device=device, bar=bar,
+                   init_model=init_model)
         if method not in ("blend", "dm_from_dsv"):
             out = run.optimize(method, gen, deadline, _as_path(checkpoint_path))
             out.info = base_info | out.info
@@ -403,10 +431,13 @@ class _Run:
     def __init__(self, *, ipc: int, num_classes: int, image_shape: tuple[int, int, int], pipc: int,
                  pool: _SafePool | None, model: nn.Module | None,
                  embed_factory: Callable[[torch.Generator], nn.Module] | None,
-                 config: DistillConfig, device: torch.device, bar: Any) -> None:
+                 config: DistillConfig, device: torch.device, bar: Any,
+                 init_model: nn.Module | None = None) -> None:
         self.ipc, self.C, self.shape, self.pipc = ipc, num_classes, image_shape, pipc
         self.pool, self.embed_factory, self.cfg, self.device, self.bar = pool, embed_factory, config, device, bar
         self.model = None
+        self.init_model = None if init_model is None else copy.deepcopy(init_model).to(device)
+        self.target: dict[str, Tensor] | None = None  # what the stationarity sum must reach
         self.init_x: Tensor | None = None  # dm_from_dsv: start images given by the caller
         if model is not None:
             # Frozen private copy: the caller's module keeps its mode and grad flags.
@@ -482,14 +513,25 @@ class _Run:
         opt_img: torch.optim.Optimizer = (
             torch.optim.Adam([x_syn], lr=cfg.lr_img_adam) if img_opt == "adam"
             else torch.optim.SGD([x_syn], lr=cfg.lr_img, momentum=cfg.momentum_img))
-        lam: Tensor | None = None
+        lam_param: Tensor | None = None  # the tensor lambda's optimizer steps (lambda itself or log lambda)
         opt_lam: torch.optim.Optimizer | None = None
+        stat_zero = 1.0
         if use_dkkt:
             assert self.model is not None
             self._check_model(x_syn.detach())
-            lam = torch.full((C * ipc,), float(cfg.lambda_init), device=self.device, requires_grad=True)
-            opt_lam = (torch.optim.Adam([lam], lr=cfg.lr_lambda) if cfg.lambda_optimizer == "adam"
-                       else torch.optim.SGD([lam], lr=cfg.lr_lambda))
+            self.target = stationarity_target(self.model, self.init_model if cfg.stat_target == "update" else None)
+            lam0 = float(cfg.lambda_init)
+            if cfg.lambda_autoscale:
+                lam0 *= lambda_scale(self.model, x_syn.detach(), y, self.target)
+            stat_zero = stat_at_zero(self.target, cfg.stat_distance)
+            if cfg.lambda_param == "log":  # lambda = exp(rho) > 0: multiplicative steps, dual feasible by construction
+                lam_param = torch.full((C * ipc,), math.log(max(lam0, 1e-30)), device=self.device, requires_grad=True)
+            else:  # lambda itself, projected onto lambda >= 0 after every step
+                lam_param = torch.full((C * ipc,), lam0, device=self.device, requires_grad=True)
+            opt_lam = (torch.optim.Adam([lam_param], lr=cfg.lr_lambda) if cfg.lambda_optimizer == "adam"
+                       else torch.optim.SGD([lam_param], lr=cfg.lr_lambda))
+        # L_stat / D(theta*, 0) when stat_relative: alpha then weighs a number in [0, ~1].
+        stat_div = stat_zero if (use_dkkt and cfg.stat_relative) else 1.0
 
         history: list[dict[str, float]] = []
         stopped = "completed"
@@ -499,15 +541,17 @@ class _Run:
             if deadline is not None and time.monotonic() >= deadline:
                 stopped = "time_budget"
                 break
+            lam = None if lam_param is None else (lam_param.exp() if cfg.lambda_param == "log" else lam_param)
             terms: dict[str, Tensor] = {}
-            total = x_syn.new_zeros(())
+            parts: dict[str, Tensor] = {}  # the weighted addends of Eq. 5; their sum is the loss
             if use_dkkt:
                 assert lam is not None and self.model is not None
                 p_aug = sample_dsa_params(gen, cfg.dsa_strategy) if cfg.dsa else None
-                l_kkt, kt = dkkt_loss(self.model, x_syn, y, lam, alpha=alpha, dsa_params=p_aug,
-                                      aug_weight=cfg.aug_weight, distance=cfg.stat_distance, primal=cfg.primal)
+                _, kt = dkkt_loss(self.model, x_syn, y, lam, alpha=alpha / stat_div, dsa_params=p_aug,
+                                  aug_weight=cfg.aug_weight, distance=cfg.stat_distance, primal=cfg.primal,
+                                  target=self.target)
+                parts["primal"], parts["stat"] = kt.pop("primal_part"), kt.pop("stat_part")
                 terms.update(kt)
-                total = total + l_kkt
             if use_dm:
                 net = self.embed_factory(gen).to(self.device).eval()  # type: ignore[misc]
                 for p in net.parameters():
@@ -518,41 +562,67 @@ class _Run:
                 params = ([sample_dsa_params(gen, cfg.dsa_strategy, siamese=True) for _ in range(C)]
                           if cfg.dsa else None)  # one transform per class, real and synthetic alike
                 terms["dm"] = dm_loss(psi, real, syn, params, max_batch=cfg.dm_max_batch or None)
-                total = total + dm_weight * terms["dm"]
+                parts["dm"] = dm_weight * terms["dm"]
+            total = total_loss(parts)
 
             opt_img.zero_grad(set_to_none=True)
             if opt_lam is not None:
                 opt_lam.zero_grad(set_to_none=True)
-            # Only S and lambda: without ``inputs`` autograd also builds d(total)/d(theta*)
-            # for the DKKT pass's live parameter leaves (a wasted Hessian-vector product).
-            total.backward(inputs=[x_syn] if lam is None else [x_syn, lam])
+            log_now = it % cfg.log_every == 0 or it == cfg.iterations
+            grad_norms: dict[str, float] = {}
+            if log_now and len(parts) > 1:
+                # Instrumentation: each part's own gradient on the images (their sum is the total
+                # gradient, so nothing is computed twice); lambda's gradient comes from L_stat only.
+                keys = list(parts)
+                for i, k in enumerate(keys):
+                    wrt = [x_syn] if (k != "stat" or lam_param is None) else [x_syn, lam_param]
+                    g = torch.autograd.grad(parts[k], wrt, retain_graph=i < len(keys) - 1, allow_unused=True)
+                    gx = g[0] if g[0] is not None else torch.zeros_like(x_syn)
+                    grad_norms[k] = float(gx.norm())
+                    x_syn.grad = gx if x_syn.grad is None else x_syn.grad + gx
+                    if len(g) > 1 and g[1] is not None:
+                        lam_param.grad = g[1]  # type: ignore[union-attr]
+            else:
+                # Only S and lambda: without ``inputs`` autograd also builds d(total)/d(theta*)
+                # for the DKKT pass's live parameter leaves (a wasted Hessian-vector product).
+                total.backward(inputs=[x_syn] if lam_param is None else [x_syn, lam_param])
             # One host sync per iteration: loss and gradients finite?
             ok = torch.isfinite(total) & torch.isfinite(x_syn.grad).all()  # type: ignore[arg-type]
-            if lam is not None and lam.grad is not None:
-                ok = ok & torch.isfinite(lam.grad).all()
+            if lam_param is not None and lam_param.grad is not None:
+                ok = ok & torch.isfinite(lam_param.grad).all()
             if not bool(ok):
-                self._fail(method, it, terms, total, x_syn, lam, y, ckpt, history)
+                self._fail(method, it, terms, total, x_syn, lam_param, y, ckpt, history)
             opt_img.step()
             if opt_lam is not None:
                 opt_lam.step()
-                with torch.no_grad():
-                    lam.clamp_(min=0.0)  # type: ignore[union-attr]  # dual feasibility (projection)
+                if cfg.lambda_param == "clamp":
+                    with torch.no_grad():
+                        lam_param.clamp_(min=0.0)  # type: ignore[union-attr]  # dual feasibility (projection)
             done = it
 
-            if it % cfg.log_every == 0 or it == cfg.iterations:
+            if log_now:
                 row = {"iteration": it, "total": float(total.detach()), "elapsed_s": time.monotonic() - t0}
                 row.update({k: float(v.detach()) for k, v in terms.items()})
-                if lam is not None:
-                    row.update(lambda_mean=float(lam.detach().mean()), lambda_min=float(lam.detach().min()))
+                if use_dkkt:
+                    lam_now = lam_param.detach().exp() if cfg.lambda_param == "log" else lam_param.detach()  # type: ignore[union-attr]
+                    row.update(stat_zero=stat_zero, stat_ratio=row["stat"] / stat_zero if stat_zero > 0 else float("nan"),
+                               lambda_min=float(lam_now.min()), lambda_mean=float(lam_now.mean()),
+                               lambda_max=float(lam_now.max()), lambda_zero=int((lam_now <= 0).sum()))
+                norm_sum = sum(grad_norms.values())
+                for k, v in grad_norms.items():
+                    row[f"gradnorm_{k}"] = v
+                    row[f"gradshare_{k}"] = v / norm_sum if norm_sum > 0 else 0.0
                 history.append(row)
                 status = " ".join(f"{k}={v:.3g}" for k, v in row.items()
-                                  if k in ("total", "primal", "stat", "dm", "lambda_mean"))
+                                  if k in ("total", "primal", "stat_ratio", "dm", "gradshare_stat"))
                 self.bar.update(task, completed=it, status=status)
             else:
                 self.bar.update(task, completed=it)
+            lam_save = None if lam_param is None else (lam_param.exp() if cfg.lambda_param == "log" else lam_param)
             if ckpt is not None and cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
-                self._save(ckpt, method, it, x_syn, lam, y, history)
+                self._save(ckpt, method, it, x_syn, lam_save, y, history)
 
+        lam = None if lam_param is None else (lam_param.exp() if cfg.lambda_param == "log" else lam_param)
         if ckpt is not None and cfg.checkpoint_every and done and done % cfg.checkpoint_every:
             self._save(ckpt, method, done, x_syn, lam, y, history)
         info: dict[str, Any] = {
@@ -560,7 +630,7 @@ class _Run:
             "stopped_reason": stopped, "time_budget_s": cfg.time_budget_s, "wall_s": time.monotonic() - t0,
             "alpha": alpha if use_dkkt else None, "gamma": gamma if method == "dkkt_dm" else None,
             "dm_weight": dm_weight if use_dm else None, "init": init_desc, "img_optimizer": img_opt,
-            "device": str(self.device),
+            "device": str(self.device), "stat_zero": stat_zero if use_dkkt else None,
         }
         if lam is not None:
             info["lambda"] = lam.detach().cpu().tolist()
