@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.datasets import DatasetMeta, normalize
 from common.device import pick_device
 from common.models import build_model
-from common.scenario import Scenario, load_scenario, resolve_from_run_config, save_resolved
+from common.scenario import Scenario, check_resources, load_scenario, resolve_from_run_config, save_resolved
 from edge_client.data import federation_train_set
 from server.artifacts import save_model_artifact, save_safe_artifact
 from server.collect import collect_safe_pool
@@ -130,6 +130,8 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
 def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     """Run all phases of ``scenario`` on ``grid``; returns the run folder."""
     run_dir = scenario.run_dir
+    for warning in check_resources(scenario):  # refuses before the run folder exists when memory cannot fit
+        log(WARNING, "%s", warning)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(scenario, run_dir)
     device = pick_device(scenario.device)

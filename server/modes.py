@@ -53,7 +53,8 @@ from server.collect import SafePool, collect_safe_pool
 from server.federate import FederationError, wait_for_nodes
 from server.manifest import fingerprint, record_files
 from server.validate import (DSV_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count,
-                             check_client_record, check_metric_keys, check_record_names, shard_plan)
+                             check_client_record, check_metric_keys, check_record_names, claimed_partition,
+                             shard_plan)
 
 __all__ = ["ClientDSVs", "NoModelResult", "DSV_MESSAGE_TYPE", "dp_wrap", "dp_summary", "combine_dsvs",
            "collect_client_dsvs", "federate_without_model"]
@@ -194,7 +195,7 @@ def collect_client_dsvs(grid: Grid, nodes: Sequence[int], scenario: Scenario, me
         try:
             pid, x, y, metrics = _screen_dsv_reply(reply, meta, ipc, plan, partition_of)
         except (ReplyRejected, ValueError, TypeError, KeyError) as err:
-            failures.add("dsv", node, f"malformed reply rejected: {err}")
+            failures.add("dsv", node, f"malformed reply rejected: {err}", partition_id=claimed_partition(reply.content))
             continue
         partition_of[node] = pid
         got.append((pid, x, y))

@@ -158,6 +158,15 @@ def check_client_record(content: RecordDict, plan: ShardPlan | None, expected_pi
     return pid
 
 
+def claimed_partition(content: RecordDict) -> int | None:
+    """The partition id a reply claims, for the failure report only (never trusted for anything else)."""
+    try:
+        value = content.config_records[KEY_CLIENT]["partition-id"]
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _check_declared(arr: object, key: str, shape: tuple[int, ...], dtype: str) -> None:
     """Declared shape/dtype and the serialized size, before a single byte is decoded."""
     declared = (tuple(getattr(arr, "shape", ())), str(getattr(arr, "dtype", "")))
