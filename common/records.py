@@ -5,9 +5,11 @@ client answers are encoded the same way:
 
 * a torch ``state_dict`` travels as an ``ArrayRecord`` with one ``Array`` per tensor
   (key = parameter name, dtype and shape preserved exactly);
-* an image set travels as an ``ArrayRecord`` with keys ``x`` (uint8, N x C x H x W),
-  ``y`` (int64, N) and optionally ``indices`` (int64, N: the images' positions in the
-  training set, metadata the server keeps for auditing; a real deployment may drop it).
+* an image set travels as an ``ArrayRecord`` with keys ``x`` (uint8, N x C x H x W) and
+  ``y`` (int64, N). The encoder still accepts ``indices`` for local use, but the ClientApp
+  never sends them and the server refuses a safe reply that carries them: uploaded images are
+  identified by :func:`image_keys` (a digest of their pixels), which reveals nothing the server
+  does not already hold.
 
 Images travel as uint8 on purpose: it is the format the device stores, 4x smaller than
 float32, and it keeps the byte accounting honest.

@@ -27,7 +27,7 @@ import csv
 import dataclasses
 import time
 from collections.abc import Sequence
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
