@@ -142,6 +142,14 @@ def _run(tmp: Path, name: str, kind: str) -> tuple[Path, RecordingGrid]:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         holder["grid"] = RecordingGrid(grid)
+        if kind == "model":  # a greedy server first asks every client for 10**6 images per class
+            from server.federate import wait_for_nodes
+
+            nodes = wait_for_nodes(grid, NUM_CLIENTS, NUM_CLIENTS)
+            cfg = ConfigRecord({"scenario-json": scenario.to_json(), "quota": [10**6] * 10, "offset": [0] * 10})
+            holder["greedy"] = list(grid.send_and_receive(
+                [Message(content=RecordDict({"config": cfg}), dst_node_id=n, message_type="query") for n in nodes],
+                timeout=600))
         run_scenario(holder["grid"], scenario)  # type: ignore[arg-type]
 
     mp = pytest.MonkeyPatch()
@@ -153,6 +161,7 @@ def _run(tmp: Path, name: str, kind: str) -> tuple[Path, RecordingGrid]:
     finally:
         mp.undo()
     assert "grid" in holder, "the ServerApp did not run"
+    holder["grid"].greedy = holder.get("greedy", [])
     return scenario.run_dir, holder["grid"]
 
 
@@ -207,6 +216,14 @@ def test_hostile_client_through_flower_model_mode(data_dir: Path) -> None:
     assert set(safe.extra["partition_ids"].tolist()) == {0, 1} and "indices" not in safe.extra
     # nothing that identifies a training image's position left any client
     assert all("indices" not in r.content.array_records.get(KEY_SAFE, {}) for r in grid.replies)
+    # the greedy 10**6-per-class request: each honest client sent at most its own cap (pipc 3) and said so
+    greedy = [r for r in grid.greedy if r.content.config_records[KEY_CLIENT]["partition-id"] != HOSTILE]
+    assert len(greedy) == NUM_CLIENTS - 1
+    for reply in greedy:
+        counts = np.bincount(reply.content[KEY_SAFE]["y"].numpy(), minlength=10)
+        assert counts.max() <= 3 and set(reply.content[KEY_SAFE].keys()) == {"x", "y"}
+        capped = reply.content[KEY_METRICS]["capped"]
+        assert all(c >= 10**6 - 3 for c in capped), capped
 
 
 def test_hostile_client_through_flower_no_model_access(data_dir: Path) -> None:

@@ -176,3 +176,36 @@ def test_report_cli_refuses_a_grid_path_outside_the_run(tmp_path: Path) -> None:
     with pytest.raises(CellRecordError, match="leaves the run folder"):
         main([str(run)])
     assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_audit_uses_the_pool_the_run_used_not_a_file_left_in_the_folder(tmp_path: Path) -> None:
+    """A planted or stale safe_pool.pt in the output folder is neither executed nor trusted by the audit."""
+    from types import SimpleNamespace
+
+    from common.records import image_keys
+    from edge_client.data import federation_train_set
+    from server.privacy_report import _run_audit
+    from tests.test_app_e2e import _fake_fashion_mnist
+
+    (tmp_path / "data").mkdir()
+    _fake_fashion_mnist(tmp_path / "data", n_train=120, n_test=40)
+    run = tmp_path / "run"
+    run.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"x": torch.zeros(1, 1, 28, 28, dtype=torch.uint8), "y": torch.zeros(1, dtype=torch.int64),
+                "dataset": "fashion-mnist", "extra": {"indices": _Payload(marker)}}, run / "safe_pool.pt")
+    s = scenario_from_dict({"data": {"dataset": "fashion-mnist", "root": str(tmp_path / "data")},
+                            "privacy": {"audit_reference": 20}, "output_dir": str(run)})
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDPDD_CACHE", str(tmp_path / "cache"))
+    try:
+        data = federation_train_set(s)
+        pool_x, pool_y = data.train_x[:20], data.train_y[:20]  # the pool this run actually used
+        inp = SimpleNamespace(scenario=s, meta=data.meta, run_dir=run, pool_x=pool_x, pool_y=pool_y,
+                              model_state=None, test_x=data.test_x, device=torch.device("cpu"), timings={})
+        rows, _ = _run_audit(inp, [])
+    finally:
+        mp.undo()
+    assert not marker.exists(), "the planted safe_pool.pt ran"
+    (row,) = rows
+    assert row["set"] == "safe_pool" and int(row["n_private"]) == 120 - len(set(image_keys(pool_x).tolist()))
