@@ -170,8 +170,11 @@ def results_note(s: Any, run_dir: Path) -> str:
     from server.modes import dp_summary
 
     uploads = Path(run_dir) / "uploads.json"
-    per_client = json.loads(uploads.read_text()).get("per_client", []) if uploads.is_file() else []
-    n_clients = len({u["partition_id"] for u in per_client if u.get("weights_bytes")}) or s.federation.num_clients
+    try:  # a run-folder file: anything unreadable only loses the client count, never the report
+        per_client = json.loads(uploads.read_text()).get("per_client", []) if uploads.is_file() else []
+        n_clients = len({u["partition_id"] for u in per_client if u.get("weights_bytes")}) or s.federation.num_clients
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        n_clients = s.federation.num_clients
     dp = dp_summary(s, n_clients)
     return f"\nPrivacy: mode `{s.privacy.mode}`; " + (
         f"DP-FedAvg {dp['side']}-side, clipping norm {dp['clipping_norm']}, noise multiplier "
