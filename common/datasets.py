@@ -279,8 +279,45 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8, offset=header).reshape(dims)
 
 
+MAX_ARRAY_BYTES = 1 << 30  # one array of a dataset file (CIFAR-100 train is 150 MB); larger is refused unallocated
+
+
+def _check_alloc(shape: object, dtype: object, where: str = "array") -> None:
+    """Refuse an array whose declared size is absurd *before* numpy allocates it."""
+    dims = shape if isinstance(shape, (tuple, list)) else (shape,)
+    try:
+        n = 1
+        for d in dims:
+            d = int(d)
+            if d < 0:
+                raise ValueError(f"negative dimension {d}")
+            n *= d
+        size = n * np.dtype(dtype).itemsize
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise pickle.UnpicklingError(f"{where}: unusable declared shape {shape!r} / dtype {dtype!r}: {exc}") from exc
+    if size > MAX_ARRAY_BYTES:
+        raise pickle.UnpicklingError(f"{where}: declared shape {tuple(dims)} of {dtype} is {size / 2**30:.1f} GiB, "
+                                     f"more than the {MAX_ARRAY_BYTES / 2**30:.0f} GiB a dataset array may hold")
+
+
+class _CheckedNdarray(np.ndarray):
+    """Stands in for ``numpy.ndarray`` while unpickling: a constructor call with a huge shape fails
+    before allocating (the pickle may call ``ndarray(shape)`` or ``_reconstruct(ndarray, shape, ...)``)."""
+
+    def __new__(cls, shape, dtype=float, *args, **kwargs):  # noqa: ANN001, ANN204 - numpy's signature
+        _check_alloc(shape, dtype)
+        return super().__new__(cls, shape, dtype, *args, **kwargs)
+
+
+def _checked_reconstruct(subtype, shape, dtype):  # noqa: ANN001, ANN202 - numpy's private signature
+    from numpy._core.multiarray import _reconstruct
+
+    _check_alloc(shape, dtype)
+    return _reconstruct(subtype, shape, dtype)
+
+
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals needed to rebuild numpy arrays."""
+    """Unpickler that resolves only the globals needed to rebuild numpy arrays (size-checked)."""
 
     _ALLOWED = {
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
@@ -294,6 +331,10 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         allowed = (module, name) in self._ALLOWED or (module == "numpy.dtypes" and name.endswith("DType"))
         if not allowed:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (only numpy arrays are expected)")
+        if name == "ndarray":
+            return _CheckedNdarray
+        if name == "_reconstruct":
+            return _checked_reconstruct
         if module.startswith("numpy.core."):  # numpy 1.x pickles under numpy 2.x
             try:
                 return super().find_class("numpy._core." + module[len("numpy.core."):], name)
@@ -306,7 +347,7 @@ def _read_cifar_pickle(path: Path, label_key: str, meta: DatasetMeta) -> tuple[n
     try:
         with open(path, "rb") as fh:
             obj = _ArrayOnlyUnpickler(fh, encoding="latin1").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, MemoryError, OverflowError) as exc:
         raise DatasetError(f"{path}: cannot read CIFAR pickle batch: {exc}") from exc
     if not isinstance(obj, dict):
         raise DatasetError(f"{path}: expected a dict in the CIFAR pickle batch, got {type(obj).__name__}")
@@ -314,11 +355,27 @@ def _read_cifar_pickle(path: Path, label_key: str, meta: DatasetMeta) -> tuple[n
     for key in ("data", label_key):
         if key not in batch:
             raise DatasetError(f"{path}: CIFAR pickle batch has no {key!r} entry (keys: {sorted(batch)})")
-    data = np.asarray(batch["data"])
+    data = batch["data"]
     c, h, w = meta.image_shape
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != c * h * w:
-        raise DatasetError(f"{path}: 'data' should be uint8 of shape (N, {c * h * w}), got {data.dtype} {data.shape}")
-    labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != c * h * w:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{path}: 'data' should be a uint8 array of shape (N, {c * h * w}), got {got}")
+    data = np.asarray(data).view(np.ndarray)
+    raw = batch[label_key]
+    if not isinstance(raw, (list, np.ndarray)) or len(raw) != data.shape[0]:
+        raise DatasetError(f"{path}: {label_key!r} should list {data.shape[0]} labels (one per image), "
+                           f"got {type(raw).__name__} of length {len(raw) if hasattr(raw, '__len__') else '?'}")
+    if isinstance(raw, list) and any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < meta.num_classes
+                                     for v in raw):
+        bad = next(v for v in raw if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < meta.num_classes)
+        raise DatasetError(f"{path}: {label_key!r} holds {str(bad)[:40]!r}; labels must be integers in "
+                           f"[0, {meta.num_classes})")
+    try:
+        labels = np.asarray(raw, dtype=np.int64).reshape(-1)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise DatasetError(f"{path}: {label_key!r} is not a list of integer labels: {exc}") from exc
+    if labels.size and (labels.min() < 0 or labels.max() >= meta.num_classes):
+        raise DatasetError(f"{path}: labels must lie in [0, {meta.num_classes}), got [{labels.min()}, {labels.max()}]")
     return data.reshape(-1, c, h, w), labels
 
 

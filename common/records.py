@@ -5,9 +5,11 @@ client answers are encoded the same way:
 
 * a torch ``state_dict`` travels as an ``ArrayRecord`` with one ``Array`` per tensor
   (key = parameter name, dtype and shape preserved exactly);
-* an image set travels as an ``ArrayRecord`` with keys ``x`` (uint8, N x C x H x W),
-  ``y`` (int64, N) and optionally ``indices`` (int64, N: the images' positions in the
-  training set, metadata the server keeps for auditing; a real deployment may drop it).
+* an image set travels as an ``ArrayRecord`` with keys ``x`` (uint8, N x C x H x W) and
+  ``y`` (int64, N). The encoder still accepts ``indices`` for local use, but the ClientApp
+  never sends them and the server refuses a safe reply that carries them: uploaded images are
+  identified by :func:`image_keys` (a digest of their pixels), which reveals nothing the server
+  does not already hold.
 
 Images travel as uint8 on purpose: it is the format the device stores, 4x smaller than
 float32, and it keeps the byte accounting honest.
@@ -15,6 +17,7 @@ float32, and it keeps the byte accounting honest.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ __all__ = [
     "images_to_record",
     "record_to_images",
     "record_bytes",
+    "image_keys",
 ]
 
 _IMAGE_KEYS = ("x", "y", "indices")
@@ -123,6 +127,24 @@ def record_to_images(record: ArrayRecord) -> ImageSet:
         if value is not None and (value.dtype != torch.int64 or tuple(value.shape) != (n,)):
             raise ValueError(f"image-set {name} must be int64 with shape ({n},), got {value.dtype} {tuple(value.shape)}")
     return images
+
+
+def image_keys(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """int64 content key of each uint8 image: the first 8 bytes of its BLAKE2b digest.
+
+    How uploaded images are identified (pool order, the privacy audit's "never uploaded" bank):
+    the server already holds the pixels, so a key derived from them tells it nothing new, unlike
+    a training-set index, which would reveal where the image sits in the client's data. Byte-
+    identical images share a key; the audit treats a private duplicate of an uploaded image as
+    uploaded, which is the conservative reading.
+    """
+    arr = np.ascontiguousarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+    if arr.dtype != np.uint8 or arr.ndim < 1:
+        raise ValueError(f"image_keys expects uint8 images, got {arr.dtype} {arr.shape}")
+    flat = arr.reshape(arr.shape[0], -1)
+    keys = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True)
+            for row in flat]
+    return torch.tensor(keys, dtype=torch.int64)
 
 
 def record_bytes(record: ArrayRecord | ConfigRecord | MetricRecord | RecordDict) -> int:

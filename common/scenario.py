@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 from dataclasses import dataclass, field
@@ -31,6 +32,18 @@ OPTIMIZERS = ("sam", "sgd")
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
 ACTIVATIONS = ("relu", "leakyrelu", "sigmoid")
 POOLINGS = ("avgpooling", "maxpooling", "none")
+
+
+MAX_ABS_INT = 2**53  # any integer setting beyond this is a typo (and would overflow int64 maths or JSON)
+SEED_MAX = 2**32 - 1  # seeds: 0 .. 2**32-1 (torch.manual_seed, numpy's legacy RandomState and DataLoader agree)
+# Upper bounds of run-length settings: far above any real run, low enough that a typo fails at once.
+LIMITS = {"federation.rounds": 100_000, "federation.local_epochs": 100_000, "distill.iterations": 10_000_000,
+          "evaluation.epochs": 1_000_000, "evaluation.num_models": 1_000, "model.width": 8192, "model.depth": 16,
+          "federation.num_clients": 100_000, "distill.real_batch": 1_000_000, "federation.batch_size": 1_000_000,
+          "evaluation.batch_size": 1_000_000, "privacy.dsv_iterations": 10_000_000, "privacy.local_epochs": 100_000,
+          "privacy.audit_reference": 10_000_000, "federation.shards_per_client": 100_000,
+          "federation.reply_timeout_s": 7 * 24 * 3600.0}
+MAX_IPC = 100_000  # per class; the memory estimate (check_resources) is the real limit
 
 
 class ScenarioError(ValueError):
@@ -237,11 +250,18 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ScenarioError(f"{source}: key '{key}' must be a mapping, got {type(value).__name__}")
         return _build(tp, value, key, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_ABS_INT:
+            raise ScenarioError(f"{source}: key '{key}' is {value}, beyond any sensible setting (|x| <= 2**53)")
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        # NaN passes every `< 0` check and inf waits forever: no scenario number may be either
+        raise ScenarioError(f"{source}: key '{key}' must be a finite number, got {value!r}")
     if tp is bool and not isinstance(value, bool):
         raise ScenarioError(f"{source}: key '{key}' must be true or false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ScenarioError(f"{source}: key '{key}' must be an integer, got {value!r}")
+    if tp is int and abs(value) > MAX_ABS_INT:
+        raise ScenarioError(f"{source}: key '{key}' is {value}, beyond any sensible setting (|x| <= 2**53)")
     if not isinstance(value, tp):
         raise ScenarioError(
             f"{source}: key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
@@ -273,9 +293,21 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str, source: str) -
 def _check_positive(value: float | int | None, key: str, source: str, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ScenarioError(f"{source}: key '{key}' must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ScenarioError(f"{source}: key '{key}' must be {bound}, got {value!r}")
+
+
+def _check_max(value: float | int | None, bound: float | int, key: str, source: str) -> None:
+    if value is not None and value > bound:
+        raise ScenarioError(f"{source}: key '{key}' is {value}, above the limit {bound}; is it a typo?")
+
+
+def _check_seed(value: int, key: str, source: str) -> None:
+    if not 0 <= value <= SEED_MAX:
+        raise ScenarioError(f"{source}: key '{key}' must be in 0..{SEED_MAX} (2**32 - 1), got {value}")
 
 
 def validate(s: Scenario) -> Scenario:
@@ -346,6 +378,15 @@ def validate(s: Scenario) -> Scenario:
         _check_positive(value, key, src, allow_zero=True)
     for i, ipc in enumerate(s.distill.ipc):
         _check_positive(ipc, f"distill.ipc[{i}]", src)
+        _check_max(ipc, MAX_IPC, f"distill.ipc[{i}]", src)
+    _check_seed(s.seed, "seed", src)
+    _check_seed(s.faults.seed, "faults.seed", src)
+    for key, bound in LIMITS.items():
+        section, name = key.split(".")
+        _check_max(getattr(getattr(s, section), name), bound, key, src)
+    if s.privacy.mode == "model" and s.federation.rounds < 1:
+        raise ScenarioError(f"{src}: key 'federation.rounds' must be >= 1 (0 rounds would distill from an "
+                            "untrained model), got 0")
     _validate_grid(s)
     if not 0.0 <= s.federation.holdout_fraction < 1.0:
         raise ScenarioError(
@@ -410,7 +451,7 @@ def _validate_grid(s: Scenario) -> None:
     if len(set(d.ipc)) != len(d.ipc):
         raise ScenarioError(f"{src}: key 'distill.ipc' lists a value twice: {d.ipc}")
     for i, seed in enumerate(d.seeds or []):
-        _check_positive(seed, f"distill.seeds[{i}]", src, allow_zero=True)
+        _check_seed(seed, f"distill.seeds[{i}]", src)
     if d.seeds is not None and len(set(d.seeds)) != len(d.seeds):
         raise ScenarioError(f"{src}: key 'distill.seeds' lists a seed twice: {d.seeds}")
     for method in d.methods:
@@ -464,6 +505,28 @@ def scenario_from_dict(values: dict[str, Any], source: str = "<dict>", overrides
     return validate(scenario)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases: a scenario never needs them, and nested aliases
+    expand exponentially (an 'alias bomb': 7 levels took 9.7 s, x9 per level) before any key is checked."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML alias '*{event.anchor}' at {event.start_mark}: aliases and anchors are "
+                                 "not allowed in a scenario; write the values out")
+        return super().compose_node(parent, index)
+
+
+MAX_SCENARIO_BYTES = 1 << 20  # a scenario is a few KiB; refuse to parse megabytes
+
+
+def safe_yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` without aliases and with a size limit (scenario files, resolved copies)."""
+    if len(text) > MAX_SCENARIO_BYTES:
+        raise yaml.YAMLError(f"scenario text is {len(text)} bytes, more than {MAX_SCENARIO_BYTES}")
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def find_scenario_file(path: str | os.PathLike[str]) -> Path:
     """Resolve a scenario path: as given (absolute or relative to cwd), then relative to the app."""
     candidates = [Path(path).expanduser()]
@@ -480,7 +543,7 @@ def load_scenario(path: str | os.PathLike[str], overrides: dict[str, Any] | None
     """Read, override and validate a scenario YAML file."""
     file = find_scenario_file(path)
     try:
-        values = yaml.safe_load(file.read_text()) or {}
+        values = safe_yaml_load(file.read_text()) or {}
     except yaml.YAMLError as err:
         raise ScenarioError(f"{file}: malformed YAML: {err}") from err
     if not isinstance(values, dict):
@@ -529,7 +592,7 @@ def _parse_override_value(raw: Any) -> Any:
     text = raw.strip()
     if "," in text and not text.startswith("["):
         text = f"[{text}]"
-    return yaml.safe_load(text)
+    return safe_yaml_load(text)
 
 
 def overrides_from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
@@ -553,3 +616,71 @@ def resolve_from_run_config(run_config: dict[str, Any]) -> Scenario:
     """The scenario a Flower run asked for: run_config['scenario'] (else $FEDPDD_SCENARIO) + overrides."""
     path = str(run_config.get("scenario") or os.environ.get("FEDPDD_SCENARIO") or DEFAULT_SCENARIO)
     return load_scenario(path, overrides=overrides_from_run_config(run_config))
+
+
+# ---------------------------------------------------------------- resources (before any work)
+
+# CPU seconds per unit from bench/baseline_cpu.jsonl (width 128, 1 thread): one DM iteration at
+# real_batch 256, one evaluation epoch of one model over <= 1 batch. Only for an order of magnitude.
+_SEC_PER_DISTILL_ITER = 0.11
+_SEC_PER_EVAL_EPOCH = 0.05
+WARN_AFTER_S = 24 * 3600.0
+
+
+def estimate_resources(s: Scenario) -> dict[str, float]:
+    """Rough peak bytes of the server's phases and CPU seconds of the grid (see check_resources)."""
+    from common.datasets import get_meta
+    from common.grid import PIPC_ALL
+
+    meta = get_meta(s.data.dataset)
+    k, img = meta.num_classes, meta.channels * meta.height * meta.width
+    w, d = s.model.width, s.model.depth
+    ipc = max(s.distill.ipc)
+    # activations kept for backward per image: conv, norm, act, pool at full then 1/4, 1/16 ... resolution
+    act = 4 * w * max(meta.height, 32) * max(meta.width, 32) * 4 * sum(0.25**i for i in range(d))
+    params = 4 * (9 * w * (meta.channels + (d - 1) * w) + w * 16 * k)
+    syn = 4 * k * ipc * img * 4  # the set, its gradient, two optimizer states
+    distill = syn + (s.distill.real_batch + ipc) * act + 4 * params  # DM and DKKT go one class at a time
+    evaluate = 2 * s.evaluation.batch_size * act + 5 * params + k * ipc * img * 4
+    pool = 0 if s.pool_pipc == PIPC_ALL else k * max(s.pool_pipc, 0) * img
+    cells = len(s.distill.methods) * len(s.distill.ipc) * len(s.distill.pipc) * len(s.distill.seeds or [0])
+    scale = (w / 128) ** 2
+    batches = -(-k * ipc // s.evaluation.batch_size)
+    seconds = cells * (s.distill.iterations * _SEC_PER_DISTILL_ITER * scale * s.distill.real_batch / 256
+                       + s.evaluation.num_models * s.evaluation.epochs * _SEC_PER_EVAL_EPOCH * scale * batches)
+    return {"distill_bytes": distill, "evaluate_bytes": evaluate, "pool_bytes": pool,
+            "peak_bytes": max(distill, evaluate) + pool, "cpu_seconds": seconds}
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_resources(s: Scenario, available: int | None = None) -> list[str]:
+    """Refuse a scenario whose estimated peak memory exceeds what is available; warn on a long grid.
+
+    Call before the run folder is created. ``available``: bytes (default: MemAvailable). Returns
+    warnings (an estimated CPU time over a day); raises ScenarioError when the memory cannot fit.
+    """
+    est = estimate_resources(s)
+    available = _available_bytes() if available is None else available
+    if available is not None and est["peak_bytes"] > available:
+        raise ScenarioError(
+            f"{s.source}: the scenario needs about {est['peak_bytes'] / 2**30:.1f} GiB (synthetic set of "
+            f"max(distill.ipc) = {max(s.distill.ipc)} per class, real batch distill.real_batch = "
+            f"{s.distill.real_batch}, model.width = {s.model.width}, evaluation.batch_size = "
+            f"{s.evaluation.batch_size}), but {available / 2**30:.1f} GiB are available; lower them")
+    warnings = []
+    if est["cpu_seconds"] > WARN_AFTER_S:
+        warnings.append(
+            f"{s.source}: distill.iterations x cells ({s.distill.iterations}) and evaluation.epochs x num_models "
+            f"({s.evaluation.epochs} x {s.evaluation.num_models}) come to roughly {est['cpu_seconds'] / 3600:.0f} "
+            "CPU hours (bench/baseline_cpu.jsonl rates; a GPU is much faster)")
+    return warnings

@@ -6,8 +6,9 @@ Every message from the server carries the resolved scenario as JSON
 * ``train``    local SGD of the global ConvNet -> weights + num-examples, train loss;
 * ``evaluate`` accuracy / loss of the global model on the shard's held-out part;
 * ``query``    the safe subset: uint8 images + int64 labels under the per-class quota in
-  the request (plus their training-set indices, audit metadata a real deployment may drop),
-  and the per-class shortfall when the shard lacks images of a class.
+  the request, never more than the client's own cap (:func:`safe_cap`), and the per-class
+  shortfall (images the shard lacks or the cap refused; ``capped`` says how many were refused).
+  No training-set index is sent: the server identifies images by their content.
 
 Nothing else of the private data ever leaves the client.
 """
@@ -167,24 +168,61 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+SAFE_CAP_KEY = "max-safe-per-class"  # node_config / run_config key of the client's own pipc cap
+
+
+def safe_cap(scenario: Scenario, context: Context) -> int:
+    """The most safe images per class this client ever uploads (-1: no cap, pipc 'all').
+
+    First the node's own setting (``--node-config 'max-safe-per-class=N'``), then the app's run
+    config, then the scenario's largest pipc. A node setting is the device owner's policy: it
+    wins over whatever the server's scenario says.
+    """
+    for source in (context.node_config, context.run_config):
+        if SAFE_CAP_KEY in source:
+            value = source[SAFE_CAP_KEY]
+            if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+                raise ValueError(f"{SAFE_CAP_KEY} must be an integer >= -1 (-1: no cap), got {value!r}")
+            return int(value)
+    return int(scenario.pool_pipc)
+
+
+def _counts(raw: object, name: str, num_classes: int) -> list[int]:
+    """A per-class request list, checked before it sizes anything."""
+    if not isinstance(raw, list) or len(raw) != num_classes:
+        raise ValueError(f"safe request: {name} must list {num_classes} counts, got {str(raw)[:80]}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in raw):
+        raise ValueError(f"safe request: {name} must hold integers >= 0, got {str(raw)[:80]}")
+    return [int(v) for v in raw]
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     scenario, shard, cfg = _setup(msg, context)
     before_handler(scenario, shard.partition_id, "query")
     num_classes = shard.meta.num_classes
-    quota = list(cfg.get("quota", []))
-    offset = list(cfg.get("offset", [0] * num_classes))
+    quota = _counts(cfg.get("quota", []), "quota", num_classes)
+    offset = _counts(cfg.get("offset", [0] * num_classes), "offset", num_classes)
+    # The client's own policy, whatever the server asks: at most `cap` images per class in total.
+    cap = safe_cap(scenario, context)
+    allowed = quota if cap < 0 else [max(0, min(q, cap - o)) for q, o in zip(quota, offset)]
+    capped = [q - a for q, a in zip(quota, allowed)]
+    if any(capped):
+        log(WARNING, "client %d: the server asked for %s safe images per class beyond offsets %s; its policy "
+            "allows %d per class in total, so %s are refused", shard.partition_id, quota, offset, cap, capped)
     orders = class_orders(shard.y.numpy(), shard.indices, num_classes, scenario.safe.policy,
                           safe_seed(scenario.seed, shard.partition_id))
-    sel = select_safe(orders, quota, offset)
+    sel = select_safe(orders, allowed, offset)
     pos = torch.from_numpy(sel.positions)
-    images = images_to_record(shard.x[pos], shard.y[pos], torch.from_numpy(shard.indices[sel.positions]))
+    # pixels and labels only: no training-set index leaves the device (the server keys images by content)
+    images = images_to_record(shard.x[pos], shard.y[pos])
+    shortfall = [int(s) + c for s, c in zip(sel.shortfall, capped)]  # refused images count as not available
     log(INFO, "client %d: safe subset of %d images (asked %d, short %d) in %.2fs", shard.partition_id,
-        int(pos.numel()), int(sum(quota)), int(sel.shortfall.sum()), time.perf_counter() - start)
+        int(pos.numel()), int(sum(quota)), int(sum(shortfall)), time.perf_counter() - start)
     content = RecordDict({
         KEY_SAFE: images,
-        KEY_METRICS: MetricRecord({"num-examples": int(pos.numel()), "shortfall": [int(s) for s in sel.shortfall]}),
+        KEY_METRICS: MetricRecord({"num-examples": int(pos.numel()), "shortfall": shortfall, "capped": capped}),
         KEY_CLIENT: _client_record(shard),
     })
     content, _ = corrupt_reply(scenario, shard.partition_id, "query", content)

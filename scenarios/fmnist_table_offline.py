@@ -200,7 +200,7 @@ def _eval_cfg(args: argparse.Namespace) -> EvalConfig:
 
 def _val_split(out: Path, meta):
     splits = load_dataset(DATASET)
-    idx = torch.load(out / "val_idx.pt")
+    idx = torch.load(out / "val_idx.pt", weights_only=True)
     return normalize(splits.train_x[idx], meta), splits.train_y[idx]
 
 

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.datasets import DatasetMeta, normalize
 from common.device import pick_device
 from common.models import build_model
-from common.scenario import Scenario, load_scenario, resolve_from_run_config, save_resolved
+from common.scenario import Scenario, check_resources, load_scenario, resolve_from_run_config, save_resolved
 from edge_client.data import federation_train_set
 from server.artifacts import save_model_artifact, save_safe_artifact
 from server.collect import collect_safe_pool
@@ -48,7 +48,7 @@ from server.evaluate import test_accuracy
 from server.federate import run_federation, wait_for_nodes
 from server.pipeline import PipelineInputs, load_reused, run_pipeline
 from server.manifest import PHASE12_FILES, fingerprint, load_history, record_files, verify_files
-from server.validate import FailureLog
+from server.validate import FailureLog, shard_plan
 from server.preflight import check_data_root, check_data_size
 from server.sweep import pool_quota, resumable_federation, write_federation_stamp
 from common.grid import pipc_label
@@ -90,13 +90,16 @@ class _Federated:
 
 def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, test_x: torch.Tensor,
                           test_y: torch.Tensor, device: torch.device, timings: dict[str, float],
-                          quota: tuple[int, bool] | None = None, failures: FailureLog | None = None) -> _Federated:
+                          quota: tuple[int, bool] | None = None, failures: FailureLog | None = None,
+                          train_y: torch.Tensor | None = None) -> _Federated:
     """Phases 1 (FedAvg) and 2 (safe pool); saves global_model.pt and safe_pool.pt."""
     f, run_dir = scenario.federation, scenario.run_dir
     arch = dataclasses.asdict(scenario.model)
     with _phase(timings, "1/5", "federate", f"FedAvg, {f.rounds} rounds"):
         nodes = wait_for_nodes(grid, f.num_clients, f.min_clients)
         log(INFO, "federate: %d clients connected", len(nodes))
+        # every reply is bounded by the shard the client was dealt (server/validate.py)
+        plan = shard_plan(scenario, train_y, len(nodes), meta.num_classes) if train_y is not None else None
         initial = build_model(meta, arch, seed=scenario.seed).state_dict()
         eval_model = build_model(meta, arch)
         test_norm = normalize(test_x, meta)
@@ -105,7 +108,7 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
             eval_model.load_state_dict(state)
             return test_accuracy(eval_model, test_norm, test_y, device)
 
-        fed = run_federation(grid, scenario, initial, nodes, central_eval, failures=failures)
+        fed = run_federation(grid, scenario, initial, nodes, central_eval, failures=failures, plan=plan)
         save_model_artifact(run_dir / "global_model.pt", fed.state_dict, arch, meta.name,
                             extra={"rounds": fed.rounds, "scenario": scenario.name, "weight_uploads": fed.uploads})
         record_files(run_dir, ["global_model.pt"], fingerprint(scenario))  # sha256 + shapes, checked on reuse
@@ -114,9 +117,9 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
     with _phase(timings, "2/5", "collect", f"{pipc_label(scenario.pool_pipc)} safe images per class"):
         pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, pool_pipc, allow_short=allow_short,
                                  seed=scenario.seed, image_shape=meta.image_shape, partition_of=fed.node_partitions,
-                                 timeout=f.reply_timeout_s, failures=failures, min_clients=f.min_clients)
+                                 timeout=f.reply_timeout_s, failures=failures, min_clients=f.min_clients, plan=plan)
         save_safe_artifact(run_dir / "safe_pool.pt", pool.x, pool.y, meta.name,
-                           extra={"indices": pool.indices, "partition_ids": pool.partition_ids,
+                           extra={"keys": pool.keys, "partition_ids": pool.partition_ids,
                                   "pipc": -1 if allow_short else pool.pipc, "uploads": pool.uploads,
                                   "failures": list(failures.rows) if failures is not None else []})
         record_files(run_dir, ["safe_pool.pt"], fingerprint(scenario))
@@ -127,6 +130,8 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
 def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     """Run all phases of ``scenario`` on ``grid``; returns the run folder."""
     run_dir = scenario.run_dir
+    for warning in check_resources(scenario):  # refuses before the run folder exists when memory cannot fit
+        log(WARNING, "%s", warning)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(scenario, run_dir)
     device = pick_device(scenario.device)
@@ -140,13 +145,14 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     check_data_size(scenario, int(data.train_y.shape[0]))
     meta, test_x, test_y = data.meta, data.test_x, data.test_y
     quota = pool_quota(scenario, data.train_y, meta.num_classes)  # only class counts, for pipc 'all'
+    train_y = data.train_y  # labels only: the shard plan that bounds client replies
     del data  # the server keeps the test split only; training images live on the clients
 
     resume_src = run_dir if resumable_federation(scenario) else None  # same federation settings: reuse them
     if scenario.reuse_artifacts or resume_src:
         src = resume_src or Path(scenario.reuse_artifacts).expanduser()
         with _phase(timings, "1-2", "reuse", f"loading global_model.pt and safe_pool.pt from {src}"):
-            verify_files(src, PHASE12_FILES)  # sha256 against src/manifest.json (when it has one)
+            verify_files(src, PHASE12_FILES, required=True)  # sha256 against src/manifest.json; none: refused
             state, pool_x, pool_y, _ = load_reused(src, meta, scenario)
             _copy_history(src, run_dir)
         done = _Federated(model_state=state, pool_x=pool_x, pool_y=pool_y)
@@ -157,12 +163,16 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     elif scenario.privacy.mode == "no_model_access":
         from server.modes import federate_without_model  # clients upload DSVs, never model weights
 
-        nm = federate_without_model(grid, scenario, meta, timings)
+        try:
+            nm = federate_without_model(grid, scenario, meta, timings, failures, train_y)
+        finally:  # say who failed, also when too few clients answered
+            failures.write(run_dir)
         done = _Federated(model_state=None, pool_x=nm.pool.x, pool_y=nm.pool.y,  # type: ignore[arg-type]
                           safe_uploads=nm.pool.uploads, client_dsvs=nm.dsvs, dsv_uploads=nm.dsv_uploads)
     else:
         try:
-            done = _federate_and_collect(grid, scenario, meta, test_x, test_y, device, timings, quota, failures)
+            done = _federate_and_collect(grid, scenario, meta, test_x, test_y, device, timings, quota, failures,
+                                         train_y)
         finally:  # also when too few clients answered: say who failed, keep what was written
             failures.write(run_dir)
         write_federation_stamp(scenario)  # lets an interrupted sweep resume without re-federating

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 __all__ = [
     "ArtifactError",
     "atomic_torch_save",
+    "load_torch_file",
     "ModelArtifact",
     "SafeArtifact",
     "SyntheticArtifact",
@@ -63,15 +64,23 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _load_dict(path: str | os.PathLike[str], what: str, keys: tuple[str, ...]) -> dict[str, Any]:
+def load_torch_file(path: str | os.PathLike[str], what: str = "artifact") -> Any:
+    """The project's only ``torch.load``: CPU, ``weights_only=True`` (tensors and plain containers;
+    a planted pickle cannot run code), every failure an :class:`ArtifactError` naming the file.
+
+    tests/test_run_folder_integrity.py fails if any other module calls torch.load / pickle."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} file {path} does not exist")
     try:
-        # weights_only: a cached artifact must not be able to run code when loaded.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt / foreign files
-        raise ArtifactError(f"{what} file {path} cannot be read as a torch.save file: {exc}") from exc
+        raise ArtifactError(f"{what} file {path} cannot be read as a torch.save file (weights only): {exc}") from exc
+
+
+def _load_dict(path: str | os.PathLike[str], what: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    path = Path(path)
+    obj = load_torch_file(path, what)
     if not isinstance(obj, dict):
         raise ArtifactError(f"{what} file {path} must hold a dict, got {type(obj).__name__}")
     missing = [k for k in keys if k not in obj]

@@ -27,8 +27,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from common.records import CFG_SCENARIO, KEY_CLIENT, KEY_CONFIG, KEY_METRICS, KEY_SAFE, ImageSet, record_bytes, record_to_images
-from server.validate import FailureLog, ReplyRejected, check_safe_images
+from common.records import CFG_SCENARIO, KEY_CLIENT, KEY_CONFIG, KEY_METRICS, KEY_SAFE, ImageSet, image_keys, record_bytes
+from server.validate import (QUERY_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count, _decoded,
+                             check_client_record, check_metric_keys, check_record_names, check_safe_images)
 
 __all__ = ["SafePool", "SafeReply", "CollectError", "empty_pool", "spread_evenly", "plan_collection", "collect_safe_pool", "pool_subset"]
 
@@ -52,7 +53,7 @@ class SafePool:
 
     x: torch.Tensor  # uint8 N x C x H x W
     y: torch.Tensor  # int64
-    indices: torch.Tensor  # int64 training-set index of each image (audit metadata)
+    keys: torch.Tensor  # int64 content key of each image (common.records.image_keys): the audit's "uploaded" set
     partition_ids: torch.Tensor  # int64 client that sent each image
     pipc: int
     uploads: list[dict] = field(default_factory=list)  # per reply: node, partition, images, bytes, request round
@@ -154,14 +155,14 @@ def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: A
 def _order_pool(images: list[tuple[ImageSet, int]], num_classes: int, pipc: int, seed: int) -> SafePool:
     x = torch.cat([im.x for im, _ in images])
     y = torch.cat([im.y for im, _ in images])
-    idx = torch.cat([im.indices if im.indices is not None else torch.full_like(im.y, -1) for im, _ in images])
+    idx = image_keys(x)  # computed here from the pixels: no client sends where an image sits in its data
     pid = torch.cat([torch.full_like(im.y, p) for im, p in images])
-    # Sort by (class, index) first so the seeded shuffle does not depend on arrival order
+    # Sort by (class, content key) first so the seeded shuffle does not depend on arrival order
     base = np.lexsort((idx.numpy(), y.numpy()))
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xC011]))
     order = np.concatenate([rng.permutation(base[y.numpy()[base] == c]) for c in range(num_classes)])
     o = torch.from_numpy(order.astype(np.int64))
-    return SafePool(x=x[o], y=y[o], indices=idx[o], partition_ids=pid[o], pipc=pipc)
+    return SafePool(x=x[o], y=y[o], keys=idx[o], partition_ids=pid[o], pipc=pipc)
 
 
 def pool_subset(pool_x: torch.Tensor, pool_y: torch.Tensor, pipc: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,21 +180,57 @@ def pool_subset(pool_x: torch.Tensor, pool_y: torch.Tensor, pipc: int, num_class
     return pool_x[keep_t], pool_y[keep_t]
 
 
-def _decode(reply: Message, num_classes: int) -> SafeReply:
+def _decode(reply: Message, num_classes: int, quota: Sequence[int] | None = None,
+            image_shape: Sequence[int] | None = None, plan: ShardPlan | None = None,
+            expected_pid: int | None = None, claimed: dict[int, int] | None = None,
+            offset: Sequence[int] | None = None) -> SafeReply:
+    """Screen a safe reply, then decode it; every check runs before the images are decoded."""
     content = reply.content
-    shortfall = np.asarray(content.metric_records[KEY_METRICS]["shortfall"], dtype=np.int64)
-    if shortfall.shape != (num_classes,):
-        raise ReplyRejected(f"shortfall must list {num_classes} classes, got {shortfall.tolist()}")
-    return SafeReply(
-        images=record_to_images(content.array_records[KEY_SAFE]),
-        shortfall=shortfall,
-        partition_id=int(content.config_records[KEY_CLIENT]["partition-id"]),
-        num_bytes=record_bytes(content),
-        shard_bytes=content.config_records[KEY_CLIENT].get("shard-bytes"),
-    )
+    node = reply.metadata.src_node_id
+    check_record_names(content, {KEY_SAFE}, {KEY_METRICS}, {KEY_CLIENT})
+    metrics = check_metric_keys(content, QUERY_METRICS, optional=frozenset({"capped"}))
+    pid = check_client_record(content, plan, expected_pid, claimed, node)
+    raw = metrics["shortfall"]
+    if not isinstance(raw, list) or len(raw) != num_classes:
+        raise ReplyRejected(f"shortfall must list {num_classes} classes, got {str(raw)[:80]}")
+    limits = list(quota) if quota is not None else [None] * num_classes
+    # an inf / 1e308 shortfall would overflow int64: check each value as a bounded count first
+    shortfall = np.array([_count(v, f"shortfall[{c}]", 0, limits[c]) for c, v in enumerate(raw)], dtype=np.int64)
+    safe = content.array_records[KEY_SAFE]
+    if set(safe.keys()) != {"x", "y"}:  # no training-set indices or anything else travels with the images
+        raise ReplyRejected(f"safe images hold exactly the arrays x and y, got {sorted(safe.keys())}")
+    n_declared = tuple(getattr(safe["y"], "shape", ()))
+    n = n_declared[0] if len(n_declared) == 1 else -1
+    asked = int(sum(quota)) if quota is not None else None
+    if n < 0 or (asked is not None and n > asked):
+        raise ReplyRejected(f"declares {n_declared} labels for {asked} asked images")
+    shape = tuple(image_shape) if image_shape is not None else tuple(getattr(safe["x"], "shape", ()))[1:]
+    _check_declared(safe["x"], "x", (n, *shape), "uint8")  # a 157 MB reply for 20 images stops here
+    _check_declared(safe["y"], "y", (n,), "int64")
+    x = torch.from_numpy(np.array(_decoded(safe["x"], "x", (n, *shape), "uint8"), copy=True))
+    y = torch.from_numpy(np.array(_decoded(safe["y"], "y", (n,), "int64"), copy=True))
+    _count(metrics["num-examples"], "'num-examples'", n, n)
+    if "capped" in metrics:
+        capped = metrics["capped"]
+        if not isinstance(capped, list) or len(capped) != num_classes:
+            raise ReplyRejected(f"'capped' must list {num_classes} classes, got {str(capped)[:80]}")
+        for c, v in enumerate(capped):
+            _count(v, f"capped[{c}]", 0, int(shortfall[c]))  # refused images are part of the shortfall
+    if quota is not None:
+        available = None
+        if plan is not None and offset is not None:
+            available = np.asarray(plan.class_counts[pid]) - np.asarray(offset, dtype=np.int64)
+        check_safe_images(x, y, shortfall, quota, num_classes, image_shape, available)
+    client = content.config_records[KEY_CLIENT]
+    return SafeReply(images=ImageSet(x=x, y=y), shortfall=shortfall, partition_id=pid,
+                     num_bytes=record_bytes(content), shard_bytes=int(client["shard-bytes"]))
 
 
-def _grid_ask(grid: Grid, scenario_json: str, num_classes: int, timeout: float, soft: bool = False) -> AskFn:
+def _grid_ask(grid: Grid, scenario_json: str, num_classes: int, timeout: float, soft: bool = False,
+              image_shape: Sequence[int] | None = None, plan: ShardPlan | None = None,
+              partition_of: dict[int, int] | None = None) -> AskFn:
+    claimed: dict[int, int] = dict(partition_of or {})  # node -> partition id, grows as clients answer
+
     def ask(requests: dict[int, tuple[list[int], list[int]]]) -> dict[int, SafeReply]:
         messages = [
             Message(
@@ -206,28 +243,23 @@ def _grid_ask(grid: Grid, scenario_json: str, num_classes: int, timeout: float, 
         replies: dict[int, SafeReply] = {}
         for reply in grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
+            if node not in requests or node in replies:  # a reply nobody asked for is ignored
+                continue
             if reply.has_error():
                 if soft:
                     replies[node] = f"error reply: {reply.error.reason}"
                     continue
                 raise CollectError(f"node {node} failed the safe-subset query: {reply.error.reason}")
-            if soft:  # reliability mode: a bad reply becomes a failure reason, not a crash
-                try:
-                    replies[node] = _decode(reply, num_classes)
-                except (ValueError, TypeError, KeyError, ReplyRejected) as err:
-                    replies[node] = f"malformed reply rejected: {type(err).__name__}: {err}"
-                continue
-            content = reply.content
-            shortfall = np.asarray(content.metric_records[KEY_METRICS]["shortfall"], dtype=np.int64)
-            if shortfall.shape != (num_classes,):
-                raise CollectError(f"node {node}: shortfall must list {num_classes} classes, got {shortfall.tolist()}")
-            replies[node] = SafeReply(
-                images=record_to_images(content.array_records[KEY_SAFE]),
-                shortfall=shortfall,
-                partition_id=int(content.config_records[KEY_CLIENT]["partition-id"]),
-                num_bytes=record_bytes(content),
-                shard_bytes=content.config_records[KEY_CLIENT].get("shard-bytes"),
-            )
+            quota, offset = requests[node]
+            try:
+                replies[node] = _decode(reply, num_classes, quota, image_shape, plan, claimed.get(node), claimed,
+                                        offset)
+                claimed[node] = replies[node].partition_id
+            except (ValueError, TypeError, KeyError, ReplyRejected) as err:
+                if not soft:
+                    raise CollectError(f"node {node} failed the safe-subset query: {err}") from err
+                # reliability mode: a bad reply becomes a failure reason, not a crash
+                replies[node] = f"malformed reply rejected: {err}"
         return replies
 
     return ask
@@ -236,7 +268,7 @@ def _grid_ask(grid: Grid, scenario_json: str, num_classes: int, timeout: float, 
 def empty_pool(image_shape: tuple[int, int, int]) -> SafePool:
     """The pool of a run that needs no safe images (pipc 0: model-only methods)."""
     empty = torch.zeros(0, dtype=torch.int64)
-    return SafePool(x=torch.zeros((0, *image_shape), dtype=torch.uint8), y=empty, indices=empty.clone(),
+    return SafePool(x=torch.zeros((0, *image_shape), dtype=torch.uint8), y=empty, keys=empty.clone(),
                     partition_ids=empty.clone(), pipc=0)
 
 
@@ -244,6 +276,7 @@ def collect_safe_pool(
     grid: Grid, node_ids: Sequence[int], scenario_json: str, num_classes: int, pipc: int, seed: int,
     image_shape: tuple[int, int, int], partition_of: dict[int, int] | None = None, timeout: float = 600.0,
     allow_short: bool = False, failures: FailureLog | None = None, min_clients: int = 1,
+    plan: ShardPlan | None = None,
 ) -> SafePool:
     """Query the clients until the pool holds exactly ``pipc`` images per class.
 
@@ -256,7 +289,8 @@ def collect_safe_pool(
     start = time.perf_counter()
     known = partition_of or {}
     order = sorted(node_ids, key=lambda n: (known.get(n, len(known) + 1), n))
-    ask = _grid_ask(grid, scenario_json, num_classes, timeout, soft=failures is not None)
+    ask = _grid_ask(grid, scenario_json, num_classes, timeout, soft=failures is not None, image_shape=image_shape,
+                    plan=plan, partition_of=known)
     try:
         received, uploads = plan_collection(order, num_classes, pipc, ask, allow_short=allow_short,
                                             failures=failures, min_clients=min_clients, image_shape=image_shape)

@@ -22,7 +22,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.records import CFG_SCENARIO, KEY_ARRAYS, KEY_CLIENT, record_bytes, record_to_state_dict, state_dict_to_record
 from common.scenario import Scenario
-from server.validate import FailureLog, ReplyRejected, check_eval_reply, check_train_reply, weight_signature
+from server.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
+                             weight_signature)
 
 __all__ = ["FederationError", "FederationResult", "wait_for_nodes", "run_federation"]
 
@@ -70,8 +71,10 @@ class _TrackingFedAvg(FedAvg):
     """FedAvg that logs per-client upload bytes and enforces ``min_clients`` per round."""
 
     def __init__(self, min_clients: int, failures: FailureLog | None = None,
-                 signature: dict | None = None, expected_nodes: list[int] | None = None, **kwargs) -> None:
+                 signature: dict | None = None, expected_nodes: list[int] | None = None,
+                 plan: ShardPlan | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.plan = plan  # shard sizes: bounds num-examples and partition ids (server/validate.py)
         self.min_clients = min_clients
         # reliability: failed / malformed / missing replies are logged and left out of the average
         self.failures = failures if failures is not None else FailureLog()
@@ -113,6 +116,7 @@ class _TrackingFedAvg(FedAvg):
         """Replies that carry no error and pass server/validate.py; the rest go to the failure log."""
         good: list[Message] = []
         seen: set[int] = set()
+        accepted: dict[int, int] = {}  # node -> partition id of the replies accepted this round
         for msg in replies:
             node = msg.metadata.src_node_id
             seen.add(node)
@@ -125,14 +129,22 @@ class _TrackingFedAvg(FedAvg):
                     pid = int(msg.content.config_records[KEY_CLIENT]["partition-id"])
                 except (KeyError, TypeError, ValueError):
                     pid = None
+            known = self.node_partitions.get(node)
+            claimed = {**self.node_partitions, **accepted}
             try:
+                if node in accepted:
+                    raise ReplyRejected("a second reply from this node in the same round")
                 if phase == "train" and self.signature is not None:
-                    check_train_reply(msg.content, self.signature)
+                    got = check_train_reply(msg.content, self.signature, self.plan, known, claimed, node)
                 elif phase == "evaluate":
-                    check_eval_reply(msg.content)
+                    got = check_eval_reply(msg.content, self.plan, known, claimed, node)
+                else:
+                    got = -1
             except ReplyRejected as err:
                 self.failures.add(phase, node, f"malformed reply rejected: {err}", server_round, pid)
                 continue
+            if got is not None and got >= 0:
+                accepted[node] = got
             good.append(msg)
         if phase == "train" or replies:  # evaluation may be switched off: no replies expected then
             for node in self.expected_nodes:
@@ -156,6 +168,7 @@ def run_federation(
     node_ids: list[int],
     central_eval: Callable[[OrderedDict[str, torch.Tensor]], tuple[float, float]],
     failures: FailureLog | None = None,
+    plan: ShardPlan | None = None,
 ) -> FederationResult:
     """FedAvg for ``federation.rounds`` rounds; ``central_eval(state) -> (acc, loss)`` on the test set."""
     f = scenario.federation
@@ -169,6 +182,7 @@ def run_federation(
         failures=failures,
         signature=weight_signature(initial_state),
         expected_nodes=list(node_ids),
+        plan=plan,
         fraction_train=1.0,
         fraction_evaluate=1.0 if client_eval else 0.0,
         min_train_nodes=n,

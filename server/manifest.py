@@ -103,6 +103,8 @@ def _write_manifest(run_dir: Path, data: dict[str, Any]) -> Path:
 
 def record_files(run_dir: str | os.PathLike[str], names: Iterable[str], fp: str | None = None) -> Path:
     """Add (or refresh) the manifest entries of ``names`` (paths relative to ``run_dir``)."""
+    from server.artifacts import load_torch_file
+
     run_dir = Path(run_dir)
     data = read_manifest(run_dir) or {"files": {}}
     if fp is not None:
@@ -112,7 +114,7 @@ def record_files(run_dir: str | os.PathLike[str], names: Iterable[str], fp: str 
     for name in names:
         path = run_dir / name
         try:
-            summary = _tensor_summary(torch.load(path, map_location="cpu", weights_only=True))
+            summary = _tensor_summary(load_torch_file(path)) if path.suffix == ".pt" else {}
         except Exception:  # not a torch file: hash only
             summary = {}
         data["files"][name] = {"sha256": _sha256(path), "bytes": path.stat().st_size, "tensors": summary}
@@ -126,6 +128,14 @@ def verify_files(run_dir: str | os.PathLike[str], names: Iterable[str], required
     """
     run_dir = Path(run_dir)
     data = read_manifest(run_dir)
+    names = list(names)
+    if data is None and required and any((run_dir / n).exists() for n in names):
+        # no manifest means nothing can be checked: refuse rather than silently trust the files
+        raise ManifestError(
+            f"{run_dir} holds {', '.join(n for n in names if (run_dir / n).exists())} but no {MANIFEST}: "
+            "these files cannot be checked, so they are not used. Rerun the run that made them (or delete "
+            "them); if you made them yourself, record them with server.manifest.record_files first"
+        )
     for name in names:
         entry = (data or {}).get("files", {}).get(name)
         path = run_dir / name

@@ -51,6 +51,10 @@ from edge_client.dsv import DSV_ACTION, KEY_DSV, record_to_dsvs
 from server.artifacts import atomic_torch_save, save_safe_artifact
 from server.collect import SafePool, collect_safe_pool
 from server.federate import FederationError, wait_for_nodes
+from server.manifest import fingerprint, record_files
+from server.validate import (DSV_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count,
+                             check_client_record, check_metric_keys, check_record_names, claimed_partition,
+                             shard_plan)
 
 __all__ = ["ClientDSVs", "NoModelResult", "DSV_MESSAGE_TYPE", "dp_wrap", "dp_summary", "combine_dsvs",
            "collect_client_dsvs", "federate_without_model"]
@@ -138,9 +142,40 @@ def dsv_per_client(scenario: Scenario, num_clients: int) -> int:
     return ipc
 
 
+def _screen_dsv_reply(reply: Message, meta: DatasetMeta, ipc: int, plan: ShardPlan | None,
+                      claimed: dict[int, int]) -> tuple[int, torch.Tensor, torch.Tensor, dict]:
+    """One DSV reply, checked like every other reply (server/validate.py) before it is decoded."""
+    content = reply.content
+    node = reply.metadata.src_node_id
+    check_record_names(content, {KEY_DSV}, {KEY_METRICS}, {KEY_CLIENT})
+    metrics = check_metric_keys(content, DSV_METRICS)
+    pid = check_client_record(content, plan, claimed.get(node), claimed, node)
+    if plan is not None:
+        _count(metrics["num-examples"], "'num-examples'", 1, plan.num_train[pid])
+    record = content.array_records[KEY_DSV]
+    if set(record.keys()) != {"x", "y"}:
+        raise ReplyRejected(f"a DSV record holds exactly the arrays x and y, got {sorted(record.keys())}")
+    n = meta.num_classes * ipc
+    _check_declared(record["x"], "x", (n, *meta.image_shape), "float32")  # size before decoding
+    _check_declared(record["y"], "y", (n,), "int64")
+    try:  # decodes, then checks dtype, shape, NaN/Inf, normalization range and ipc per class
+        x, y = record_to_dsvs(record, meta.num_classes, ipc, meta.image_shape,
+                              where=f"DSVs from node {node} (partition {pid})")
+    except ValueError as err:
+        raise ReplyRejected(str(err)) from err
+    return pid, x, y, metrics
+
+
 def collect_client_dsvs(grid: Grid, nodes: Sequence[int], scenario: Scenario, meta: DatasetMeta,
-                        timeout: float = 600.0) -> tuple[ClientDSVs, list[dict], dict[int, int]]:
-    """Send ``query.dsv`` to every node; returns the DSVs, the upload log and node -> partition."""
+                        timeout: float = 600.0, failures: FailureLog | None = None,
+                        plan: ShardPlan | None = None) -> tuple[ClientDSVs, list[dict], dict[int, int]]:
+    """Send ``query.dsv`` to every node; returns the DSVs, the upload log and node -> partition.
+
+    A client that errs, answers late (``timeout``) or sends a reply that fails the checks is
+    dropped and logged in ``failures`` (phase ``dsv``); the run goes on while at least
+    ``federation.min_clients`` clients answered.
+    """
+    failures = failures if failures is not None else FailureLog()
     ipc = dsv_per_client(scenario, len(nodes))
     cfg = ConfigRecord({CFG_SCENARIO: scenario.to_json(), "ipc": ipc})
     messages = [Message(content=RecordDict({KEY_CONFIG: cfg}), dst_node_id=n, message_type=DSV_MESSAGE_TYPE)
@@ -148,28 +183,35 @@ def collect_client_dsvs(grid: Grid, nodes: Sequence[int], scenario: Scenario, me
     got: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     uploads: list[dict] = []
     partition_of: dict[int, int] = {}
-    errors = []
+    seen: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            errors.append(f"node {node}: {reply.error.reason}")
+        if node not in nodes or node in seen:
             continue
-        content = reply.content
-        if KEY_DSV not in content.array_records:
-            raise FederationError(f"node {node} answered the DSV query without an ArrayRecord {KEY_DSV!r}")
-        pid = int(content.config_records[KEY_CLIENT]["partition-id"])
-        x, y = record_to_dsvs(content.array_records[KEY_DSV], meta.num_classes, ipc, meta.image_shape,
-                              where=f"DSVs from node {node} (partition {pid})")
+        seen.add(node)
+        if reply.has_error():
+            failures.add("dsv", node, f"error reply: {reply.error.reason}")
+            continue
+        try:
+            pid, x, y, metrics = _screen_dsv_reply(reply, meta, ipc, plan, partition_of)
+        except (ReplyRejected, ValueError, TypeError, KeyError) as err:
+            failures.add("dsv", node, f"malformed reply rejected: {err}", partition_id=claimed_partition(reply.content))
+            continue
         partition_of[node] = pid
         got.append((pid, x, y))
-        metrics = content.metric_records.get(KEY_METRICS, {})
+        content = reply.content
         uploads.append({"node_id": node, "partition_id": pid, "images": int(y.numel()),
                         "bytes": record_bytes(content[KEY_DSV]), "message_bytes": record_bytes(content),
-                        "shard_bytes": content.config_records[KEY_CLIENT].get("shard-bytes"),
+                        "shard_bytes": int(content.config_records[KEY_CLIENT]["shard-bytes"]),
                         "local_train_acc": metrics.get("train-acc")})
+    for node in nodes:
+        if node not in seen:
+            failures.add("dsv", node, "no reply within federation.reply_timeout_s")
+    failures.fill_partitions(partition_of)
     if len(got) < max(scenario.federation.min_clients, 1):
+        reasons = "; ".join(f"node {r['node_id']}: {r['reason']}" for r in failures.rows if r["phase"] == "dsv")
         raise FederationError(f"only {len(got)} of {len(nodes)} clients sent DSVs (federation.min_clients = "
-                              f"{scenario.federation.min_clients}). {'; '.join(errors)}")
+                              f"{scenario.federation.min_clients}). {reasons}")
     got.sort(key=lambda g: g[0])
     dsvs = ClientDSVs(partition_ids=[g[0] for g in got], x=[g[1] for g in got], y=[g[2] for g in got], ipc=ipc,
                       combine=scenario.privacy.dsv_combine)
@@ -183,25 +225,33 @@ class NoModelResult:
     dsv_uploads: list[dict] = field(default_factory=list)
 
 
-def federate_without_model(grid: Grid, scenario: Scenario, meta: DatasetMeta, timings: dict[str, float]) -> NoModelResult:
+def federate_without_model(grid: Grid, scenario: Scenario, meta: DatasetMeta, timings: dict[str, float],
+                           failures: FailureLog | None = None, train_y: torch.Tensor | None = None) -> NoModelResult:
     """Phases 1-2 of mode no_model_access: client DSVs (no weights), then the safe pool."""
     f = scenario.federation
+    failures = failures if failures is not None else FailureLog()
     t0 = time.perf_counter()
     nodes = wait_for_nodes(grid, f.num_clients, f.min_clients)
+    plan = shard_plan(scenario, train_y, len(nodes), meta.num_classes) if train_y is not None else None
     log(INFO, "no-model-access: %d clients train locally and upload DSVs (no model weights leave them)", len(nodes))
-    dsvs, uploads, partition_of = collect_client_dsvs(grid, nodes, scenario, meta,
-                                                      timeout=float(getattr(f, "reply_timeout_s", 600.0)))
+    dsvs, uploads, partition_of = collect_client_dsvs(grid, nodes, scenario, meta, timeout=float(f.reply_timeout_s),
+                                                      failures=failures, plan=plan)
     timings["client_dsv"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, scenario.pool_pipc,
-                             seed=scenario.seed, image_shape=meta.image_shape, partition_of=partition_of)
+    # only the clients whose DSVs passed are asked for safe images (a dropped client stays dropped)
+    answered = [n for n in nodes if n in partition_of]
+    pool = collect_safe_pool(grid, answered, scenario.to_json(), meta.num_classes, scenario.pool_pipc,
+                             seed=scenario.seed, image_shape=meta.image_shape, partition_of=partition_of,
+                             timeout=float(f.reply_timeout_s), failures=failures, min_clients=f.min_clients,
+                             plan=plan)
     timings["collect"] = time.perf_counter() - t0
     run_dir = scenario.run_dir
     save_safe_artifact(run_dir / "safe_pool.pt", pool.x, pool.y, meta.name,
-                       extra={"indices": pool.indices, "partition_ids": pool.partition_ids, "pipc": pool.pipc,
-                              "uploads": pool.uploads})
+                       extra={"keys": pool.keys, "partition_ids": pool.partition_ids, "pipc": pool.pipc,
+                              "uploads": pool.uploads, "failures": list(failures.rows)})
     atomic_torch_save({"partition_ids": dsvs.partition_ids, "x": dsvs.x, "y": dsvs.y, "ipc": dsvs.ipc,
                        "combine": dsvs.combine, "dataset": meta.name, "uploads": uploads}, run_dir / "client_dsvs.pt")
+    record_files(run_dir, ["safe_pool.pt", "client_dsvs.pt"], fingerprint(scenario))  # hashed like theta*
     log(INFO, "no-model-access: %d DSVs from %d clients, %d safe images", sum(int(y.numel()) for y in dsvs.y),
         len(dsvs.x), int(pool.y.numel()))
     return NoModelResult(pool=pool, dsvs=dsvs, dsv_uploads=uploads)

@@ -140,6 +140,10 @@ def run_pipeline(inp: PipelineInputs, progress: bool | None = None) -> list[Cell
 def load_reused(folder: str | Path, meta: DatasetMeta, scenario: Scenario) -> tuple[OrderedDict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict]:
     """theta* and T' from an earlier run folder, checked against this scenario."""
     folder = Path(folder).expanduser()
+    if (folder / "global_model.pt").is_file():  # sha256 against the folder's manifest; no manifest: refused
+        from server.manifest import PHASE12_FILES, verify_files
+
+        verify_files(folder, PHASE12_FILES, required=True)
     model = load_model_artifact(folder / "global_model.pt", dataset=meta.name)
     arch = dataclasses.asdict(scenario.model)
     if {k: v for k, v in model.arch.items() if k in arch} != {k: v for k, v in arch.items() if k in model.arch}:

@@ -11,8 +11,10 @@ Files (in the run folder):
 * ``privacy.md``: privacy mode, DP settings (clipping norm, noise multiplier, noise stdev), what
   left the clients, the audit summary and its cost.
 
-The audit's private bank = the federation's training images whose global index is NOT in the
-uploaded safe pool (``safe_pool.pt`` extra ``indices``); reference = ``privacy.audit_reference``
+The audit's private bank = the federation's training images whose content key
+(``common.records.image_keys``) is NOT among those of the safe pool this run used (no client sends
+training-set indices); per-client DSVs (no_model_access) are audited one client at a time
+(``dsv_client<p>``) as well as combined; reference = ``privacy.audit_reference``
 held-out test images; embedding space = theta* when the server has it (mode ``model``), pixel
 space only otherwise. The server reloads the training images for this: it is an experimenter's
 audit of a simulation, not something a deployed server could do. Cost: one pass of ``embed`` over
@@ -25,15 +27,17 @@ import csv
 import dataclasses
 import time
 from collections.abc import Sequence
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.common.logger import log
 
 from common.datasets import normalize
 from common.models import build_model
+from common.records import image_keys
 from server.report import CellResult, upload_summary
 
 __all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank"]
@@ -87,14 +91,18 @@ def write_communication(weight_uploads: Sequence[dict], safe_uploads: Sequence[d
 
 
 def private_bank(scenario: Any, uploaded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(private normalized images, their global indices, meta): federation training images never uploaded."""
+    """(private normalized images, their positions, meta): federation training images never uploaded.
+
+    ``uploaded``: content keys (``common.records.image_keys``) of the uploaded images; a training
+    image whose key is among them is left out of the bank.
+    """
+    from common.records import image_keys
     from edge_client.data import federation_train_set
 
     data = federation_train_set(scenario)
     keep = torch.ones(data.train_y.shape[0], dtype=torch.bool)
     if uploaded is not None and uploaded.numel():
-        idx = uploaded[uploaded >= 0].to(torch.int64)
-        keep[idx] = False
+        keep = ~torch.from_numpy(np.isin(image_keys(data.train_x).numpy(), uploaded.to(torch.int64).numpy()))
     index = torch.nonzero(keep).flatten()
     return normalize(data.train_x[index], data.meta), index, data.meta
 
@@ -114,23 +122,13 @@ def audit_sets(sets: dict[str, torch.Tensor], private_x: torch.Tensor, reference
     return rows
 
 
-def _safe_indices(scenario: Any, run_dir: Path) -> torch.Tensor | None:
-    for folder in (run_dir, Path(scenario.reuse_artifacts).expanduser() if scenario.reuse_artifacts else None):
-        if folder is not None and (folder / "safe_pool.pt").is_file():
-            obj = torch.load(folder / "safe_pool.pt", map_location="cpu", weights_only=False)
-            idx = (obj.get("extra") or {}).get("indices")
-            return None if idx is None else torch.as_tensor(idx, dtype=torch.int64)
-    return None
-
-
 def _run_audit(inp: Any, cells: Sequence[CellResult]) -> tuple[list[dict], float]:
     from server.artifacts import load_synthetic_artifact
 
     s, meta, run_dir = inp.scenario, inp.meta, Path(inp.run_dir)
     t0 = time.perf_counter()
-    uploaded = _safe_indices(s, run_dir)
-    if uploaded is None and len(inp.pool_y):
-        log(WARNING, "audit: safe_pool.pt has no image indices; the uploaded images stay in the private bank")
+    # the pool this run actually used (collected, or reused after its manifest check), keyed by content
+    uploaded = image_keys(inp.pool_x) if len(inp.pool_y) else None
     private_x, _, _ = private_bank(s, uploaded)
     model = None
     if inp.model_state is not None:
@@ -143,6 +141,9 @@ def _run_audit(inp: Any, cells: Sequence[CellResult]) -> tuple[list[dict], float
         if c.skipped or not path or not Path(path).is_file():
             continue
         sets[Path(path).stem] = load_synthetic_artifact(path, dataset=meta.name).x
+    dsvs = getattr(inp, "client_dsvs", None)  # no_model_access: each client's own upload, before combining
+    for pid, x in zip(getattr(dsvs, "partition_ids", []), getattr(dsvs, "x", [])):
+        sets[f"dsv_client{pid}"] = x
     if len(inp.pool_y):
         sets["safe_pool"] = normalize(inp.pool_x, meta)  # sanity row: real uploaded images
     rows = audit_sets(sets, private_x, normalize(inp.test_x, meta), model, meta, run_dir / "privacy", inp.device,
@@ -169,8 +170,11 @@ def results_note(s: Any, run_dir: Path) -> str:
     from server.modes import dp_summary
 
     uploads = Path(run_dir) / "uploads.json"
-    per_client = json.loads(uploads.read_text()).get("per_client", []) if uploads.is_file() else []
-    n_clients = len({u["partition_id"] for u in per_client if u.get("weights_bytes")}) or s.federation.num_clients
+    try:  # a run-folder file: anything unreadable only loses the client count, never the report
+        per_client = json.loads(uploads.read_text()).get("per_client", []) if uploads.is_file() else []
+        n_clients = len({u["partition_id"] for u in per_client if u.get("weights_bytes")}) or s.federation.num_clients
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        n_clients = s.federation.num_clients
     dp = dp_summary(s, n_clients)
     return f"\nPrivacy: mode `{s.privacy.mode}`; " + (
         f"DP-FedAvg {dp['side']}-side, clipping norm {dp['clipping_norm']}, noise multiplier "

@@ -29,10 +29,12 @@ import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import numpy as np
 import torch
 from flwr.common.logger import log  # plain python logger; no Flower objects here
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.datasets import normalize
 from common.grid import PIPC_ALL, pipc_label, real_init_methods, static_skip_reason
@@ -41,11 +43,12 @@ from server.artifacts import load_synthetic_artifact, save_synthetic_artifact
 from server.collect import pool_subset
 from server.distill.synthesize import DistillationError, SyntheticSet, synthesize
 from server.faults import record_failed_cell
+from server.manifest import MANIFEST, ManifestError, read_manifest, record_files, verify_files
 from server.evaluate import evaluate_synthetic
 from server.report import CellResult
 
 __all__ = [
-    "CELLS_DIR", "CellSpec", "seeds_of", "cell_specs", "tensor_digest", "run_cells", "read_cells",
+    "CELLS_DIR", "CellSpec", "CellRecordError", "seeds_of", "cell_specs", "tensor_digest", "run_cells", "read_cells",
     "federation_stamp", "write_federation_stamp", "resumable_federation", "pool_quota",
 ]
 
@@ -109,24 +112,147 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _record_to_cell(rec: dict, run_dir: Path) -> CellResult:
-    c = rec["cell"]
-    res = rec.get("result") or {}
-    files = {k: str(run_dir / v) for k, v in (rec.get("files") or {}).items()}
-    return CellResult(method=c["method"], ipc=int(c["ipc"]), pipc=int(c["pipc"]), seed=int(c["seed"]),
-                      accuracies=[float(a) for a in res.get("accuracies", [])], mean=float(res.get("mean", "nan")),
-                      std=float(res.get("std", "nan")), distill_s=float(res.get("distill_s", 0.0)),
-                      eval_s=float(res.get("eval_s", 0.0)), files=files, skipped=rec.get("skipped") or "")
+class CellRecordError(ValueError):
+    """A cell record under cells/ is unreadable, malformed, or not the one the manifest lists."""
+
+
+class _CellKey(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    method: str
+    ipc: int
+    pipc: int
+    seed: int
+
+
+class _CellResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    accuracies: list[Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]] = []
+    mean: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    std: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    distill_s: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
+    eval_s: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
+
+
+class _CellRecord(BaseModel):
+    """The schema of cells/<cell>.json (written by :func:`run_cells` / server.faults)."""
+
+    model_config = ConfigDict(extra="allow")
+    format: int = FORMAT
+    cell: _CellKey
+    config: dict[str, Any] | None = None
+    files: dict[str, str] = {}
+    result: _CellResult | None = None
+    skipped: str = ""
+
+
+def _confined(run_dir: Path, rel: str, where: str) -> str:
+    """``run_dir / rel`` when it stays inside the run folder (no absolute path, no ``..``, no link out)."""
+    root = run_dir.resolve()
+    target = (root / rel).resolve()
+    if Path(rel).is_absolute() or not target.is_relative_to(root):
+        raise CellRecordError(f"{where}: path {rel!r} leaves the run folder {root}; a record may only name files "
+                              "inside it. Delete the record to recompute the cell")
+    return str(root / rel)
+
+
+def _record_to_cell(rec: Any, run_dir: Path, where: str = "cell record") -> CellResult:
+    try:
+        r = _CellRecord.model_validate(rec)
+    except ValidationError as err:
+        raise CellRecordError(f"{where} is malformed: {err}. Delete it to recompute the cell") from err
+    res = r.result
+    if not r.skipped:
+        if res is None or not res.accuracies or res.mean is None or res.std is None:
+            raise CellRecordError(f"{where} has neither a result nor a skip reason. Delete it to recompute the cell")
+        # the summary must follow from the accuracies it summarizes (an edited mean is caught here)
+        if abs(float(np.mean(res.accuracies)) - res.mean) > 1e-6 or abs(float(np.std(res.accuracies)) - res.std) > 1e-6:
+            raise CellRecordError(f"{where}: mean/std {res.mean}/{res.std} do not follow from its accuracies "
+                                  f"{res.accuracies}. Delete it to recompute the cell")
+    files = {k: _confined(run_dir, v, where) for k, v in r.files.items()}
+    c = r.cell
+    return CellResult(method=c.method, ipc=c.ipc, pipc=c.pipc, seed=c.seed,
+                      accuracies=list(res.accuracies) if res else [],
+                      mean=res.mean if res and res.mean is not None else float("nan"),
+                      std=res.std if res and res.std is not None else float("nan"),
+                      distill_s=res.distill_s if res else 0.0, eval_s=res.eval_s if res else 0.0, files=files,
+                      skipped=r.skipped)
+
+
+def _read_record(path: Path) -> dict:
+    """JSON of one cell record; any failure names the file."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CellRecordError(f"{path} cannot be read as a cell record ({type(err).__name__}: {err}); "
+                              "delete it to recompute the cell") from err
+    if not isinstance(rec, dict):
+        raise CellRecordError(f"{path} must hold a JSON object, got {type(rec).__name__}; delete it to recompute")
+    return rec
+
+
+def _record_cell_files(run_dir: Path, spec: CellSpec, with_set: bool) -> None:
+    """Hash the cell's record (and synthetic set) into manifest.json: a reported number is a checked one."""
+    names = [f"{CELLS_DIR}/{spec.name}.json"] + ([f"{CELLS_DIR}/{spec.name}.pt"] if with_set else [])
+    record_files(run_dir, names)
+
+
+def _cell_listed(run_dir: Path, spec: CellSpec) -> str | None:
+    """None when the cell's files match the manifest, else why not (resume then recomputes the cell)."""
+    names = [f"{CELLS_DIR}/{spec.name}.json", f"{CELLS_DIR}/{spec.name}.pt"]
+    try:
+        verify_files(run_dir, names, required=True)
+    except ManifestError as err:
+        return str(err)
+    listed = (read_manifest(run_dir) or {}).get("files", {})
+    missing = [n for n in names if n not in listed]
+    return f"{', '.join(missing)} not in {run_dir / MANIFEST}" if missing else None
+
+
+def _resumable(run_dir: Path, spec: CellSpec, config: dict) -> CellResult | None:
+    """The finished cell read back, or None (recompute) when it is absent, unlisted, changed or stale."""
+    json_path, pt_path = run_dir / CELLS_DIR / f"{spec.name}.json", run_dir / CELLS_DIR / f"{spec.name}.pt"
+    if not (json_path.is_file() and pt_path.is_file()):
+        return None
+    why = _cell_listed(run_dir, spec)
+    rec: dict = {}
+    if why is None:
+        try:
+            rec = _read_record(json_path)
+            cell = _record_to_cell(rec, run_dir, str(json_path))
+        except CellRecordError as err:
+            why = str(err)
+    if why is not None:
+        log(WARNING, "cell %s: %s; recomputing", spec.name, why)
+        return None
+    if rec.get("config") == config and not rec.get("skipped"):
+        return cell
+    log(WARNING, "cell %s: stored record differs in %s; recomputing", spec.name,
+        ", ".join(_diff_keys(rec.get("config"), config)[:8]) or "status")
+    return None
 
 
 def read_cells(run_dir: str | Path, scenario: Scenario) -> list[CellResult]:
-    """The recorded cells of ``scenario``'s grid in run order (cells with no record are left out)."""
+    """The recorded cells of ``scenario``'s grid in run order (cells with no record are left out).
+
+    Every record must be listed in the run folder's manifest with its sha256 (and so must the
+    synthetic set it names): a record edited, truncated or copied in after the run is refused
+    with the file's name, as is a folder with records but no manifest.
+    """
     run_dir = Path(run_dir)
     cells = []
     for spec in cell_specs(scenario):
         path = run_dir / CELLS_DIR / f"{spec.name}.json"
         if path.is_file():
-            cells.append(_record_to_cell(json.loads(path.read_text()), run_dir))
+            rel = f"{CELLS_DIR}/{spec.name}.json"
+            verify_files(run_dir, [rel], required=True)
+            if rel not in (read_manifest(run_dir) or {}).get("files", {}):
+                raise ManifestError(f"{path} is not listed in {run_dir / MANIFEST}: it was not written by this run; "
+                                    "delete it (and rerun the cell) or rerun the sweep")
+            cell = _record_to_cell(_read_record(path), run_dir, str(path))
+            syn = cell.files.get("synthetic")
+            if syn and Path(syn).is_file():
+                verify_files(run_dir, [str(Path(syn).relative_to(run_dir.resolve()))], required=True)
+            cells.append(cell)
     return cells
 
 
@@ -135,6 +261,7 @@ def _skipped(spec: CellSpec, reason: str, run_dir: Path, config: dict) -> CellRe
     rec = {"format": FORMAT, "cell": {**dataclasses.asdict(spec), "pipc_label": pipc_label(spec.pipc)},
            "config": config, "skipped": reason}
     _atomic_write_json(rec, run_dir / CELLS_DIR / f"{spec.name}.json")
+    _record_cell_files(run_dir, spec, with_set=False)
     return CellResult(method=spec.method, ipc=spec.ipc, pipc=spec.pipc, seed=spec.seed, accuracies=[],
                       mean=float("nan"), std=float("nan"), skipped=reason)
 
@@ -188,18 +315,15 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                     if reason:
                         cells.append(_skipped(spec, reason, run_dir, config))
                         continue
-                    if s.distill.resume and json_path.is_file() and pt_path.is_file():
-                        rec = json.loads(json_path.read_text())
-                        if rec.get("config") == config and not rec.get("skipped"):
-                            cells.append(_record_to_cell(rec, run_dir))
-                            if method == "dsv":
-                                art = load_synthetic_artifact(pt_path, dataset=meta.name)
-                                dsv_set = SyntheticSet(x=art.x, y=art.y, method="dsv", ipc=art.ipc, info=art.info)
-                            reused += 1
-                            log(INFO, "cell %s: finished earlier, read back from %s", spec.name, json_path)
-                            continue
-                        log(WARNING, "cell %s: stored record differs in %s; recomputing", spec.name,
-                            ", ".join(_diff_keys(rec.get("config"), config)[:8]) or "status")
+                    cell = _resumable(run_dir, spec, config) if s.distill.resume else None
+                    if cell is not None:
+                        cells.append(cell)
+                        if method == "dsv":
+                            art = load_synthetic_artifact(pt_path, dataset=meta.name)
+                            dsv_set = SyntheticSet(x=art.x, y=art.y, method="dsv", ipc=art.ipc, info=art.info)
+                        reused += 1
+                        log(INFO, "cell %s: finished earlier, read back from %s", spec.name, json_path)
+                        continue
                     t0 = time.perf_counter()
                     if client_dsvs is not None:  # the clients' uploaded DSVs, combined to ipc per class
                         dsv_x, dsv_y = client_dsvs.combined(ipc, meta.num_classes)
@@ -218,6 +342,7 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                         )
                     except DistillationError as err:  # NaN/Inf in this cell: record it, go on (server/faults.py)
                         cells.append(record_failed_cell(spec, err, run_dir, config, CELLS_DIR, FORMAT))
+                        _record_cell_files(run_dir, spec, with_set=False)
                         continue
                     if method == "dsv":
                         dsv_set = syn
@@ -233,7 +358,8 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                                       "distill_s": t1 - t0, "eval_s": t2 - t1},
                            "info": _plain(syn.info)}
                     _atomic_write_json(rec, json_path)
-                    cells.append(_record_to_cell(rec, run_dir))
+                    _record_cell_files(run_dir, spec, with_set=True)
+                    cells.append(_record_to_cell(rec, run_dir, str(json_path)))
                     computed += 1
                     log(INFO, "cell %s: %.2f ± %.2f %% (distill %.1fs, evaluate %.1fs)", spec.name,
                         100 * res.mean, 100 * res.std, t1 - t0, t2 - t1)
@@ -281,7 +407,11 @@ def resumable_federation(s: Scenario) -> bool:
         return False
     if not all((d / f).is_file() for f in (_STAMP, "global_model.pt", "safe_pool.pt")):
         return False
-    stored = json.loads((d / _STAMP).read_text())
+    try:
+        stored = json.loads((d / _STAMP).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log(WARNING, "resume: %s is unreadable (%s); running the federated phases again", d / _STAMP, err)
+        return False
     if stored != federation_stamp(s):
         log(WARNING, "resume: %s differs in %s; running the federated phases again", d / _STAMP,
             ", ".join(_diff_keys(stored, federation_stamp(s))[:8]))

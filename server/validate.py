@@ -30,10 +30,10 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 
-from common.records import KEY_ARRAYS, KEY_METRICS
+from common.records import KEY_ARRAYS, KEY_CLIENT, KEY_METRICS
 
-__all__ = ["ReplyRejected", "FailureLog", "weight_signature", "check_train_reply", "check_safe_images",
-           "check_eval_reply"]
+__all__ = ["ReplyRejected", "FailureLog", "ShardPlan", "shard_plan", "weight_signature", "check_train_reply",
+           "check_safe_images", "check_eval_reply", "check_record_names", "check_metric_keys", "check_client_record"]
 
 _NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
                 np.dtype(np.float16): torch.float16, np.dtype(np.int64): torch.int64,
@@ -42,6 +42,54 @@ _NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch
 
 class ReplyRejected(ValueError):
     """A client's reply failed a server-side check; the message says which."""
+
+
+# What each reply may hold, exactly: anything more would reach Flower's consistency check
+# (which ends the ServerApp) or the pipeline, so an unexpected key rejects the reply.
+TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-acc"})
+EVAL_METRICS = frozenset({"num-examples", "eval-loss", "eval-acc"})
+QUERY_METRICS = frozenset({"num-examples", "shortfall", "capped"})
+DSV_METRICS = frozenset({"num-examples", "train-loss", "train-acc", "dsv-seconds"})
+CLIENT_KEYS = frozenset({"partition-id", "shard-size", "shard-bytes"})
+_NPY_HEADER = 4096  # slack for the .npy header Flower serializes with every array
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What the server knows of every client's shard before asking it anything.
+
+    Partitions are a pure function of the scenario and the training labels (common.partition),
+    so the server can bound each reply: ``num-examples`` of a train reply <= the shard's
+    training part, of an evaluate reply <= its held-out part, images sent per class <= what the
+    shard holds of that class.
+    """
+
+    num_train: tuple[int, ...]
+    num_holdout: tuple[int, ...]
+    class_counts: tuple[tuple[int, ...], ...]  # per partition, per class, the whole shard
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self.num_train)
+
+
+def shard_plan(scenario: object, train_y: torch.Tensor, num_partitions: int, num_classes: int) -> ShardPlan:
+    """The shard sizes ``edge_client.data`` builds for ``num_partitions`` clients (same formula)."""
+    from common.partition import partition_indices
+
+    f = scenario.federation  # type: ignore[attr-defined]
+    parts = partition_indices(train_y, num_partitions, scheme=f.partition, seed=scenario.seed,  # type: ignore[attr-defined]
+                              alpha=f.dirichlet_alpha, shards_per_client=f.shards_per_client)
+    labels = np.asarray(train_y)
+    n_train, n_hold, counts = [], [], []
+    for own in parts:
+        own = np.asarray(own, dtype=np.int64)
+        # edge_client.data._build_shard: floor(fraction * size), at least one training image
+        hold = max(0, min(int(np.floor(f.holdout_fraction * own.size)), own.size - 1))
+        n_train.append(int(own.size - hold))
+        n_hold.append(hold)
+        counts.append(tuple(int(c) for c in np.bincount(labels[own], minlength=num_classes)))
+    return ShardPlan(tuple(n_train), tuple(n_hold), tuple(counts))
 
 
 def weight_signature(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -54,32 +102,134 @@ def _finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def check_train_reply(content: RecordDict, signature: Mapping[str, tuple[tuple[int, ...], str]]) -> None:
-    """Raise :class:`ReplyRejected` unless ``content`` holds weights fitting the global model."""
+def _count(value: object, what: str, low: int, high: int | None) -> int:
+    """An integer count in [low, high]: no bool, NaN, inf or fraction (1e308 is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReplyRejected(f"{what} must be an integer, got {value!r}")
+    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+        raise ReplyRejected(f"{what} must be an integer, got {value!r}")
+    n = int(value)
+    if n < low or (high is not None and n > high):
+        raise ReplyRejected(f"{what} must lie in [{low}, {'inf' if high is None else high}], got {n}")
+    return n
+
+
+def check_record_names(content: RecordDict, arrays: set[str], metrics: set[str], configs: set[str]) -> None:
+    """The reply's records are exactly the expected ones (names and kinds)."""
+    got = (set(content.array_records), set(content.metric_records), set(content.config_records))
+    if got != (arrays, metrics, configs):
+        raise ReplyRejected(f"records must be ArrayRecords {sorted(arrays)}, MetricRecords {sorted(metrics)}, "
+                            f"ConfigRecords {sorted(configs)}; got {sorted(got[0])}, {sorted(got[1])}, {sorted(got[2])}")
+
+
+def check_metric_keys(content: RecordDict, expected: frozenset[str], optional: frozenset[str] = frozenset()) -> dict:
+    """The MetricRecord's keys are exactly ``expected`` (plus any of ``optional``); numbers finite."""
+    metrics = content.metric_records.get(KEY_METRICS)
+    if metrics is None:
+        raise ReplyRejected(f"no MetricRecord {KEY_METRICS!r}")
+    keys = set(metrics.keys())
+    if not expected - optional <= keys <= expected | optional:
+        raise ReplyRejected(f"metric keys must be {sorted(expected - optional)} (optionally {sorted(optional)}), "
+                            f"got {sorted(keys)}")
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if any(not _finite_number(v) for v in values):
+            raise ReplyRejected(f"metric {key!r} is not a finite number: {str(value)[:80]}")
+    return dict(metrics)
+
+
+def check_client_record(content: RecordDict, plan: ShardPlan | None, expected_pid: int | None = None,
+                        claimed: Mapping[int, int] | None = None, node: int | None = None) -> int:
+    """The ``client`` ConfigRecord: exact keys, a partition id the plan knows and nobody else claimed."""
+    rec = content.config_records.get(KEY_CLIENT)
+    if rec is None:
+        raise ReplyRejected(f"no ConfigRecord {KEY_CLIENT!r}")
+    if set(rec.keys()) != CLIENT_KEYS:
+        raise ReplyRejected(f"{KEY_CLIENT!r} keys must be {sorted(CLIENT_KEYS)}, got {sorted(rec.keys())}")
+    high = None if plan is None else plan.num_partitions - 1
+    pid = _count(rec["partition-id"], "'partition-id'", 0, high)
+    if expected_pid is not None and expected_pid >= 0 and pid != expected_pid:
+        raise ReplyRejected(f"'partition-id' {pid} differs from the {expected_pid} this node reported before")
+    for other, p in (claimed or {}).items():
+        if p == pid and other != node:
+            raise ReplyRejected(f"'partition-id' {pid} is already held by node {other}")
+    for key in ("shard-size", "shard-bytes"):
+        _count(rec[key], repr(key), 0, None)
+    return pid
+
+
+def claimed_partition(content: RecordDict) -> int | None:
+    """The partition id a reply claims, for the failure report only (never trusted for anything else)."""
+    try:
+        value = content.config_records[KEY_CLIENT]["partition-id"]
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _check_declared(arr: object, key: str, shape: tuple[int, ...], dtype: str) -> None:
+    """Declared shape/dtype and the serialized size, before a single byte is decoded."""
+    declared = (tuple(getattr(arr, "shape", ())), str(getattr(arr, "dtype", "")))
+    if declared != (shape, dtype):
+        raise ReplyRejected(f"array {key!r} is declared {declared[1]} {declared[0]}, expected {dtype} {shape}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize if dtype != "bfloat16" else 0
+    size = len(getattr(arr, "data", b""))
+    if size > nbytes + _NPY_HEADER:
+        raise ReplyRejected(f"array {key!r} carries {size} bytes, {dtype} {shape} needs {nbytes}")
+
+
+def _decoded(arr: object, key: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """Decode and compare what actually arrived with what was declared (a header can lie)."""
+    try:
+        value = arr.numpy()  # type: ignore[attr-defined]
+    except Exception as err:  # noqa: BLE001 - any decoding failure is the client's
+        raise ReplyRejected(f"array {key!r} cannot be decoded: {type(err).__name__}: {err}") from err
+    if tuple(value.shape) != shape or str(value.dtype) != dtype:
+        raise ReplyRejected(f"array {key!r} decodes to {value.dtype} {tuple(value.shape)}, expected {dtype} {shape}")
+    return value
+
+
+def check_train_reply(content: RecordDict, signature: Mapping[str, tuple[tuple[int, ...], str]],
+                      plan: ShardPlan | None = None, expected_pid: int | None = None,
+                      claimed: Mapping[int, int] | None = None, node: int | None = None) -> int:
+    """Raise :class:`ReplyRejected` unless ``content`` holds weights fitting the global model.
+
+    Returns the sender's partition id (-1 when it is not checked: no client record and no plan).
+    """
     if KEY_ARRAYS not in content.array_records:
         raise ReplyRejected(f"no ArrayRecord {KEY_ARRAYS!r} with weights")
+    check_record_names(content, {KEY_ARRAYS}, {KEY_METRICS}, {KEY_CLIENT} if plan is not None else
+                       ({KEY_CLIENT} if KEY_CLIENT in content.config_records else set()))
     arrays: ArrayRecord = content.array_records[KEY_ARRAYS]
     keys = list(arrays.keys())
     if set(keys) != set(signature):
         missing, extra = sorted(set(signature) - set(keys)), sorted(set(keys) - set(signature))
         raise ReplyRejected(f"weight keys differ from the global model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key in keys:  # sizes first: nothing is decoded while any array is oversized
+        _check_declared(arrays[key], key, *signature[key])
     for key in keys:
-        arr = arrays[key]
-        shape, dtype = signature[key]
-        if tuple(arr.shape) != shape or str(arr.dtype) != dtype:
-            raise ReplyRejected(f"weight {key!r} is {arr.dtype} {tuple(arr.shape)}, the global model has {dtype} {shape}")
-        value = arr.numpy()
+        value = _decoded(arrays[key], key, *signature[key])
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise ReplyRejected(f"weight {key!r} holds NaN or Inf")
-    metrics = content.metric_records.get(KEY_METRICS)
-    n = None if metrics is None else metrics.get("num-examples")
+    metrics = check_metric_keys(content, TRAIN_METRICS)
+    pid = -1
+    if KEY_CLIENT in content.config_records or plan is not None:
+        pid = check_client_record(content, plan, expected_pid, claimed, node)
+    high = plan.num_train[pid] if plan is not None else None
+    n = metrics.get("num-examples")
     if not _finite_number(n) or float(n) <= 0:  # type: ignore[arg-type]
         raise ReplyRejected(f"'num-examples' must be a positive number, got {n!r}")
+    _count(n, "'num-examples' (FedAvg weight; the shard's training part)", 1, high)
+    return pid
 
 
 def check_safe_images(x: torch.Tensor, y: torch.Tensor, shortfall: np.ndarray, quota: Sequence[int],
-                      num_classes: int, image_shape: Sequence[int] | None) -> np.ndarray:
-    """Check one safe-subset reply against its request; returns the images per class."""
+                      num_classes: int, image_shape: Sequence[int] | None,
+                      available: Sequence[int] | None = None) -> np.ndarray:
+    """Check one safe-subset reply against its request; returns the images per class.
+
+    ``available``: per class, images the client can still send (shard count - offset), from the plan.
+    """
     if x.dtype != torch.uint8 or x.dim() != 4:
         raise ReplyRejected(f"images must be uint8 N x C x H x W, got {x.dtype} {tuple(x.shape)}")
     if image_shape is not None and tuple(x.shape[1:]) != tuple(image_shape):
@@ -96,19 +246,36 @@ def check_safe_images(x: torch.Tensor, y: torch.Tensor, shortfall: np.ndarray, q
         raise ReplyRejected(f"sent {counts.tolist()} images per class, more than the quota {want.tolist()}")
     if not np.array_equal(counts + shortfall, want):
         raise ReplyRejected(f"images {counts.tolist()} + shortfall {shortfall.tolist()} do not add up to the quota {want.tolist()}")
+    if available is not None and (counts > np.asarray(available)).any():
+        raise ReplyRejected(f"sent {counts.tolist()} images per class, but its shard has only "
+                            f"{np.maximum(np.asarray(available), 0).tolist()} left to send")
     return counts
 
 
-def check_eval_reply(content: RecordDict) -> None:
+def check_eval_reply(content: RecordDict, plan: ShardPlan | None = None, expected_pid: int | None = None,
+                     claimed: Mapping[int, int] | None = None, node: int | None = None) -> int:
+    """Raise :class:`ReplyRejected` unless ``content`` is a sane evaluate reply; returns the partition id."""
     metrics = content.metric_records.get(KEY_METRICS)
     if metrics is None:
         raise ReplyRejected(f"no MetricRecord {KEY_METRICS!r}")
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and not _finite_number(value):
             raise ReplyRejected(f"metric {key!r} is {value!r}")
-    acc = metrics.get("eval-acc")
-    if acc is not None and not 0.0 <= float(acc) <= 1.0:  # type: ignore[arg-type]
+    if plan is not None or KEY_CLIENT in content.config_records:
+        check_record_names(content, set(), {KEY_METRICS}, {KEY_CLIENT})
+    m = check_metric_keys(content, EVAL_METRICS)
+    pid = -1
+    if KEY_CLIENT in content.config_records or plan is not None:
+        pid = check_client_record(content, plan, expected_pid, claimed, node)
+    # FedAvg weights the metrics by num-examples: a zero sum divides by zero, a negative one flips signs
+    _count(m["num-examples"], "'num-examples' (the shard's held-out part)", 1,
+           plan.num_holdout[pid] if plan is not None else None)
+    acc = m.get("eval-acc")
+    if not 0.0 <= float(acc) <= 1.0:  # type: ignore[arg-type]
         raise ReplyRejected(f"'eval-acc' must lie in [0, 1], got {acc!r}")
+    if float(m["eval-loss"]) < 0:
+        raise ReplyRejected(f"'eval-loss' must be >= 0, got {m['eval-loss']!r}")
+    return pid
 
 
 _EXC = re.compile(r"\b([A-Z]\w*(?:Error|Exception|Fault|Timeout)): (.+?)(?=\\n|\n|'>|\"|$)")

@@ -113,6 +113,7 @@ def test_every_artifact_exists(e2e_run: dict) -> None:
 
 def test_safe_pool_counts_and_provenance(e2e_run: dict) -> None:
     from edge_client.data import federation_train_set
+    from common.records import image_keys
     from server.artifacts import load_safe_artifact
 
     scenario = e2e_run["scenario"]
@@ -120,16 +121,21 @@ def test_safe_pool_counts_and_provenance(e2e_run: dict) -> None:
     safe = load_safe_artifact(e2e_run["run_dir"] / "safe_pool.pt", meta=data.meta)
     counts = torch.bincount(safe.y, minlength=10)
     assert counts.tolist() == [max(PIPC)] * 10
-    indices, pids = safe.extra["indices"], safe.extra["partition_ids"]
-    assert indices.dtype == torch.int64 and len(indices) == len(safe.y) == len(pids)
-    assert len(set(indices.tolist())) == len(indices), "an image was pooled twice"
+    keys, pids = safe.extra["keys"], safe.extra["partition_ids"]
+    assert "indices" not in safe.extra, "no training-set index may leave a client"
+    assert keys.dtype == torch.int64 and len(keys) == len(safe.y) == len(pids)
+    assert torch.equal(keys, image_keys(safe.x)), "pool keys are the images' content keys"
+    assert len(set(keys.tolist())) == len(keys), "an image was pooled twice"
     f = scenario.federation
     parts = partition_indices(data.train_y, NUM_CLIENTS, scheme=f.partition, seed=scenario.seed,
                               alpha=f.dirichlet_alpha, shards_per_client=f.shards_per_client)
-    for i, (idx, pid) in enumerate(zip(indices.tolist(), pids.tolist())):
-        assert idx in set(parts[pid].tolist()), f"pool image {i} (train index {idx}) is not in client {pid}'s shard"
-    # the images and labels are exactly the clients' training images
-    assert torch.equal(safe.x, data.train_x[indices]) and torch.equal(safe.y, data.train_y[indices])
+    train_keys = image_keys(data.train_x)
+    for i, (key, pid) in enumerate(zip(keys.tolist(), pids.tolist())):
+        own = torch.as_tensor(parts[pid], dtype=torch.int64)
+        where = own[train_keys[own] == key]
+        assert where.numel() >= 1, f"pool image {i} is not in client {pid}'s shard"
+        # the images and labels are exactly that client's training images
+        assert torch.equal(safe.x[i], data.train_x[where[0]]) and safe.y[i] == data.train_y[where[0]]
     # nested pools: pipc 2 is the first 2 per class of pipc 4
     x4, y4 = pool_subset(safe.x, safe.y, 4, 10)
     x2, y2 = pool_subset(safe.x, safe.y, 2, 10)

@@ -117,6 +117,9 @@ def _reuse_dir(tmp_path: Path, width_trained: int = 8, arch_claimed: int = 8, sa
                         meta.name)
     x = safe_x if safe_x is not None else torch.zeros(20, 1, 28, 28, dtype=torch.uint8)
     torch.save({"x": x, "y": torch.arange(len(x)) % 10, "dataset": meta.name, "extra": {}}, d / "safe_pool.pt")
+    from server.manifest import record_files
+
+    record_files(d, ["global_model.pt", "safe_pool.pt"])  # a reused folder must have its manifest
     return d
 
 
@@ -160,6 +163,15 @@ def test_safe_set_file_with_too_few_images(tmp_path: Path) -> None:
 def test_missing_reuse_folder(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match=r"model file .*missing.*global_model.pt does not exist"):
         _load(tmp_path / "missing")
+
+
+def test_reused_folder_without_manifest_is_refused(tmp_path: Path) -> None:
+    from server.manifest import ManifestError
+
+    d = _reuse_dir(tmp_path)
+    (d / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match=r"global_model.pt, safe_pool.pt but no manifest.json: .*not used"):
+        _load(d)
 
 
 def test_reused_file_changed_since_its_manifest(tmp_path: Path) -> None:

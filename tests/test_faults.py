@@ -76,8 +76,8 @@ def test_fault_modes_on_the_client() -> None:
 
 def _train_content(state) -> RecordDict:
     return RecordDict({KEY_ARRAYS: state_dict_to_record(state),
-                       KEY_METRICS: MetricRecord({"num-examples": 10, "train-loss": 0.5}),
-                       KEY_CLIENT: ConfigRecord({"partition-id": 0})})
+                       KEY_METRICS: MetricRecord({"num-examples": 10, "train-loss": 0.5, "train-acc": 0.5}),
+                       KEY_CLIENT: ConfigRecord({"partition-id": 0, "shard-size": 12, "shard-bytes": 192})})
 
 
 STATE = OrderedDict(w=torch.randn(4, 3), b=torch.zeros(4), n=torch.tensor(3, dtype=torch.int64))
@@ -104,9 +104,9 @@ def test_train_reply_with_bad_weight_count_is_rejected() -> None:
 def _query_content(quota: list[int]) -> RecordDict:
     y = torch.tensor([c for c, q in enumerate(quota) for _ in range(q)], dtype=torch.int64)
     x = torch.zeros(len(y), 1, 4, 4, dtype=torch.uint8)
-    return RecordDict({KEY_SAFE: images_to_record(x, y, torch.arange(len(y))),
+    return RecordDict({KEY_SAFE: images_to_record(x, y),
                        KEY_METRICS: MetricRecord({"num-examples": len(y), "shortfall": [0] * len(quota)}),
-                       KEY_CLIENT: ConfigRecord({"partition-id": 0})})
+                       KEY_CLIENT: ConfigRecord({"partition-id": 0, "shard-size": 12, "shard-bytes": 192})})
 
 
 @pytest.mark.parametrize("kind", QUERY_CORRUPTIONS)
@@ -118,7 +118,7 @@ def test_every_malformed_query_reply_is_rejected(kind: str) -> None:
     content, _ = corrupt_reply(s, 0, "query", _query_content(quota), kind=kind)
     msg = _Reply(content)
     with pytest.raises((ReplyRejected, ValueError)):
-        reply = _decode(msg, 3)  # undecodable (wrong dtype / shortfall) fails here ...
+        reply = _decode(msg, 3, quota, (1, 4, 4))  # screened before decoding ...
         check_safe_images(reply.images.x, reply.images.y, reply.shortfall, quota, 3, (1, 4, 4))  # ... the rest here
 
 

@@ -42,7 +42,7 @@ def test_zero_safe_uploads_no_images_and_dp_is_recorded(zero_safe_dp_run: tuple[
     # client-side DP: the wrapper sent the clipping norm with every train message
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert all(m.content.config_records["config"]["clipping_norm"] == 0.5 for m in train_msgs)
-    safe = torch.load(run_dir / "safe_pool.pt", weights_only=False)
+    safe = torch.load(run_dir / "safe_pool.pt", weights_only=True)
     assert safe["x"].shape[0] == 0
     with (run_dir / "communication.csv").open() as fh:
         total = list(csv.DictReader(fh))[-1]

@@ -136,7 +136,14 @@ def test_no_model_access_never_uploads_weights(no_model_run: tuple[Path, Recordi
         assert f" {method} " in md
     with (run_dir / "privacy_audit.csv").open() as fh:
         audit = {r["set"]: r for r in csv.DictReader(fh)}
-    assert "safe_pool" in audit and len(audit) == 5
+    # 4 synthetic sets + the safe pool + each client's own DSVs (audited before they are combined)
+    assert "safe_pool" in audit and len(audit) == 5 + NUM_CLIENTS
+    assert {f"dsv_client{p}" for p in range(NUM_CLIENTS)} <= set(audit)
+    assert all(int(audit[f"dsv_client{p}"]["n_synthetic"]) == 10 for p in range(NUM_CLIENTS))
+    from server.manifest import read_manifest
+
+    listed = read_manifest(run_dir)["files"]  # the DSVs and every cell record feed reported numbers
+    assert {"client_dsvs.pt", "safe_pool.pt"} <= set(listed) and any(k.startswith("cells/") for k in listed)
     assert all(r["cos_max"] in ("nan", "") for r in audit.values())  # no theta* on the server: pixel audit only
     assert "no_model_access" in (run_dir / "privacy.md").read_text()
 
@@ -222,7 +229,9 @@ def test_audit_pipeline_flags_planted_private_copy(data_dir: Path) -> None:
     try:
         s = scenario_from_dict(_base(data_dir, "audit"))
         data = federation_train_set(s)
-        uploaded = torch.tensor([0, 5, 7])
+        from common.records import image_keys
+
+        uploaded = image_keys(data.train_x[[0, 5, 7]])  # uploads are known by content, not by index
         private_x, index, meta = private_bank(s, uploaded)
     finally:
         mp.undo()
