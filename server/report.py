@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.grid import PIPC_ALL, pipc_label
+from server.stats import paired_markdown
 
 __all__ = [
     "CellResult",
@@ -107,6 +108,7 @@ def results_markdown(cells: Sequence[CellResult], title: str | None = None) -> s
     over = "the evaluation models" + (f" of {len(seeds)} distillation seeds ({', '.join(map(str, seeds))})"
                                       if len(seeds) > 1 else "")
     lines += ["", f"Test accuracy in %, mean ± std over {over}. pipc 'all': every client uploaded all its images."]
+    lines += paired_markdown(cells, pipc_label)
     reasons = sorted({f"{c.method} ipc={c.ipc} pipc={pipc_label(c.pipc)}: {c.skipped}" for c in cells if c.skipped})
     if reasons:
         lines += ["", "n/a (cell skipped):", *(f"- {r}" for r in reasons)]

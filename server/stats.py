@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-__all__ = ["PairedDiff", "t_quantile_975", "pooled", "paired_difference"]
+__all__ = ["PairedDiff", "REPORT_PAIRS", "t_quantile_975", "pooled", "paired_difference", "paired_markdown"]
 
 # Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -78,3 +78,34 @@ def paired_difference(a: Mapping[int, Sequence[float]], b: Mapping[int, Sequence
         return PairedDiff(per_seed=diffs, mean=mean, half_width=float("nan"))
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs.values()) / (n - 1))
     return PairedDiff(per_seed=diffs, mean=mean, half_width=t_quantile_975(n - 1) * sd / math.sqrt(n))
+
+
+# (A, B) pairs a results table reports when both ran with several seeds: A - B.
+REPORT_PAIRS: tuple[tuple[str, str], ...] = (("dkkt_dm", "dm"), ("dkkt_dm", "dsv"), ("dkkt_dm", "random_real"),
+                                             ("dm", "random_real"))
+
+
+def paired_markdown(cells: Sequence[object], label: Callable[[int], str] = str) -> list[str]:
+    """Markdown lines: per (ipc, pipc) and method pair of ``REPORT_PAIRS``, the per-seed paired
+    difference of the mean accuracy, its mean and 95 % interval. ``cells`` are objects with
+    method, ipc, pipc, seed, accuracies, skipped (``server.report.CellResult``); empty list
+    when no pair has two seeds."""
+    acc: dict[tuple[str, int, int], dict[int, list[float]]] = {}
+    for c in cells:
+        if not getattr(c, "skipped", None) and getattr(c, "accuracies", None):
+            acc.setdefault((c.method, c.ipc, c.pipc), {})[c.seed] = list(c.accuracies)  # type: ignore[attr-defined]
+    rows = []
+    for ipc, pipc in sorted({(k[1], k[2]) for k in acc}):
+        for a, b in REPORT_PAIRS:
+            ka, kb = (a, ipc, pipc), (b, ipc, pipc)
+            if ka in acc and kb in acc and len(set(acc[ka]) & set(acc[kb])) >= 2:
+                d = paired_difference(acc[ka], acc[kb])
+                per = ", ".join(f"{s}: {100 * v:+.2f}" for s, v in sorted(d.per_seed.items()))
+                verdict = d.verdict().replace("A better", f"{a} better").replace("B better", f"{b} better")
+                rows.append(f"| {ipc} | {label(pipc)} | {a} − {b} | {per} | {100 * d.mean:+.2f} | "
+                            f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}] | {verdict} |")
+    if not rows:
+        return []
+    return ["", "Paired differences (same distillation seed, same evaluation networks; points of accuracy, "
+            "95 % t-interval over the seeds):", "",
+            "| ipc | pipc | A − B | per seed | mean | 95 % CI | verdict |", "|---|---|---|---|---|---|---|", *rows]

@@ -43,3 +43,18 @@ def test_t_quantiles() -> None:
     assert t_quantile_975(1000) == pytest.approx(1.96)
     with pytest.raises(ValueError):
         t_quantile_975(0)
+
+
+def test_results_markdown_reports_the_paired_difference_over_seeds() -> None:
+    from server.report import CellResult, results_markdown
+
+    cells = [CellResult(method=m, ipc=1, pipc=10, seed=s, accuracies=[a, a], mean=a, std=0.0)
+             for s, (d, k) in enumerate([(0.60, 0.63), (0.61, 0.65), (0.62, 0.66)])
+             for m, a in (("dm", d), ("dkkt_dm", k))]
+    md = results_markdown(cells)
+    row = next(line for line in md.splitlines() if line.startswith("| 1 | 10 | dkkt_dm − dm |"))
+    # per-seed differences +3, +4, +4 points: mean 3.67, sd 0.577, CI 3.67 ± 4.303 * 0.577 / sqrt(3)
+    assert "0: +3.00, 1: +4.00, 2: +4.00" in row and "+3.67" in row
+    assert "[+2.23, +5.10]" in row and "dkkt_dm better" in row
+    single = [c for c in cells if c.seed == 0]
+    assert "Paired differences" not in results_markdown(single)
