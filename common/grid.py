@@ -15,9 +15,11 @@ from __future__ import annotations
 
 __all__ = ["PIPC_ALL", "NEEDS_SAFE", "normalize_pipc", "pipc_label", "real_init_methods", "static_skip_reason"]
 
+from common.methods import REGISTRY
+
 PIPC_ALL = -1
 # Methods that read the safe pool T' (everything except model-only DSV extraction).
-NEEDS_SAFE = frozenset({"dm", "dkkt_dm", "blend", "dm_from_dsv", "random_real", "safe_all", "dsv_real"})
+NEEDS_SAFE = frozenset(m for m, s in REGISTRY.items() if s.needs_safe)
 
 
 def normalize_pipc(value: int | str) -> int:
@@ -38,8 +40,8 @@ def pipc_label(pipc: int) -> str:
 
 def real_init_methods(init: str) -> frozenset[str]:
     """Methods that copy ipc real images per class out of the pool with this ``distill.init``."""
-    always = {"random_real", "dsv_real"}
-    return frozenset(always | ({"dm", "dkkt_dm"} if init == "real" else set()))
+    return frozenset(m for m, s in REGISTRY.items()
+                     if s.init == "real" or (s.init in ("config", "dm_reference") and not s.uses_dsvs and init == "real"))
 
 
 def static_skip_reason(method: str, ipc: int, pipc: int, init: str) -> str | None:
@@ -51,5 +53,5 @@ def static_skip_reason(method: str, ipc: int, pipc: int, init: str) -> str | Non
         return f"method '{method}' needs safe images but pipc is 0 (only 'dsv' runs from the model alone)"
     if pipc != PIPC_ALL and method in real_init_methods(init) and ipc > pipc:
         return (f"method '{method}' takes {ipc} real images per class from a pool of pipc={pipc}"
-                + (" (distill.init is 'real')" if method in ("dm", "dkkt_dm") else ""))
+                + (" (distill.init is 'real')" if REGISTRY[method].init in ("config", "dm_reference") else ""))
     return None

@@ -19,6 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from common.grid import normalize_pipc, static_skip_reason
+from common.methods import METHODS, NO_MODEL_METHODS  # the method registry
 
 APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = "scenarios/quickstart.yaml"
@@ -26,7 +27,6 @@ DEFAULT_SCENARIO = "scenarios/quickstart.yaml"
 DATASETS = ("cifar10", "fashion-mnist", "mnist", "cifar100", "svhn")
 PARTITIONS = ("iid", "dirichlet", "shards")
 SAFE_POLICIES = ("random", "first")
-METHODS = ("dm", "dsv", "dsv_real", "dkkt_dm", "blend", "dm_from_dsv", "random_real", "safe_all")
 INITS = ("auto", "noise", "real")
 OPTIMIZERS = ("sam", "sgd")
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
@@ -154,9 +154,6 @@ class FaultsConfig:
 PRIVACY_MODES = ("model", "no_model_access")
 DP_SIDES = ("server", "client")
 DSV_COMBINE = ("average", "select")
-# Methods the server can run without theta* (no_model_access): DM on the safe pool, the uploaded
-# DSVs as they are ('dsv'), or the two combined ('blend', 'dm_from_dsv').
-NO_MODEL_METHODS = ("dm", "dsv", "blend", "dm_from_dsv", "random_real", "safe_all")
 
 
 @dataclass

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
-from server.distill.synthesize import METHODS, DistillationError, DistillConfig, synthesize
+from common.methods import METHODS, spec
+from server.distill.synthesize import DistillationError, DistillConfig, synthesize
 
 RESULT_COLUMNS = (
     "timestamp", "dataset", "method", "ipc", "pipc", "seed", "iterations", "iterations_done",
@@ -188,8 +189,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stat_target=args.stat_target, lambda_param=args.lambda_param,
     )
     init_model = None
-    needs_kkt = args.method in ("dsv", "dsv_real", "dkkt_dm") or (args.method in ("blend", "dm_from_dsv")
-                                                                  and dsv_x is None)
+    ms = spec(args.method)
+    needs_kkt = ms.needs_model or (ms.uses_dsvs and dsv_x is None)
     if model is not None and needs_kkt and args.stat_target == "update":
         init_model = build_model(meta, arch, seed=_init_seed(args))
     tag = f"{args.method}_ipc{args.ipc}_pipc{pipc}"

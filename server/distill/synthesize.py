@@ -2,10 +2,11 @@
 
     L_total(S) = L_DKKT(S) + gamma * L_DM(S)        (paper Eq. 5; L_DKKT = Eq. 4)
 
-Methods (``METHODS``):
+Methods: ``common/methods.py`` is the registry (what each method needs, its terms of Eq. 5,
+its start and DM weight); this module asks it.
 - ``dm``: pure DM loss (Eq. 2, weight 1), the DM reference recipe.
 - ``dsv``: DKKT only, started from noise. ``dsv_real``: DKKT only, started from real images.
-- ``dkkt_dm``: the paper's Eq. 5.
+- ``dkkt_dm``: the paper's Eq. 5 (``total_loss``).
 - ``blend``: paper Fig. 3, pixel average of DSVs (given as ``dsv_x``, or extracted here
   with ``dsv`` when a model is given) and DM images.
 - ``dm_from_dsv``: DM (weight 1) started from the DSVs (given or extracted like blend)
@@ -18,13 +19,14 @@ gamma = 0.01 for ipc >= 50, else 0.001 (``default_gamma``); init noise for ipc 1
 safe images otherwise (``default_init``). With ``init="auto"``, ``dm`` starts from real
 images like the DM reference (main_DM.py), ``dsv`` from noise, ``dsv_real`` from real.
 
-The loop: S (and lambda) are the only trainable tensors. Images: SGD(lr_img,
-momentum_img) for dm, Adam(lr_img_adam) for the DKKT methods (``img_optimizer="auto"``,
-see DistillConfig for the measurement behind it). lambda: its own optimizer (Adam by default, lr_lambda) because the
-gradient of alpha * L_stat w.r.t. lambda is tiny (it is averaged over ~3e5 parameters)
-and a scale-free step lets lambda move at all; after every step lambda is projected
-onto lambda >= 0 (dual feasibility; DSV Alg. 1 drops candidates whose lambda turns
-negative, a fixed-size S cannot, so they sit at 0 and may re-enter).
+The loop: S (and lambda) are the only trainable tensors. Images: ``img_optimizer`` (SGD
+(lr_img, momentum_img) or Adam(lr_img_adam); "auto" keeps the first landing's rule, SGD for
+dm and Adam for the DKKT methods, which CONFOUNDS a dm-vs-dkkt_dm comparison: scenarios
+that compare methods set one optimizer for all). lambda = exp(rho) with its own Adam
+(lr_lambda), see server/distill/dkkt.py for the formulation and its evidence. Every
+``log_every`` iterations the loss history records each term, L_stat / D(target, 0),
+lambda's min / mean / max / count at 0 and each weighted term's share of the image
+gradient (server/loss_trace.py draws them).
 Every iteration draws a fresh random embedding network psi (``embed_factory``), a real
 batch of up to ``real_batch`` safe images per class and one DSA draw per class (shared
 by the real and synthetic images of that class), all from one CPU ``torch.Generator``
@@ -50,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from common.augment import DSA_STRATEGY, parse_strategy, sample_dsa_params
+from common.methods import METHODS, REGISTRY, spec
 from common.perf import tune_cpu_allocator
 from server.artifacts import atomic_torch_save
 from server.distill.dkkt import (DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss, lambda_scale,
@@ -71,10 +74,7 @@ __all__ = [
     "total_loss",
 ]
 
-METHODS: tuple[str, ...] = ("dm", "dsv", "dsv_real", "dkkt_dm", "blend", "dm_from_dsv", "random_real", "safe_all")
 INITS: tuple[str, ...] = ("auto", "noise", "real")
-_NEEDS_MODEL = ("dsv", "dsv_real", "dkkt_dm")
-_NEEDS_SAFE = ("dm", "dsv_real", "dkkt_dm", "blend", "dm_from_dsv", "random_real", "safe_all")
 
 
 class DistillationError(RuntimeError):
@@ -305,8 +305,7 @@ def synthesize(
     ``config.stat_target == "update"``.
     Returns a ``SyntheticSet`` on CPU.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown distillation method {method!r}; valid methods: {list(METHODS)}")
+    ms = spec(method)  # ValueError for an unknown method
     if not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"ipc must be an int >= 1, got {ipc!r}")
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -320,21 +319,22 @@ def synthesize(
     device = torch.device(device)
     if device.type == "cpu":
         tune_cpu_allocator()  # 1.7x faster dkkt_dm iterations on the CPU (common/perf.py); FEDPDD_MALLOC_TUNE=0 opts out
-    if method in _NEEDS_MODEL and model is None:
+    if ms.needs_model and model is None:
         raise ValueError(f"method {method!r} needs the trained model (DKKT loss), but model is None")
-    if method in _NEEDS_SAFE and (safe_x is None or safe_y is None):
+    if ms.needs_safe and (safe_x is None or safe_y is None):
         raise ValueError(f"method {method!r} needs safe data (safe_x and safe_y), but got None")
-    if method in ("dm", "dkkt_dm", "blend", "dm_from_dsv") and embed_factory is None:
+    if "dm" in ms.terms and embed_factory is None:
         raise ValueError(f"method {method!r} needs embed_factory (random networks for DM), got None")
-    if method in _NEEDS_MODEL and config.stat_target == "update" and init_model is None:
+    if (ms.needs_model or (ms.uses_dsvs and dsv_x is None)) and config.stat_target == "update" \
+            and init_model is None:
         raise ValueError("stat_target 'update' needs init_model (the network theta* was trained from), got None")
-    if method in ("blend", "dm_from_dsv") and dsv_x is None and model is None:
+    if ms.uses_dsvs and dsv_x is None and model is None:
         raise ValueError(f"method {method!r} needs pre-extracted DSVs (dsv_x) or the model to extract them; both are None")
 
     t0 = time.monotonic()
     gen = torch.Generator().manual_seed(int(seed))
     pool = None
-    if safe_x is not None and safe_y is not None and method in _NEEDS_SAFE:
+    if safe_x is not None and safe_y is not None and ms.needs_safe:
         pool = _SafePool.build(safe_x, safe_y, num_classes, image_shape, pipc, device)
     base_info: dict[str, Any] = {"seed": int(seed), "pipc": pipc, "config": asdict(config),
                                  "safe_per_class": pool.counts if pool else []}
@@ -360,7 +360,7 @@ def synthesize(
         run = _Run(ipc=ipc, num_classes=num_classes, image_shape=image_shape, pipc=pipc, pool=pool,
                    model=model, embed_factory=embed_factory, config=config, device=device, bar=bar,
                    init_model=init_model)
-        if method not in ("blend", "dm_from_dsv"):
+        if not ms.uses_dsvs:
             out = run.optimize(method, gen, deadline, _as_path(checkpoint_path))
             out.info = base_info | out.info
             return out
@@ -447,18 +447,16 @@ class _Run:
 
     # -- setup helpers ------------------------------------------------------------
     def _resolve_init(self, method: str) -> tuple[str, str]:
-        cfg_init = self.cfg.init
-        if method == "dsv":
-            if cfg_init == "real":
-                raise ValueError("method 'dsv' always starts from noise; use method 'dsv_real' for real init")
-            return "noise", "method dsv"
-        if method == "dsv_real":
-            if cfg_init == "noise":
-                raise ValueError("method 'dsv_real' always starts from real images; use method 'dsv' for noise init")
-            return "real", "method dsv_real"
+        cfg_init, fixed = self.cfg.init, REGISTRY[method].init
+        if fixed in ("noise", "real"):  # dsv / dsv_real: the method name fixes the start
+            if cfg_init not in ("auto", fixed):
+                other = "dsv_real" if fixed == "noise" else "dsv"
+                raise ValueError(f"method {method!r} always starts from {fixed} images; use method {other!r} "
+                                 f"for {cfg_init} init")
+            return fixed, f"method {method}"
         if cfg_init != "auto":
             return cfg_init, "config"
-        if method == "dm":
+        if fixed == "dm_reference":
             return "real", "auto (DM reference)"
         return default_init(self.ipc), "auto (appendix A)"
 
@@ -494,11 +492,12 @@ class _Run:
                  ckpt: Path | None) -> SyntheticSet:
         cfg, C, ipc = self.cfg, self.C, self.ipc
         t0 = time.monotonic()
-        use_dkkt = method in ("dsv", "dsv_real", "dkkt_dm")
-        use_dm = method in ("dm", "dkkt_dm")
+        ms = REGISTRY[method]
+        use_dkkt = "stat" in ms.terms
+        use_dm = "dm" in ms.terms
         alpha = cfg.alpha if cfg.alpha is not None else default_alpha(self.pipc)
         gamma = cfg.gamma if cfg.gamma is not None else default_gamma(ipc)
-        dm_weight = 1.0 if method == "dm" else gamma
+        dm_weight = 1.0 if ms.dm_weight == "one" else gamma
         if use_dm:
             assert self.pool is not None and self.embed_factory is not None
             empty = [c for c, n in enumerate(self.pool.counts) if n == 0]
@@ -628,7 +627,7 @@ class _Run:
         info: dict[str, Any] = {
             "loss_history": history, "iterations_done": done, "iterations_requested": cfg.iterations,
             "stopped_reason": stopped, "time_budget_s": cfg.time_budget_s, "wall_s": time.monotonic() - t0,
-            "alpha": alpha if use_dkkt else None, "gamma": gamma if method == "dkkt_dm" else None,
+            "alpha": alpha if use_dkkt else None, "gamma": gamma if ms.dm_weight == "gamma" else None,
             "dm_weight": dm_weight if use_dm else None, "init": init_desc, "img_optimizer": img_opt,
             "device": str(self.device), "stat_zero": stat_zero if use_dkkt else None,
         }
