@@ -25,14 +25,6 @@ from server.distill.__main__ import main
 from server.images import save_image_grid
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
-    # OpenMP spin-waiting made these tests ~20x slower (5 s -> 106 s measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 FM = get_meta("fashion-mnist")

@@ -14,14 +14,6 @@ from common.models import build_model
 from server.distill.dkkt import dkkt_loss, kkt_terms, primal_loss, stationarity_loss
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
-    # OpenMP spin-waiting made these tests ~20x slower (5 s -> 106 s measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _stationary_linear(n: int = 6, d: int = 5, c: int = 3, seed: int = 0):

@@ -14,14 +14,6 @@ from common.models import build_model
 from server.evaluate import SAM, EvalConfig, derive_seeds, evaluate_synthetic, test_accuracy, train_model
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
-    # OpenMP spin-waiting made these tests ~20x slower (5 s -> 106 s measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- SAM
