@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = cifar_meta()
     arch = {"width": args.width}
     theta = build_model(meta, arch, seed=1).eval()
+    theta0 = build_model(meta, arch, seed=2)  # theta_0 of the stationarity target theta* - theta_0
     embed_factory = make_embed_factory(meta, arch)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for pair in args.configs.split(","):
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         def one(method: str, ipc: int = ipc, pipc: int = pipc, safe_x=safe_x, safe_y=safe_y, cfg=cfg) -> float:
             s = synthesize(method, ipc=ipc, num_classes=10, image_shape=(3, 32, 32), pipc=pipc,
                            safe_x=safe_x, safe_y=safe_y, model=theta, embed_factory=embed_factory,
-                           config=cfg, seed=0, device=device, progress=False)
+                           config=cfg, seed=0, device=device, progress=False, init_model=theta0)
             return float(s.info["loss_history"][0]["elapsed_s"])
 
         large = ipc >= 50

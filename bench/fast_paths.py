@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = cifar_meta()
     arch = {"width": args.width}
     theta = build_model(meta, arch, seed=1).eval()
+    theta0 = build_model(meta, arch, seed=2)  # theta_0 of the stationarity target theta* - theta_0
     for prm in theta.parameters():
         prm.requires_grad_(False)
     embed_factory = make_embed_factory(meta, arch)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         s = synthesize(method, ipc=ipc, num_classes=10, image_shape=(3, 32, 32), pipc=pipc, safe_x=sx,
                        safe_y=sy, model=theta, embed_factory=embed_factory,
                        config=DistillConfig(iterations=1, log_every=1, **cfg),  # type: ignore[arg-type]
-                       seed=0, device=device, progress=False)
+                       seed=0, device=device, progress=False, init_model=theta0)
         return float(s.info["loss_history"][0]["elapsed_s"])
 
     syn_x, syn_y = cifar_like(10 * ipc, seed=2)

@@ -49,6 +49,7 @@ def main() -> int:
         meta = get_meta(ds)
         arch = {"width": a.width}
         model = build_model(meta, arch, seed=0).to(dev).eval()
+        theta0 = build_model(meta, arch, seed=1)  # theta_0 of the stationarity target
         embed = make_embed_factory(meta, arch)
         pipc = 50
         g = torch.Generator().manual_seed(0)
@@ -65,7 +66,7 @@ def main() -> int:
                     t0 = time.perf_counter()
                     syn = synthesize(method, ipc=ipc, num_classes=meta.num_classes, image_shape=meta.image_shape,
                                      pipc=pipc, safe_x=safe_x, safe_y=safe_y, model=model, embed_factory=embed,
-                                     config=cfg, seed=0, device=dev, progress=False)
+                                     config=cfg, seed=0, device=dev, progress=False, init_model=theta0)
                     _sync(dev)
                     times.append(time.perf_counter() - t0)
                 print(json.dumps({"dataset": ds, "kind": "distill_iter", "method": method, "ipc": ipc,

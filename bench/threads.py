@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = cifar_meta()
     arch = {"width": args.width}
     theta = build_model(meta, arch, seed=1).eval()
+    theta0 = build_model(meta, arch, seed=2)  # theta_0 of the stationarity target theta* - theta_0
     embed_factory = make_embed_factory(meta, arch)
     safe_x, safe_y = cifar_like(10 * args.pipc, seed=1)
     syn_x, syn_y = cifar_like(10 * args.ipc, seed=2)
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     def distill(method: str) -> float:
         s = synthesize(method, ipc=args.ipc, num_classes=10, image_shape=(3, 32, 32), pipc=args.pipc,
                        safe_x=safe_x, safe_y=safe_y, model=theta, embed_factory=embed_factory,
-                       config=DistillConfig(iterations=1, log_every=1), seed=0, device=device, progress=False)
+                       config=DistillConfig(iterations=1, log_every=1), seed=0, device=device, progress=False,
+                       init_model=theta0)
         return float(s.info["loss_history"][0]["elapsed_s"])
 
     def eval_epoch() -> float:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # may unpickle (common.datasets' restricted CIFAR unpickler). Stand-alone experiment scripts may
 # call torch.load on files they wrote, with weights_only=True spelled out.
 TORCH_LOAD_OK = {"server/artifacts.py"}
-SCRIPTS_OK = {"scenarios/fmnist_table_offline.py"}
+SCRIPTS_OK: set[str] = set()  # none left; scenarios/core_result.py saves with torch.save only
 PICKLE_OK = {"common/datasets.py"}
 
 
