@@ -46,11 +46,14 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # common.scenario imports nothing from here; the annotation only
+    from common.scenario import Scenario
 
 __all__ = [
     "DATASETS",
@@ -61,6 +64,7 @@ __all__ = [
     "balanced_subset_indices",
     "cache_root",
     "denormalize",
+    "federation_train_set",
     "get_meta",
     "load_dataset",
     "normalize",
@@ -666,3 +670,12 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
         + "\n".join(f"  - {t}" for t in tried)
         + "\nFix: " + "; or ".join(fixes) + "."
     )
+
+
+def federation_train_set(scenario: "Scenario") -> DatasetSplits:
+    """The dataset of ``scenario`` with ``data.train_limit`` / ``test_limit`` applied (seeded by
+    ``scenario.seed``). The server and every client call this, so they see the same training
+    view (a client's shard indexes into it) and the server the same test split."""
+    d = scenario.data
+    splits = load_dataset(d.dataset, root=d.root, download=d.download)
+    return splits.limit(d.train_limit, d.test_limit, seed=scenario.seed)

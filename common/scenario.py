@@ -116,7 +116,7 @@ class DistillSection:
     lambda_init: float = 1.0  # initial Lagrange multipliers (> 0 with lambda_param log)
     lambda_param: str = "log"  # log (lambda = exp(rho), always > 0) | clamp (lambda, projected onto >= 0)
     lambda_autoscale: bool = False  # start lambda at the least-squares scale of the target (l1 / l2)
-    img_optimizer: str = "auto"  # auto (SGD for dm, Adam for DKKT methods) | sgd | adam
+    img_optimizer: str = "adam"  # adam | sgd: one optimizer for every method | auto (SGD for dm, Adam for DKKT)
     lr_img_adam: float = 0.1  # image lr when the image optimizer is Adam
     seeds: list[int] | None = None  # distillation+evaluation seeds of the sweep; None: [seed]
     resume: bool = True  # reuse finished cells (and this folder's theta*/T') whose config matches

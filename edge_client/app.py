@@ -37,18 +37,21 @@ from common.device import pick_device
 from common.models import build_model
 from common.records import (
     CFG_SCENARIO,
+    DSV_ACTION,
     KEY_ARRAYS,
     KEY_CLIENT,
     KEY_CONFIG,
+    KEY_DSV,
     KEY_METRICS,
     KEY_SAFE,
+    dsvs_to_record,
     images_to_record,
     record_to_state_dict,
     state_dict_to_record,
 )
 from common.scenario import Scenario, scenario_from_dict
 from edge_client.data import ClientShard, load_client_shard
-from edge_client.dsv import DSV_ACTION, KEY_DSV, dp_clipping_mod, dsv_seed, dsvs_to_record, extract_dsvs, local_epochs
+from edge_client.dsv import dp_clipping_mod, dsv_seed, extract_dsvs, local_epochs
 from edge_client.faults import before_handler, corrupt_reply
 from edge_client.safe import class_orders, safe_seed, select_safe
 from edge_client.train import evaluate_local, train_local

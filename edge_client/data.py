@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.datasets import DatasetMeta, DatasetSplits, load_dataset
+from common.datasets import DatasetMeta, federation_train_set
 from common.partition import partition_indices
 from common.scenario import Scenario
 
-__all__ = ["ClientShard", "federation_train_set", "load_client_shard", "shard_cache_clear"]
+__all__ = ["ClientShard", "load_client_shard", "shard_cache_clear"]
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,6 @@ class ClientShard:
     def nbytes(self) -> int:
         """Size of the private images in bytes (what sharing everything would cost)."""
         return int(self.x.numel() * self.x.element_size())
-
-
-def federation_train_set(scenario: Scenario) -> DatasetSplits:
-    """The dataset with ``data.train_limit`` / ``test_limit`` applied (seeded by scenario.seed).
-
-    Server and clients both call this, so their "global indices" agree.
-    """
-    d = scenario.data
-    splits = load_dataset(d.dataset, root=d.root, download=d.download)
-    return splits.limit(d.train_limit, d.test_limit, seed=scenario.seed)
 
 
 def _holdout_seed(seed: int, partition_id: int) -> int:

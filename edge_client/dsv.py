@@ -18,22 +18,16 @@ import dataclasses
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.datasets import DatasetMeta
 from common.models import build_model
+from common.records import check_dsvs
 from common.scenario import Scenario
 
-__all__ = ["KEY_DSV", "DSV_ACTION", "MAX_ABS_PIXEL", "extract_dsvs", "dsv_seed", "dsvs_to_record",
-           "record_to_dsvs", "dp_clipping_mod", "local_epochs"]
-
-KEY_DSV = "dsv"  # ArrayRecord in the reply: x (float32 N x C x H x W, normalized), y (int64 N)
-DSV_ACTION = "dsv"  # message_type "query.dsv" routes to the ClientApp's @app.query("dsv") handler
-# A normalized pixel beyond this is not an image any more (Fashion-MNIST spans about -0.8..2.0):
-# a diverged extraction or a malicious peer, either way the server refuses it.
-MAX_ABS_PIXEL = 50.0
+__all__ = ["extract_dsvs", "dsv_seed", "dp_clipping_mod", "local_epochs"]
 
 
 def dsv_seed(seed: int, partition_id: int) -> int:
@@ -60,52 +54,9 @@ def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, 
                      device=device, progress=False, init_model=init)
     x = syn.x.detach().to("cpu", torch.float32).contiguous()
     y = syn.y.to("cpu", torch.int64)
-    _check_dsvs(x, y, meta.num_classes, ipc, meta.image_shape, "extracted DSVs")
+    check_dsvs(x, y, meta.num_classes, ipc, meta.image_shape, "extracted DSVs")
     info = {k: syn.info.get(k) for k in ("iterations_done", "wall_s", "alpha", "stopped_reason")}
     return x, y, info
-
-
-def _check_dsvs(x: torch.Tensor, y: torch.Tensor, num_classes: int, ipc: int,
-                image_shape: tuple[int, int, int], where: str) -> None:
-    want = (num_classes * ipc, *image_shape)
-    if not x.is_floating_point() or tuple(x.shape) != want:
-        raise ValueError(f"{where}: x must be float normalized images of shape {want} ({ipc} per class), "
-                         f"got {x.dtype} {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{where}: x holds NaN/Inf pixels")
-    peak = float(x.abs().max()) if x.numel() else 0.0
-    if peak > MAX_ABS_PIXEL:
-        raise ValueError(f"{where}: |pixel| reaches {peak:.3g} > {MAX_ABS_PIXEL}: not normalized images")
-    if y.dtype != torch.int64 or tuple(y.shape) != (want[0],):
-        raise ValueError(f"{where}: y must be int64 of shape ({want[0]},), got {y.dtype} {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{where}: labels must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
-    counts = torch.bincount(y, minlength=num_classes)
-    if bool((counts != ipc).any()):
-        raise ValueError(f"{where}: expected {ipc} DSVs of every class, got counts {counts.tolist()}")
-
-
-def dsvs_to_record(x: torch.Tensor, y: torch.Tensor) -> ArrayRecord:
-    """float32 normalized images + int64 labels -> ArrayRecord (keys x, y)."""
-    record = ArrayRecord()
-    record["x"] = Array(x.detach().to("cpu", torch.float32).contiguous().numpy())
-    record["y"] = Array(y.detach().to("cpu", torch.int64).contiguous().numpy())
-    return record
-
-
-def record_to_dsvs(record: ArrayRecord, num_classes: int, ipc: int,
-                   image_shape: tuple[int, int, int], where: str = "DSV reply") -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode and validate a DSV upload: float, finite, plausibly normalized, ipc of every class."""
-    if not isinstance(record, ArrayRecord):
-        raise ValueError(f"{where}: expected an ArrayRecord, got {type(record).__name__}")
-    if set(record.keys()) != {"x", "y"}:
-        raise ValueError(f"{where}: a DSV record holds exactly the keys x and y, got {sorted(record.keys())}")
-    x = torch.from_numpy(np.array(record["x"].numpy(), copy=True))
-    y = torch.from_numpy(np.array(record["y"].numpy(), copy=True))
-    if x.dtype != torch.float32:
-        raise ValueError(f"{where}: x must be float32 normalized images, got {x.dtype}")
-    _check_dsvs(x, y, num_classes, ipc, tuple(image_shape), where)
-    return x, y
 
 
 def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:

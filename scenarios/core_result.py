@@ -68,7 +68,7 @@ def _load_inputs(run: Path) -> dict[str, Any]:
     from common.datasets import normalize
     from common.models import build_model
     from common.scenario import load_scenario
-    from edge_client.data import federation_train_set
+    from common.datasets import federation_train_set
     from server.artifacts import build_model_from_artifact, load_model_artifact, load_safe_artifact
 
     scenario = load_scenario(run / "scenario.resolved.yaml")

@@ -41,7 +41,7 @@ from common.datasets import DatasetMeta, normalize
 from common.device import pick_device
 from common.models import build_model
 from common.scenario import Scenario, check_resources, load_scenario, resolve_from_run_config, save_resolved
-from edge_client.data import federation_train_set
+from common.datasets import federation_train_set
 from server.artifacts import save_model_artifact, save_safe_artifact
 from server.collect import collect_safe_pool
 from server.evaluate import test_accuracy

@@ -45,9 +45,9 @@ from flwr.serverapp.strategy import (
 )
 
 from common.datasets import DatasetMeta
-from common.records import CFG_SCENARIO, KEY_CLIENT, KEY_CONFIG, KEY_METRICS, record_bytes
+from common.records import (CFG_SCENARIO, DSV_ACTION, KEY_CLIENT, KEY_CONFIG, KEY_DSV, KEY_METRICS, record_bytes,
+                            record_to_dsvs)
 from common.scenario import Scenario
-from edge_client.dsv import DSV_ACTION, KEY_DSV, record_to_dsvs
 from server.artifacts import atomic_torch_save, save_safe_artifact
 from server.collect import SafePool, collect_safe_pool
 from server.federate import FederationError, wait_for_nodes

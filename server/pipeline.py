@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from flwr.common.logger import log  # logging only (plain python logger); no Flower objects
 
-from common.datasets import DatasetMeta, normalize
+from common.datasets import DatasetMeta, federation_train_set, normalize
 from common.device import pick_device
 from common.models import build_model
 from common.scenario import Scenario, load_scenario, save_resolved
@@ -175,7 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenario = load_scenario(args.scenario, overrides=overrides)
     if not scenario.reuse_artifacts:
         parser.error("no artifacts to reuse: pass --reuse or set reuse_artifacts in the scenario")
-    from edge_client.data import federation_train_set  # the same data view the federation used
     from server.preflight import check_data_root
 
     check_data_root(scenario)  # data.root set but not a folder: stop before loading

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
-from common.datasets import normalize
+from common.datasets import federation_train_set, normalize
 from common.models import build_model
 from common.records import image_keys
 from server.report import CellResult, upload_summary
@@ -97,7 +97,6 @@ def private_bank(scenario: Any, uploaded: torch.Tensor | None) -> tuple[torch.Te
     image whose key is among them is left out of the bank.
     """
     from common.records import image_keys
-    from edge_client.data import federation_train_set
 
     data = federation_train_set(scenario)
     keep = torch.ones(data.train_y.shape[0], dtype=torch.bool)

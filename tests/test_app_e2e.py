@@ -112,7 +112,7 @@ def test_every_artifact_exists(e2e_run: dict) -> None:
 
 
 def test_safe_pool_counts_and_provenance(e2e_run: dict) -> None:
-    from edge_client.data import federation_train_set
+    from common.datasets import federation_train_set
     from common.records import image_keys
     from server.artifacts import load_safe_artifact
 

@@ -341,7 +341,7 @@ def test_query_attacks_are_rejected_before_decoding() -> None:
 
 def test_no_model_access_dsv_replies_are_screened() -> None:
     from common.datasets import get_meta
-    from edge_client.dsv import dsvs_to_record
+    from common.records import dsvs_to_record
     from server.modes import _screen_dsv_reply
 
     meta = get_meta("fashion-mnist")
@@ -393,7 +393,8 @@ def test_dsv_collect_logs_failures_and_applies_the_timeout() -> None:
 
 def test_shard_plan_matches_the_clients_shards(tmp_path: Path) -> None:
     from common.scenario import scenario_from_dict
-    from edge_client.data import federation_train_set, load_client_shard
+    from common.datasets import federation_train_set
+    from edge_client.data import load_client_shard
     from server.validate import shard_plan
 
     (tmp_path / "data").mkdir()

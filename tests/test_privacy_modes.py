@@ -164,7 +164,7 @@ def test_combine_dsvs_average_and_select() -> None:
 
 
 def test_dsv_records_are_validated() -> None:
-    from edge_client.dsv import dsvs_to_record, record_to_dsvs
+    from common.records import dsvs_to_record, record_to_dsvs
 
     y = torch.arange(2).repeat_interleave(1)
     x = torch.randn(2, 1, 4, 4)
@@ -220,7 +220,7 @@ def test_dp_wrap_picks_flower_wrapper() -> None:
 def test_audit_pipeline_flags_planted_private_copy(data_dir: Path) -> None:
     """Pipeline level: the private bank excludes uploaded images; a planted copy is found, noise is not."""
     from common.scenario import scenario_from_dict
-    from edge_client.data import federation_train_set
+    from common.datasets import federation_train_set
     from common.datasets import normalize
     from server.privacy_report import audit_sets, private_bank
 

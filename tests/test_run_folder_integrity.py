@@ -183,7 +183,7 @@ def test_audit_uses_the_pool_the_run_used_not_a_file_left_in_the_folder(tmp_path
     from types import SimpleNamespace
 
     from common.records import image_keys
-    from edge_client.data import federation_train_set
+    from common.datasets import federation_train_set
     from server.privacy_report import _run_audit
     from tests.test_app_e2e import _fake_fashion_mnist
 

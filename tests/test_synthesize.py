@@ -181,8 +181,10 @@ def test_nan_raises_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     assert "non-finite" in state["error"]
 
 
-def test_img_optimizer_auto_is_sgd_for_dm_and_adam_for_dkkt_methods() -> None:
-    cfg = DistillConfig(iterations=2, real_batch=4, log_every=1)
+def test_one_image_optimizer_for_every_method_by_default_auto_splits() -> None:
+    plain = DistillConfig(iterations=2, real_batch=4, log_every=1)
+    assert {_run(m, cfg=plain).info["img_optimizer"] for m in ("dm", "dkkt_dm", "dsv")} == {"adam"}
+    cfg = DistillConfig(iterations=2, real_batch=4, log_every=1, img_optimizer="auto")
     assert _run("dm", cfg=cfg).info["img_optimizer"] == "sgd"
     assert _run("dkkt_dm", cfg=cfg).info["img_optimizer"] == "adam"
     forced = DistillConfig(iterations=2, real_batch=4, log_every=1, img_optimizer="sgd")

@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-img", type=float, default=1.0)
     g.add_argument("--momentum-img", type=float, default=0.5)
     g.add_argument("--lr-lambda", type=float, default=0.05)
-    g.add_argument("--img-optimizer", choices=("auto", "sgd", "adam"), default="auto",
-                   help="auto: SGD(--lr-img) for dm, Adam(--lr-img-adam) for dsv/dsv_real/dkkt_dm")
+    g.add_argument("--img-optimizer", choices=("adam", "sgd", "auto"), default="adam",
+                   help="adam: Adam(--lr-img-adam), sgd: SGD(--lr-img, --momentum-img), for every method; "
+                        "auto: SGD for dm, Adam for dsv/dsv_real/dkkt_dm (confounds loss and optimizer)")
     g.add_argument("--lr-img-adam", type=float, default=0.1)
     g.add_argument("--alpha", type=float, default=None, help="default: appendix A rule by pipc")
     g.add_argument("--gamma", type=float, default=None, help="default: appendix A rule by ipc")

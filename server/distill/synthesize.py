@@ -112,14 +112,14 @@ class DistillConfig:
     lambda_autoscale: bool = False  # start lambda at the scale where -sum lambda_i grad L_i reaches theta*
     stat_relative: bool = False  # divide L_stat by D(theta*, 0), so alpha weighs a number in [0, ~1]
     stat_target: str = "update"  # "update": theta* - theta_0 (needs init_model) | "theta": Eq. 3's theta*
-    # Image optimizer: "sgd" = SGD(lr_img, momentum_img) (DM reference); "adam" = Adam(lr_img_adam);
-    # "auto" = sgd for dm, adam for the DKKT methods (dsv, dsv_real, dkkt_dm). Why: the paper gives
-    # no image optimizer for Eq. 5, and with SGD(lr 1.0) the gamma = 0.001 DM term barely moves
-    # noise-initialised images (dkkt_dm ~ DSV). Measured (Fashion-MNIST, ConvNet-3 width 32,
-    # ipc 1 pipc 10, 300 its, SAM 300 epochs, 3 models, 2k held-out TRAINING images;
-    # runs/fmnist-table-offline/tuning): dkkt_dm SGD lr 1: 52.4 +- 1.6; Adam 0.01: 54.0 +- 3.5;
-    # Adam 0.1: 65.3 +- 0.8; Adam 0.3: 65.7 +- 0.6 (dm: 64.2 +- 1.9).
-    img_optimizer: str = "auto"
+    # Image optimizer, the SAME for every method by default so that a method comparison differs in
+    # the loss only: "adam" = Adam(lr_img_adam); "sgd" = SGD(lr_img, momentum_img) (DM reference);
+    # "auto" = the first landing's rule (sgd for dm, adam for the DKKT methods), which confounds
+    # loss and optimizer. Why Adam: the paper names no image optimizer; with SGD(lr 1.0) the
+    # gamma = 0.001 DM term barely moves noise-initialised images. Measured (docs/core-result.md,
+    # Fashion-MNIST, ipc 1, pipc 10, 300 iterations, 3 seeds x 5 SGD-evaluated models): dm is the
+    # same with either optimizer, dkkt_dm gains ~5 points with Adam.
+    img_optimizer: str = "adam"
     lr_img_adam: float = 0.1
     # Most images per psi forward in the DM term (classes packed, never split; 1 = the
     # reference's per-class loop). 0 = all classes in one forward: on the CPU per-class
@@ -325,11 +325,11 @@ def synthesize(
         raise ValueError(f"method {method!r} needs safe data (safe_x and safe_y), but got None")
     if "dm" in ms.terms and embed_factory is None:
         raise ValueError(f"method {method!r} needs embed_factory (random networks for DM), got None")
+    if ms.uses_dsvs and dsv_x is None and model is None:
+        raise ValueError(f"method {method!r} needs pre-extracted DSVs (dsv_x) or the model to extract them; both are None")
     if (ms.needs_model or (ms.uses_dsvs and dsv_x is None)) and config.stat_target == "update" \
             and init_model is None:
         raise ValueError("stat_target 'update' needs init_model (the network theta* was trained from), got None")
-    if ms.uses_dsvs and dsv_x is None and model is None:
-        raise ValueError(f"method {method!r} needs pre-extracted DSVs (dsv_x) or the model to extract them; both are None")
 
     t0 = time.monotonic()
     gen = torch.Generator().manual_seed(int(seed))
