@@ -180,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("scenario", help="scenario YAML")
     parser.add_argument("--reuse", help="run folder with global_model.pt + safe_pool.pt (default: reuse_artifacts)")
     args = parser.parse_args(argv)
+    from common.threads import apply_thread_policy
+
+    apply_thread_policy("server")  # an entry point: the same thread policy as the ServerApp (common/threads.py)
     overrides = {"reuse_artifacts": args.reuse} if args.reuse else None
     scenario = load_scenario(args.scenario, overrides=overrides)
     if not scenario.reuse_artifacts:

@@ -402,6 +402,7 @@ def save_closest_pairs_grid(
     syn_y: Tensor | None = None,
     private_y: Tensor | None = None,
     title: str | None = None,
+    subject: str = "synthetic",
 ) -> list[tuple[int, int]]:
     """Save a PNG of the ``k`` synthetic images closest to a private image, each with that image.
 
@@ -413,7 +414,8 @@ def save_closest_pairs_grid(
     is synthetic and which private; the title names the set, the metric and the reference
     values. ``by`` = "l2" (ascending) or "cos" (descending); ``syn_y`` / ``private_y`` give
     the classes (names from ``meta.class_names``). Images are de-normalized with the
-    dataset's mean/std and drawn at 1.2 in per tile. Returns the (synthetic index, private
+    dataset's mean/std and drawn at 1.2 in per tile. ``subject`` names the top row's images
+    ("synthetic", or "uploaded safe" for the safe-pool sanity row). Returns the (synthetic index, private
     index) pairs in column order.
     """
     if by == "l2":
@@ -473,7 +475,7 @@ def save_closest_pairs_grid(
                 for side in ax.spines.values():
                     side.set_edgecolor("red")
                     side.set_linewidth(2)
-    axes[0][0].set_ylabel("synthetic\n(server)", fontsize=9)
+    axes[0][0].set_ylabel(f"{subject}\n(server side)", fontsize=9)
     axes[1][0].set_ylabel("nearest private\n(never uploaded)", fontsize=9)
     metric = ("L2 in normalized pixels, closest first" if by == "l2"
               else "cosine in theta*'s embedding, most similar first")
@@ -481,7 +483,7 @@ def save_closest_pairs_grid(
     if result.nearest_cos is not None:
         ref += f"; cos p99 {result.cos_ref_p99:.3f}"
     n_flag = len(flagged_l2 | flagged_cos)
-    fig.suptitle(f"{title or result.name}: {n} of {result.n_synthetic or syn_x.shape[0]} synthetic images "
+    fig.suptitle(f"{title or result.name}: {n} of {result.n_synthetic or syn_x.shape[0]} {subject} images "
                  f"and their nearest private training image ({metric})\n{ref}; flagged: {n_flag}",
                  fontsize=9)
     fig.tight_layout()

@@ -123,7 +123,8 @@ def audit_sets(sets: dict[str, torch.Tensor], private_x: torch.Tensor, reference
         t0 = time.perf_counter()
         res = ref.audit(name, x.to(torch.float32))
         save_closest_pairs_grid(res, x, private_x, meta, out_dir / f"closest_{name}.png", k=min(10, x.shape[0]),
-                                syn_y=(labels or {}).get(name), private_y=private_y, title=name)
+                                syn_y=(labels or {}).get(name), private_y=private_y, title=name,
+                                subject="uploaded safe" if name == "safe_pool" else "synthetic")
         rows.append(res.row())
         log(INFO, "privacy audit: set %d/%d %s (%d images) in %.1fs", i + 1, len(sets), name, x.shape[0],
             time.perf_counter() - t0)

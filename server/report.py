@@ -259,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cells-only", action="store_true",
                         help="only what the cells give: results.*, frequency.csv, image grids and figures")
     args = parser.parse_args(argv)
+    from common.threads import apply_thread_policy
+
+    apply_thread_policy("server")  # the audit embeds thousands of images: same policy as the ServerApp
     try:
         written = rebuild_report(args.run_dir) if args.cells_only else rebuild_all(args.run_dir, audit=not args.no_audit)
     except (FileNotFoundError, ValueError) as err:  # not a run folder, no cells, a scenario that no longer loads
