@@ -70,7 +70,7 @@ cleanup() {
     kill -KILL -- "-$SUPERLINK_PGID" 2>/dev/null || true
   fi
   if [ "$rc" -ne 0 ] && [ -f "$FLWR_HOME/superlink.log" ]; then
-    mkdir -p runs && cp "$FLWR_HOME/superlink.log" runs/last-superlink.log && echo "(SuperLink log: runs/last-superlink.log)" >&2
+    mkdir -p runs && cp "$FLWR_HOME/superlink.log" runs/last-superlink.log  # for a post-mortem (README)
   fi
   rm -rf "$FLWR_HOME"
   exit "$rc"
@@ -125,5 +125,5 @@ echo "[3/3] flwr run . local --stream ($CLIENTS SuperNodes, one CPU per client a
 flwr run . local --stream \
   --federation-config "num-supernodes=$CLIENTS client-resources-num-cpus=1 client-resources-num-gpus=0.0" "$@"
 T_END=$(date +%s)
-echo "quickstart: wall time $((T_END - T_START))s (check, SuperLink start, run)"
-python -m server.check --status "$FEDPDD_STATUS_FILE"
+echo "quickstart: wall time $((T_END - T_START))s (check, SuperLink start, run); SuperLink log of a failed run: runs/last-superlink.log"
+python -m server.check --status "$FEDPDD_STATUS_FILE"  # last line: the outcome; exit 1 when the run failed

@@ -70,14 +70,13 @@ def test_failing_run_exits_nonzero_with_reason_last_and_stops_everything(case: s
     if case == "federation":  # every client raises in training: fewer than min_clients answer
         cfg = SMALL.format(out=tmp_path / "run", extra="faults.clients=[0,1,2,3];faults.mode=raise;faults.phases=[train]")
         expected = "fedpdd: run FAILED: FederationError"
-    else:  # data.root is a folder without the dataset: the ServerApp's loader fails
-        (tmp_path / "empty").mkdir()
-        cfg = SMALL.format(out=tmp_path / "run", extra=f"data.root={tmp_path / 'empty'}")
-        expected = "fedpdd: run FAILED: DatasetError"
+    else:  # passes the static check, fails in the ServerApp: a dataset with no local copy and download off
+        cfg = SMALL.format(out=tmp_path / "run", extra="data.dataset=svhn;data.download=false")
+        expected = "fedpdd: run FAILED: DatasetError: dataset 'svhn' not found"
     proc, _ = _run("--run-config", cfg)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
-    assert _last_line(proc).startswith(expected), out[-3000:]
+    assert re.match(expected, _last_line(proc)), out[-3000:]
     port = re.search(r"starting a SuperLink on 127\.0\.0\.1:(\d+)", proc.stdout).group(1)
     assert not _superlink_alive(port)
     assert _pyproject_digest() == before
