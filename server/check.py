@@ -103,21 +103,23 @@ def resolve(run_config: dict[str, Any]) -> Scenario:
             singles.append((key, _parse_override_value(raw), f"{RUN_CONFIG} overrides '{key}={raw}'"))
         except Exception as err:
             raise ScenarioError(f"{RUN_CONFIG} overrides '{key}={raw}': cannot read the value: {err}") from None
+    if not singles:
+        return base
+    try:  # all together: overrides may only be valid in combination (clients=2 with min_clients=2)
+        return load_scenario(file, overrides={d: v for d, v, _ in singles})
+    except ScenarioError as err:
+        combined = err
+    # Which one is to blame? The first override that fails on its own; the schema's message starts with
+    # the file it was read from, but this value came from the command line.
     for dotted, value, origin in singles:
         try:
             load_scenario(file, overrides={dotted: value})
         except ScenarioError as err:
-            # the schema's message starts with the file it was read from; this value came from the command line
             msg = str(err).removeprefix(f"{file}: ")
             raise ScenarioError(f"{origin}: {msg} (scenario file {file})") from None
-    if not singles:
-        return base
-    try:
-        return load_scenario(file, overrides={d: v for d, v, _ in singles})
-    except ScenarioError as err:
-        msg = str(err).removeprefix(f"{file}: ")
-        given = ", ".join(o.removeprefix(f"{RUN_CONFIG} ") for _, _, o in singles)
-        raise ScenarioError(f"{file} with {RUN_CONFIG} {given}: {msg}") from None
+    msg = str(combined).removeprefix(f"{file}: ")
+    given = ", ".join(o.removeprefix(f"{RUN_CONFIG} ") for _, _, o in singles)
+    raise ScenarioError(f"{file} with {RUN_CONFIG} {given}: {msg}") from None
 
 
 def check_federation(scenario: Scenario, num_supernodes: int | None, origin: str = "num-supernodes") -> None:

@@ -56,6 +56,14 @@ def test_overrides_apply_on_top_of_the_yaml() -> None:
     assert s.distill.alpha == 0.05
 
 
+def test_overrides_valid_only_together_are_accepted() -> None:
+    # clients=2 alone breaks min_clients=4 of the YAML; with min_clients=2 beside it the pair is fine
+    s = resolve(parse_run_config(["clients=2 overrides='federation.min_clients=2'"]))
+    assert s.federation.num_clients == 2 and s.federation.min_clients == 2
+    with pytest.raises(ScenarioError, match=r"^--run-config clients=2: key 'federation.min_clients'"):
+        resolve(parse_run_config(["clients=2"]))
+
+
 def test_client_count_mismatch_names_federation_num_clients() -> None:
     s = resolve({})
     check_federation(s, s.federation.num_clients)  # matching: fine
