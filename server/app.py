@@ -9,9 +9,15 @@
 With ``reuse_artifacts`` set, phases 1-2 are skipped and theta* / T' are loaded from that
 run folder. Which scenario runs: ``run_config["scenario"]`` (``flwr run . --run-config
 "scenario='scenarios/x.yaml'"``), else ``$FEDPDD_SCENARIO``, else the default scenario;
-run-config override keys apply on top (see common.scenario). ``flwr.simulation.
-run_simulation`` passes an empty run_config, so in-process runs either set
-``$FEDPDD_SCENARIO`` or build their own app with :func:`create_server_app(scenario)`.
+run-config override keys apply on top (server.check.resolve: an error names the key, the value
+and whether it came from the file or --run-config). ``flwr.simulation.run_simulation`` passes
+an empty run_config, so in-process runs either set ``$FEDPDD_SCENARIO`` or build their own app
+with :func:`create_server_app(scenario)`.
+
+The entry point also sets the thread policy (common.threads), replaces the scenario JSON in
+Flower's log lines with a short fingerprint (server.progress), and writes the outcome to
+``$FEDPDD_STATUS_FILE`` when set, because ``flwr run`` exits 0 even when the app raises
+(``python -m server.check --status FILE`` turns it into an exit status).
 """
 
 from __future__ import annotations
