@@ -141,12 +141,16 @@ def check_federation(scenario: Scenario, num_supernodes: int | None, origin: str
 
 
 def check(run_config: dict[str, Any], num_supernodes: int | None = None) -> Scenario:
-    """Everything that can be checked before a run starts: schema, overrides, federation size, data.root."""
+    """Everything that can be checked before a run starts: schema, overrides, federation size, data.root,
+    the memory estimate (common.scenario.check_resources; its long-run warnings go to stderr)."""
+    from common.scenario import check_resources
     from server.preflight import check_data_root
 
     scenario = resolve(run_config)
     check_federation(scenario, num_supernodes)
     check_data_root(scenario)
+    for warning in check_resources(scenario):
+        print(f"fedpdd check: warning: {warning}", file=sys.stderr)
     return scenario
 
 
