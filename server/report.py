@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_thread_policy("server")  # the audit embeds thousands of images: same policy as the ServerApp
     try:
         written = rebuild_report(args.run_dir) if args.cells_only else rebuild_all(args.run_dir, audit=not args.no_audit)
-    except (FileNotFoundError, ValueError) as err:  # not a run folder, no cells, a scenario that no longer loads
+    except FileNotFoundError as err:  # not a run folder, or no cells: a one-line reason, exit 1
         print(f"server.report: {err}", file=sys.stderr)
         return 1
     for kind, path in written.items():
