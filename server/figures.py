@@ -10,7 +10,11 @@ Reads only: ``scenario.resolved.yaml`` (the grid and the dataset), ``cells/*.jso
   next to the real safe images, and the low/high-frequency energy split of every set
   (server.frequency; per-image mean removed, cutoff 0.25 x Nyquist, so brightness is ignored);
 - ``figures/accuracy_vs_pipc.png``: accuracy against pipc per method, one panel per ipc;
-- ``rounds.png``: the federated learning curve from ``rounds.csv``.
+- ``rounds.png``: the federated learning curve from ``rounds.csv``;
+- ``traces/<cell>.csv`` + ``.png``: the loss-term traces of each DKKT cell (server.loss_trace).
+
+``rebuild_run_files`` / ``rebuild_all`` also rewrite what phase 5 derives from the artifacts and
+records (``python -m server.report``).
 
 results.md is a pure function of the cell records, so a rebuild reproduces it byte for byte.
 """
@@ -80,6 +84,29 @@ def results_title(scenario: Scenario) -> str:
     return f"{scenario.name}: synthetic-set test accuracy ({get_meta(scenario.data.dataset).name})"
 
 
+def _rebuild_traces(run_dir: Path, cells: list) -> dict[str, Path]:
+    """traces/<cell>.csv + .png from each DKKT cell record's loss history (the condition and title of server.sweep)."""
+    import json
+
+    from server.loss_trace import plot_trace, write_trace_csv
+
+    written: dict[str, Path] = {}
+    for c in cells:
+        syn = c.files.get("synthetic")
+        if not syn:
+            continue
+        name = Path(syn).stem
+        record = run_dir / "cells" / f"{name}.json"
+        if not record.is_file():
+            continue
+        history = (json.loads(record.read_text()).get("info") or {}).get("loss_history") or []
+        if any("gradshare_stat" in row or "stat_ratio" in row for row in history):
+            write_trace_csv(history, run_dir / "traces" / f"{name}.csv")
+            written[f"trace_{name}"] = plot_trace(history, run_dir / "traces" / f"{name}.png",
+                                                  f"{c.method}  ipc {c.ipc}  pipc {pipc_label(c.pipc)}  seed {c.seed}")
+    return written
+
+
 def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = True) -> dict[str, Path]:
     """Write every table and figure of ``run_dir`` from its records; returns kind -> path.
 
@@ -114,6 +141,8 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
                         title=f"{c.method} ipc={c.ipc} pipc={pipc_label(c.pipc)} seed={c.seed}")
     if sets:
         written["image_grids"] = run_dir / "images"
+    if figures:  # loss-term traces of the DKKT cells, as server.sweep writes them after a cell
+        written.update(_rebuild_traces(run_dir, ran))
 
     # Fig. 3: spectra per (ipc, pipc) at the first seed, plus the real safe images as reference.
     first_seed = (scenario.distill.seeds or [scenario.seed])[0]

@@ -69,11 +69,12 @@ def _digest(path: Path) -> str:
 def test_report_rebuilds_every_run_file_byte_identical(tmp_path: Path) -> None:
     run_dir = _tiny_run(tmp_path / "run")
     derived = sorted(p for p in run_dir.rglob("*") if p.is_file() and (
-        p.relative_to(run_dir).as_posix() in REBUILT or p.suffix == ".png"))
+        p.relative_to(run_dir).as_posix() in REBUILT or p.suffix == ".png" or p.parent.name == "traces"))
     names = {p.relative_to(run_dir).as_posix() for p in derived}
     assert set(REBUILT) <= names, set(REBUILT) - names
     assert {"privacy/closest_safe_pool.png", "privacy/closest_dkkt_dm_ipc1_pipc3_seed0.png",
             "images/dm_ipc1_pipc3_seed0.png"} <= names
+    assert any(n.startswith("traces/") and n.endswith(".csv") for n in names)  # DKKT loss-term traces
     assert "## Client failures" in (run_dir / "results.md").read_text()
     before = {p: _digest(p) for p in derived}
     for p in derived:
