@@ -1,6 +1,6 @@
 """The quickstart end to end (wall time, peak RSS): ServerApp + ClientApps through
 ``flwr.simulation.run_simulation`` with FEDPDD_SCENARIO=scenarios/quickstart.yaml, as
-tests/test_app_e2e.py drives the app. Takes minutes (about 5 on 2 quiet CPU cores), so
+tests/test_app_e2e.py drives the app. Takes minutes (about 5 on 2 busy CPU cores, README), so
 bench/run_all.sh only runs it with --e2e.
 
 The run writes to a temporary folder (``--output-dir``), not to runs/quickstart. Reported:

@@ -4,14 +4,34 @@
 # script started is stopped by PID. Usage:
 #   bash scenarios/deployment.sh [N] [extra flwr run args, e.g. --run-config "..."]
 # Default: 2 SuperNodes, the quickstart cut to a smoke-test budget (runs/deployment/).
+# Exits non-zero, with the one-line reason last, when the check, the start-up or the run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 N=${1:-2}; shift || true
 VENV=${VENV:-.venv}
+WAIT=${SUPERLINK_WAIT:-120}
+T_START=$(date +%s)
 export PATH="$(cd "$VENV" && pwd)/bin:$PATH"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+
+DEFAULT_CONFIG="clients=$N rounds=1 iterations=20 eval-epochs=5 num-models=2 methods='dm,random_real' output-dir='runs/deployment' overrides='data.train_limit=2000;data.test_limit=500;federation.min_clients=$N;privacy.audit_reference=100'"
+if [ "$#" -eq 0 ]; then set -- --run-config "$DEFAULT_CONFIG"; fi
+RUN_CONFIG=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --run-config|-c) RUN_CONFIG+=(--run-config "${args[i + 1]:-}"); i=$((i + 1)) ;;
+    --run-config=*) RUN_CONFIG+=(--run-config "${args[i]#--run-config=}") ;;
+  esac
+done
+echo "[1/3] checking the scenario and run-config"
+python -m server.check --num-supernodes "$N" "${RUN_CONFIG[@]}"
+
 # A private Flower home, so the user's ~/.flwr connections are untouched.
-FLWR_HOME=$(mktemp -d); export FLWR_HOME
+FLWR_HOME=$(mktemp -d -t fedpdd-flwr-XXXXXX); export FLWR_HOME
+export FEDPDD_STATUS_FILE="$FLWR_HOME/status.json"
 LOGS=${LOGS:-runs/deployment/logs}; mkdir -p "$LOGS"
 BASE=${BASE_PORT:-19091}  # SuperLink (runtime, fleet and control HTTP APIs) on BASE; SuperNode i on BASE+10+i
 cat > "$FLWR_HOME/config.toml" <<TOML
@@ -22,30 +42,44 @@ default = "loopback"
 address = "127.0.0.1:$BASE"
 insecure = true
 TOML
-# flwr run migrates pyproject's [tool.flwr.federations] into FLWR_HOME and comments it out: keep a copy.
-cp pyproject.toml "$FLWR_HOME/pyproject.toml.bak"
 
 PIDS=()
 cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  local rc=$?
+  for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  cp "$FLWR_HOME/pyproject.toml.bak" pyproject.toml
   rm -rf "$FLWR_HOME"
+  exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-flower-superlink --insecure \
-  --host 127.0.0.1 --port "$BASE" > "$LOGS/superlink.log" 2>&1 &
+echo "[2/3] SuperLink on 127.0.0.1:$BASE and $N SuperNodes (logs in $LOGS/)"
+setsid flower-superlink --insecure --host 127.0.0.1 --port "$BASE" > "$LOGS/superlink.log" 2>&1 &
 PIDS+=($!)
-sleep 3
+# Wait for the SuperLink instead of a fixed sleep: a slow start on a busy machine is not a failure.
+python - "$BASE" "$WAIT" <<'PY'
+import sys, time, urllib.request
+port, wait = sys.argv[1], float(sys.argv[2])
+deadline = time.monotonic() + wait
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except OSError:
+        time.sleep(0.5)
+sys.exit(f"deployment: the SuperLink did not answer on 127.0.0.1:{port} within {wait:.0f}s (raise SUPERLINK_WAIT)")
+PY
 for ((i = 0; i < N; i++)); do
-  flower-supernode --insecure --superlink "127.0.0.1:$BASE" \
+  setsid flower-supernode --insecure --superlink "127.0.0.1:$BASE" \
     --host 127.0.0.1 --port "$((BASE + 10 + i))" \
     --node-config "partition-id=$i num-partitions=$N" > "$LOGS/supernode-$i.log" 2>&1 &
   PIDS+=($!)
 done
-sleep 3
+# The ServerApp itself waits for the N SuperNodes to register (server.federate.wait_for_nodes).
 
-DEFAULT_CONFIG="clients=$N rounds=1 iterations=20 eval-epochs=5 num-models=2 methods='dm,random_real' output-dir='runs/deployment' overrides='data.train_limit=2000;data.test_limit=500;federation.min_clients=$N'"
-if [ "$#" -eq 0 ]; then set -- --run-config "$DEFAULT_CONFIG"; fi
+echo "[3/3] flwr run . loopback --stream"
 flwr run . loopback --stream "$@"
+echo "deployment: wall time $(( $(date +%s) - T_START ))s"
+python -m server.check --status "$FEDPDD_STATUS_FILE"

@@ -9,9 +9,15 @@
 With ``reuse_artifacts`` set, phases 1-2 are skipped and theta* / T' are loaded from that
 run folder. Which scenario runs: ``run_config["scenario"]`` (``flwr run . --run-config
 "scenario='scenarios/x.yaml'"``), else ``$FEDPDD_SCENARIO``, else the default scenario;
-run-config override keys apply on top (see common.scenario). ``flwr.simulation.
-run_simulation`` passes an empty run_config, so in-process runs either set
-``$FEDPDD_SCENARIO`` or build their own app with :func:`create_server_app(scenario)`.
+run-config override keys apply on top (server.check.resolve: an error names the key, the value
+and whether it came from the file or --run-config). ``flwr.simulation.run_simulation`` passes
+an empty run_config, so in-process runs either set ``$FEDPDD_SCENARIO`` or build their own app
+with :func:`create_server_app(scenario)`.
+
+The entry point also sets the thread policy (common.threads), replaces the scenario JSON in
+Flower's log lines with a short fingerprint (server.progress), and writes the outcome to
+``$FEDPDD_STATUS_FILE`` when set, because ``flwr run`` exits 0 even when the app raises
+(``python -m server.check --status FILE`` turns it into an exit status).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -40,13 +46,16 @@ from flwr.serverapp import Grid, ServerApp
 from common.datasets import DatasetMeta, normalize
 from common.device import pick_device
 from common.models import build_model
-from common.scenario import Scenario, check_resources, load_scenario, resolve_from_run_config, save_resolved
 from common.datasets import federation_train_set
+from common.scenario import Scenario, check_resources, load_scenario, save_resolved
+from common.threads import apply_thread_policy, cpu_cores
 from server.artifacts import save_model_artifact, save_safe_artifact
+from server.check import resolve, write_status
 from server.collect import collect_safe_pool
 from server.evaluate import test_accuracy
 from server.federate import run_federation, wait_for_nodes
 from server.pipeline import PipelineInputs, load_reused, run_pipeline
+from server.progress import install_scenario_filter, scenario_fingerprint
 from server.manifest import PHASE12_FILES, fingerprint, load_history, record_files, verify_files
 from server.validate import FailureLog, shard_plan
 from server.preflight import check_data_root, check_data_size
@@ -194,13 +203,25 @@ def create_server_app(scenario: Scenario | str | Path | None = None) -> ServerAp
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        if isinstance(scenario, Scenario):
-            resolved = scenario
-        elif scenario is not None:
-            resolved = load_scenario(scenario)
-        else:
-            resolved = resolve_from_run_config(dict(context.run_config))
-        run_scenario(grid, resolved)
+        threads = apply_thread_policy("server")  # the entry point of the server process (common/threads.py)
+        resolved: Scenario | None = None
+        try:
+            if isinstance(scenario, Scenario):
+                resolved = scenario
+            elif scenario is not None:
+                resolved = load_scenario(scenario)
+            else:  # errors name the key, the value and whether it came from the YAML or --run-config
+                resolved = resolve(dict(context.run_config))
+            install_scenario_filter(resolved.to_json(), resolved.name)  # no 2 KB scenario dumps in log lines
+            log(INFO, "fedpdd: %s, %d torch thread(s) on %d core(s)",
+                scenario_fingerprint(resolved.to_json(), resolved.name), threads, cpu_cores())
+            run_dir = run_scenario(grid, resolved)
+        except BaseException as err:
+            # `flwr run` exits 0 whatever the app does: leave the outcome where scripts can read it
+            write_status(False, err, resolved.run_dir if resolved is not None else None)
+            log(ERROR, "fedpdd run FAILED: %s: %s", type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
+            raise
+        write_status(True, run_dir=run_dir)
 
     return server_app
 

@@ -10,7 +10,11 @@ Reads only: ``scenario.resolved.yaml`` (the grid and the dataset), ``cells/*.jso
   next to the real safe images, and the low/high-frequency energy split of every set
   (server.frequency; per-image mean removed, cutoff 0.25 x Nyquist, so brightness is ignored);
 - ``figures/accuracy_vs_pipc.png``: accuracy against pipc per method, one panel per ipc;
-- ``rounds.png``: the federated learning curve from ``rounds.csv``.
+- ``rounds.png``: the federated learning curve from ``rounds.csv``;
+- ``traces/<cell>.csv`` + ``.png``: the loss-term traces of each DKKT cell (server.loss_trace).
+
+``rebuild_run_files`` / ``rebuild_all`` also rewrite what phase 5 derives from the artifacts and
+records (``python -m server.report``).
 
 results.md is a pure function of the cell records, so a rebuild reproduces it byte for byte.
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from common.datasets import get_meta, normalize
+from common.datasets import federation_train_set, get_meta, normalize
 from common.grid import pipc_label
 from common.scenario import Scenario, scenario_from_dict
 from server.artifacts import load_safe_artifact, load_synthetic_artifact
@@ -34,7 +38,8 @@ from server.plots import plot_accuracy_vs_pipc, plot_federated_curve, plot_spect
 from server.report import aggregate_seeds, write_results
 from server.sweep import read_cells
 
-__all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report"]
+__all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report", "rebuild_run_files",
+           "rebuild_all"]
 
 SPECTRUM_METHODS = ("dsv", "dsv_real", "dm", "dkkt_dm", "blend")
 FREQ_CUTOFF = 0.25  # units of Nyquist
@@ -79,6 +84,29 @@ def results_title(scenario: Scenario) -> str:
     return f"{scenario.name}: synthetic-set test accuracy ({get_meta(scenario.data.dataset).name})"
 
 
+def _rebuild_traces(run_dir: Path, cells: list) -> dict[str, Path]:
+    """traces/<cell>.csv + .png from each DKKT cell record's loss history (the condition and title of server.sweep)."""
+    import json
+
+    from server.loss_trace import plot_trace, write_trace_csv
+
+    written: dict[str, Path] = {}
+    for c in cells:
+        syn = c.files.get("synthetic")
+        if not syn:
+            continue
+        name = Path(syn).stem
+        record = run_dir / "cells" / f"{name}.json"
+        if not record.is_file():
+            continue
+        history = (json.loads(record.read_text()).get("info") or {}).get("loss_history") or []
+        if any("gradshare_stat" in row or "stat_ratio" in row for row in history):
+            write_trace_csv(history, run_dir / "traces" / f"{name}.csv")
+            written[f"trace_{name}"] = plot_trace(history, run_dir / "traces" / f"{name}.png",
+                                                  f"{c.method}  ipc {c.ipc}  pipc {pipc_label(c.pipc)}  seed {c.seed}")
+    return written
+
+
 def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = True) -> dict[str, Path]:
     """Write every table and figure of ``run_dir`` from its records; returns kind -> path.
 
@@ -113,6 +141,8 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
                         title=f"{c.method} ipc={c.ipc} pipc={pipc_label(c.pipc)} seed={c.seed}")
     if sets:
         written["image_grids"] = run_dir / "images"
+    if figures:  # loss-term traces of the DKKT cells, as server.sweep writes them after a cell
+        written.update(_rebuild_traces(run_dir, ran))
 
     # Fig. 3: spectra per (ipc, pipc) at the first seed, plus the real safe images as reference.
     first_seed = (scenario.distill.seeds or [scenario.seed])[0]
@@ -166,4 +196,66 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
         if rr:
             written["rounds"] = plot_federated_curve([int(r["round"]) for r in rr], [float(r["test_acc"]) for r in rr],
                                                      run_dir / "rounds.png")
+    return written
+
+
+def rebuild_run_files(run_dir: str | Path, audit: bool = True) -> dict[str, Path]:
+    """Rewrite the files phase 5 derives from the federation records and artifacts, not only from the cells.
+
+    From ``global_model.pt`` / ``safe_pool.pt`` (their stored rounds, uploads and client
+    failures, server.manifest.load_history), the cells and the dataset's test split:
+    ``rounds.csv``, ``uploads.csv``/``.json``, ``failures.csv``, ``images/safe_pool.png``,
+    ``communication.csv``/``.md``, ``privacy.md`` and, with ``audit``, ``privacy_audit.csv`` +
+    ``privacy/closest_*.png`` (the audit is recomputed: it reloads the training images). The
+    same code as the run (server.pipeline.write_run_files), so the files come out identical.
+    """
+    import torch
+    from flwr.common.logger import log
+    from logging import INFO
+
+    from server.artifacts import load_model_artifact
+    from server.manifest import load_history
+    from server.pipeline import PipelineInputs, write_run_files
+
+    run_dir = Path(run_dir).resolve()
+    scenario = load_run_scenario(run_dir)
+    if not audit:
+        scenario.privacy.audit = False
+    data = federation_train_set(scenario)  # the test split (and the audit's private bank) as the run saw it
+    meta = data.meta
+    model_file, pool_file = run_dir / "global_model.pt", run_dir / "safe_pool.pt"
+    state = None
+    if model_file.is_file():
+        state = load_model_artifact(model_file, dataset=meta.name).state_dict
+    if pool_file.is_file():
+        pool = load_safe_artifact(pool_file, meta=meta)
+        pool_x, pool_y = pool.x, pool.y
+    else:
+        pool_x = torch.zeros(0, *meta.image_shape, dtype=torch.uint8)
+        pool_y = torch.zeros(0, dtype=torch.int64)
+    history = load_history(run_dir, meta.name) if model_file.is_file() and pool_file.is_file() else {}
+    failures = history.pop("failures", [])
+    inp = PipelineInputs(scenario=scenario, meta=meta, model_state=state, pool_x=pool_x, pool_y=pool_y,
+                         test_x=data.test_x, test_y=data.test_y, run_dir=run_dir, device=torch.device("cpu"),
+                         **history)
+    del data
+    log(INFO, "report: rebuilding the run files of %s (audit %s)", run_dir, "on" if scenario.privacy.audit else "off")
+    write_run_files(inp, read_cells(run_dir, scenario))
+    written = {"rounds": run_dir / "rounds.csv", "communication": run_dir / "communication.md",
+               "privacy": run_dir / "privacy.md"}
+    if failures or (run_dir / "failures.csv").is_file() or history:
+        from server.validate import FailureLog
+
+        written["failures"] = FailureLog(rows=failures).write(run_dir)
+    if len(pool_y):
+        written["safe_pool_grid"] = run_dir / "images" / "safe_pool.png"
+    if scenario.privacy.audit:
+        written["privacy_audit"] = run_dir / "privacy_audit.csv"
+    return {k: v for k, v in written.items() if v is not None and v.exists()}
+
+
+def rebuild_all(run_dir: str | Path, audit: bool = True) -> dict[str, Path]:
+    """Every file a run writes, except the artifacts, cells and timings.json: run files, then tables + figures."""
+    written = rebuild_run_files(run_dir, audit=audit)
+    written.update(rebuild_report(run_dir))
     return written

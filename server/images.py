@@ -1,4 +1,4 @@
-"""PNG grids of image sets: one row per class, class names on the left.
+"""PNG grids of image sets: a class x image table (one column per class, names on top).
 
 Images are de-normalized with the dataset's mean/std (synthetic images live in
 normalized space) and clamped to [0, 1]. The grid itself is
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-__all__ = ["denormalize_images", "class_rows", "save_image_grid"]
+__all__ = ["denormalize_images", "class_rows", "save_image_grid", "MAX_CLASS_COLUMNS"]
 
 
 def denormalize_images(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
@@ -55,6 +55,12 @@ def class_rows(x: Tensor, y: Tensor, max_per_class: int | None = None) -> tuple[
     return torch.cat(tiles) if tiles else x[:0], classes, max(per_row, 1)
 
 
+# Up to this many classes the grid is a class x image table with one column per class (names on
+# top), so an ipc-1 set is one row rather than a tall single column; more classes (CIFAR-100):
+# one row per class, names on the left.
+MAX_CLASS_COLUMNS = 20
+
+
 def save_image_grid(
     x: Tensor,
     y: Tensor,
@@ -68,8 +74,10 @@ def save_image_grid(
     title: str | None = None,
     padding: int = 2,
 ) -> Path:
-    """Write a class-per-row PNG of normalized images ``x`` with labels ``y``.
+    """Write a PNG of normalized images ``x`` with labels ``y`` as a class x image table.
 
+    Columns are classes (names on top) and rows the 1st, 2nd, ... image of each class, for up
+    to ``MAX_CLASS_COLUMNS`` classes; beyond that, rows are classes (names on the left).
     ``meta`` (e.g. ``common.datasets.DatasetMeta``) supplies mean, std and class names;
     explicit ``mean`` / ``std`` / ``class_names`` win. Returns the written path.
     """
@@ -80,7 +88,10 @@ def save_image_grid(
     class_names = class_names if class_names is not None else getattr(meta, "class_names", None)
     imgs = denormalize_images(x, mean, std)
     tiles, classes, per_row = class_rows(imgs, y.detach().cpu(), max_per_class)
-    grid = make_grid(tiles, nrow=per_row, padding=padding, pad_value=1.0)
+    by_column = len(classes) <= MAX_CLASS_COLUMNS
+    if by_column:  # transpose the class-major tiles: tile (class c, image j) -> row j, column c
+        tiles = tiles.view(len(classes), per_row, *tiles.shape[1:]).transpose(0, 1).reshape(-1, *tiles.shape[1:])
+    grid = make_grid(tiles, nrow=len(classes) if by_column else per_row, padding=padding, pad_value=1.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if class_names is None and title is None:
@@ -93,20 +104,34 @@ def save_image_grid(
     import matplotlib.pyplot as plt
 
     h, w = grid.shape[1], grid.shape[2]
-    scale = 1.2 / 32  # inches per pixel: a 32 px tile is 1.2 in, labels stay readable
-    fig, ax = plt.subplots(figsize=(max(w * scale + 1.8, 3.0), max(h * scale + 0.6, 1.5)), dpi=100)
+    scale = 1.0 / 28  # inches per pixel: a 28-32 px tile is about 1 in, labels stay readable
+    names = [class_names[c] if class_names is not None and c < len(class_names) else str(c) for c in classes]
+    fig, ax = plt.subplots(figsize=(max(w * scale + (0.9 if by_column else 1.8), 4.0),
+                                    max(h * scale + (1.1 if by_column else 0.6), 1.8)), dpi=100)
     img = grid.permute(1, 2, 0).numpy()
     ax.imshow(img if img.shape[2] == 3 else img[:, :, 0], cmap=None if img.shape[2] == 3 else "gray",
               vmin=0.0, vmax=1.0, interpolation="nearest")
-    tile_h = x.shape[2] + padding
-    ax.set_yticks([padding + tile_h * i + x.shape[2] / 2 for i in range(len(classes))])
-    names = [class_names[c] if class_names is not None and c < len(class_names) else str(c) for c in classes]
-    ax.set_yticklabels(names, fontsize=8)
-    ax.set_xticks([])
+    tile_h, tile_w = x.shape[2] + padding, x.shape[3] + padding
+    if by_column:
+        ax.xaxis.tick_top()
+        ax.set_xticks([padding + tile_w * i + x.shape[3] / 2 for i in range(len(classes))])
+        ax.set_xticklabels(names, fontsize=8, rotation=30 if max(map(len, names)) > 6 else 0, ha="left"
+                           if max(map(len, names)) > 6 else "center")
+        ax.set_yticks([padding + tile_h * j + x.shape[2] / 2 for j in range(per_row)])
+        ax.set_yticklabels([str(j + 1) for j in range(per_row)], fontsize=7)
+        ax.set_ylabel("image per class", fontsize=8)
+    else:
+        ax.set_yticks([padding + tile_h * i + x.shape[2] / 2 for i in range(len(classes))])
+        ax.set_yticklabels(names, fontsize=8)
+        ax.set_xticks([])
+    ax.tick_params(length=0)
     for side in ("top", "right", "bottom", "left"):
         ax.spines[side].set_visible(False)
     if title:
-        ax.set_title(title, fontsize=9)
+        if by_column:
+            ax.set_xlabel(title, fontsize=9)  # below the grid: the class names take the top edge
+        else:
+            ax.set_title(title, fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

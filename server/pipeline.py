@@ -22,7 +22,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import dataclasses
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -46,7 +45,8 @@ from server.figures import rebuild_report
 from server.report import CellResult, print_summary, upload_summary, write_rounds, write_timings, write_uploads
 from server.sweep import run_cells
 
-__all__ = ["PipelineInputs", "distill_config", "eval_config", "run_grid", "run_pipeline", "load_reused", "main"]
+__all__ = ["PipelineInputs", "distill_config", "eval_config", "run_grid", "run_pipeline", "write_run_files",
+           "load_reused", "main"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def eval_config(scenario: Scenario) -> EvalConfig:
 def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
     """Distill and evaluate every (pipc, ipc, seed, method) cell of the scenario (server.sweep)."""
     s, meta = inp.scenario, inp.meta
-    progress = sys.stderr.isatty() if progress is None else progress
+    progress = True if progress is None else progress  # a bar on a terminal, else periodic log lines (server/progress.py)
     arch = dataclasses.asdict(s.model)
     model = None  # privacy.mode no_model_access: the server never holds theta*
     if inp.model_state is not None:
@@ -108,14 +108,10 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
     return cells
 
 
-def run_pipeline(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
-    """Phases 3+4 (the grid) and 5 (report). Returns the cells."""
-    t0 = time.perf_counter()
-    cells = run_grid(inp, progress)
-    inp.timings["distill+evaluate"] = time.perf_counter() - t0
-    log(INFO, "phase 3+4 distill+evaluate: %d cells in %.1fs", len(cells), inp.timings["distill+evaluate"])
-
-    t0 = time.perf_counter()
+def write_run_files(inp: PipelineInputs, cells: Sequence[CellResult]) -> None:
+    """The files phase 5 writes from the federation records and the artifacts (not from the cells alone):
+    rounds.csv, uploads.csv/.json, images/safe_pool.png, communication.*, privacy.md, privacy_audit.csv,
+    privacy/*.png. ``server.figures.rebuild_run_files`` calls it with inputs read back from the run folder."""
     run_dir = inp.run_dir
     if inp.rounds:
         write_rounds(inp.rounds, run_dir / "rounds.csv")
@@ -127,6 +123,19 @@ def run_pipeline(inp: PipelineInputs, progress: bool | None = None) -> list[Cell
     from server.privacy_report import write_privacy_reports  # audit, communication.md, privacy.md
 
     write_privacy_reports(inp, cells)
+
+
+def run_pipeline(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
+    """Phases 3+4 (the grid) and 5 (report). Returns the cells."""
+    t0 = time.perf_counter()
+    cells = run_grid(inp, progress)
+    inp.timings["distill+evaluate"] = time.perf_counter() - t0
+    log(INFO, "phase 3+4 distill+evaluate: %d cells in %.1fs", len(cells), inp.timings["distill+evaluate"])
+
+    t0 = time.perf_counter()
+    run_dir = inp.run_dir
+    log(INFO, "phase 5 report: audit, tables and figures ...")
+    write_run_files(inp, cells)
     # Tables and figures come from the stored cells only, so `python -m server.report` rebuilds them identically.
     rebuild_report(run_dir, all_grids=False)
     inp.timings["report"] = time.perf_counter() - t0
@@ -171,6 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("scenario", help="scenario YAML")
     parser.add_argument("--reuse", help="run folder with global_model.pt + safe_pool.pt (default: reuse_artifacts)")
     args = parser.parse_args(argv)
+    from common.threads import apply_thread_policy
+
+    apply_thread_policy("server")  # an entry point: the same thread policy as the ServerApp (common/threads.py)
     overrides = {"reuse_artifacts": args.reuse} if args.reuse else None
     scenario = load_scenario(args.scenario, overrides=overrides)
     if not scenario.reuse_artifacts:

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.utils import make_grid, save_image
 
 from common.datasets import DatasetMeta, denormalize
 from common.device import pick_device
@@ -399,14 +398,25 @@ def save_closest_pairs_grid(
     path: str | Path,
     k: int = 10,
     by: str = "l2",
+    *,
+    syn_y: Tensor | None = None,
+    private_y: Tensor | None = None,
+    title: str | None = None,
+    subject: str = "synthetic",
 ) -> list[tuple[int, int]]:
     """Save a PNG of the ``k`` synthetic images closest to a private image, each with that image.
 
-    Layout: two rows of ``k`` tiles; column j = one pair, synthetic on top, its nearest
-    private image below; columns sorted from the closest pair. ``by`` = "l2" (pixel
-    distance, ascending) or "cos" (embedding similarity, descending). Images are
-    de-normalized with ``meta.mean`` / ``meta.std``. Returns the (synthetic index,
-    private index) pairs in column order.
+    Layout: one column per pair, sorted from the closest; top row = the synthetic image (its
+    index and class), bottom row = its nearest private training image (never uploaded; its
+    class, the L2 distance in normalized pixels and, with a model, the embedding cosine).
+    A pair closer than the reference threshold (L2 below the held-out images' 1st
+    percentile, cosine above their 99th) is marked FLAGGED in red. Row labels say which side
+    is synthetic and which private; the title names the set, the metric and the reference
+    values. ``by`` = "l2" (ascending) or "cos" (descending); ``syn_y`` / ``private_y`` give
+    the classes (names from ``meta.class_names``). Images are de-normalized with the
+    dataset's mean/std and drawn at 1.2 in per tile. ``subject`` names the top row's images
+    ("synthetic", or "uploaded safe" for the safe-pool sanity row). Returns the (synthetic index, private
+    index) pairs in column order.
     """
     if by == "l2":
         score, nn_index = result.nearest_l2, result.nearest_l2_index
@@ -425,10 +435,62 @@ def save_closest_pairs_grid(
     top = order[:k]
     syn_idx = top.tolist()
     priv_idx = nn_index[top].tolist()
-    top_row = _to_unit(syn_x[top.to(syn_x.device)], meta)
-    bottom_row = _to_unit(private_x[nn_index[top].to(private_x.device)], meta)
-    grid = make_grid(torch.cat([top_row, bottom_row]), nrow=len(syn_idx), padding=2, pad_value=1.0)
+    top_row = _to_unit(syn_x[top.to(syn_x.device)], meta).cpu()
+    bottom_row = _to_unit(private_x[nn_index[top].to(private_x.device)], meta).cpu()
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(getattr(meta, "class_names", None) or [])
+
+    def cls(y: Tensor | None, i: int) -> str:
+        if y is None:
+            return "?"
+        c = int(y[i])
+        return names[c] if c < len(names) else str(c)
+
+    flagged_l2, flagged_cos = set(result.flagged_l2), set(result.flagged_cos)
+    n = len(syn_idx)
+    fig, axes = plt.subplots(2, n, figsize=(1.25 * n + 1.3, 3.9), dpi=100, squeeze=False)
+    for j, (si, pi) in enumerate(zip(syn_idx, priv_idx)):
+        for row, img in ((0, top_row[j]), (1, bottom_row[j])):
+            ax = axes[row][j]
+            arr = img.permute(1, 2, 0).numpy()
+            ax.imshow(arr if arr.shape[2] == 3 else arr[:, :, 0], cmap=None if arr.shape[2] == 3 else "gray",
+                      vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        flag = si in flagged_l2 or si in flagged_cos
+        axes[0][j].set_title(f"#{si} {cls(syn_y, si)}", fontsize=8)
+        dist = f"L2 {float(result.nearest_l2[si]):.1f}"
+        if result.nearest_cos is not None:
+            dist += f"\ncos {float(result.nearest_cos[si]):.3f}"
+        same = syn_y is not None and private_y is not None and int(syn_y[si]) == int(private_y[pi])
+        label = f"{cls(private_y, pi)}{' (same)' if same else ''}\n{dist}" + ("\nFLAGGED" if flag else "")
+        axes[1][j].set_xlabel(label, fontsize=7.5, color="red" if flag else "black")
+        if flag:
+            for ax in (axes[0][j], axes[1][j]):
+                for side in ax.spines.values():
+                    side.set_edgecolor("red")
+                    side.set_linewidth(2)
+    axes[0][0].set_ylabel(f"{subject}\n(server side)", fontsize=9)
+    axes[1][0].set_ylabel("nearest private\n(never uploaded)", fontsize=9)
+    metric = ("L2 in normalized pixels, closest first" if by == "l2"
+              else "cosine in theta*'s embedding, most similar first")
+    ref = f"reference (held-out images): L2 p1 {result.l2_ref_p1:.1f}, median {result.l2_ref_median:.1f}"
+    if result.nearest_cos is not None:
+        ref += f"; cos p99 {result.cos_ref_p99:.3f}"
+    n_flag = len(flagged_l2 | flagged_cos)
+    fig.suptitle(f"{title or result.name}: {n} of {result.n_synthetic or syn_x.shape[0]} {subject} images "
+                 f"and their nearest private training image ({metric})\n{ref}; flagged: {n_flag}",
+                 fontsize=9)
+    fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
     return list(zip(syn_idx, priv_idx))

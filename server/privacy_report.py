@@ -108,17 +108,31 @@ def private_bank(scenario: Any, uploaded: torch.Tensor | None) -> tuple[torch.Te
 
 def audit_sets(sets: dict[str, torch.Tensor], private_x: torch.Tensor, reference_x: torch.Tensor,
                model: torch.nn.Module | None, meta: Any, out_dir: Path, device: torch.device,
-               n_reference: int = 500, seed: int = 0) -> list[dict]:
-    """Audit every set against the private bank; writes one closest-pairs PNG per set; returns CSV rows."""
+               n_reference: int = 500, seed: int = 0, labels: dict[str, torch.Tensor] | None = None,
+               private_y: torch.Tensor | None = None) -> list[dict]:
+    """Audit every set against the private bank; writes one closest-pairs PNG per set; returns CSV rows.
+
+    ``labels`` (set name -> classes) and ``private_y`` put class names into the figures.
+    """
     from server.privacy import AuditReference, save_closest_pairs_grid
 
     ref = AuditReference.build(private_x, reference_x, model, device=device, n_reference=n_reference, seed=seed)
     rows = []
-    for name, x in sets.items():
+    for i, (name, x) in enumerate(sets.items()):
+        t0 = time.perf_counter()
         res = ref.audit(name, x.to(torch.float32))
-        save_closest_pairs_grid(res, x, private_x, meta, out_dir / f"closest_{name}.png", k=min(10, x.shape[0]))
+        save_closest_pairs_grid(res, x, private_x, meta, out_dir / f"closest_{name}.png", k=min(10, x.shape[0]),
+                                syn_y=(labels or {}).get(name), private_y=private_y, title=name,
+                                subject="uploaded safe" if name == "safe_pool" else "synthetic")
         rows.append(res.row())
+        log(INFO, "privacy audit: set %d/%d %s (%d images) in %.1fs", i + 1, len(sets), name, x.shape[0],
+            time.perf_counter() - t0)
     return rows
+
+
+def _private_labels(scenario: Any, index: torch.Tensor) -> torch.Tensor:
+    """Classes of the private bank's images (for the closest-pairs figures)."""
+    return federation_train_set(scenario).train_y[index].to(torch.int64)
 
 
 def _run_audit(inp: Any, cells: Sequence[CellResult]) -> tuple[list[dict], float]:
@@ -128,25 +142,30 @@ def _run_audit(inp: Any, cells: Sequence[CellResult]) -> tuple[list[dict], float
     t0 = time.perf_counter()
     # the pool this run actually used (collected, or reused after its manifest check), keyed by content
     uploaded = image_keys(inp.pool_x) if len(inp.pool_y) else None
-    private_x, _, _ = private_bank(s, uploaded)
+    private_x, private_index, _ = private_bank(s, uploaded)
+    log(INFO, "privacy audit: private bank of %d images, embedding and distances next", private_x.shape[0])
     model = None
     if inp.model_state is not None:
         model = build_model(meta, dataclasses.asdict(s.model))
         model.load_state_dict(inp.model_state)
         model.eval()
     sets: dict[str, torch.Tensor] = {}
+    labels: dict[str, torch.Tensor] = {}
     for c in cells:
         path = c.files.get("synthetic") if c.files else None
         if c.skipped or not path or not Path(path).is_file():
             continue
-        sets[Path(path).stem] = load_synthetic_artifact(path, dataset=meta.name).x
+        art = load_synthetic_artifact(path, dataset=meta.name)
+        sets[Path(path).stem], labels[Path(path).stem] = art.x, art.y
     dsvs = getattr(inp, "client_dsvs", None)  # no_model_access: each client's own upload, before combining
-    for pid, x in zip(getattr(dsvs, "partition_ids", []), getattr(dsvs, "x", [])):
-        sets[f"dsv_client{pid}"] = x
+    for pid, x, y in zip(getattr(dsvs, "partition_ids", []), getattr(dsvs, "x", []), getattr(dsvs, "y", [])):
+        sets[f"dsv_client{pid}"], labels[f"dsv_client{pid}"] = x, y
     if len(inp.pool_y):
         sets["safe_pool"] = normalize(inp.pool_x, meta)  # sanity row: real uploaded images
+        labels["safe_pool"] = inp.pool_y
     rows = audit_sets(sets, private_x, normalize(inp.test_x, meta), model, meta, run_dir / "privacy", inp.device,
-                      n_reference=s.privacy.audit_reference, seed=s.seed) if sets else []
+                      n_reference=s.privacy.audit_reference, seed=s.seed, labels=labels,
+                      private_y=_private_labels(s, private_index)) if sets else []
     with (run_dir / "privacy_audit.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=_AUDIT_KEYS, extrasaction="ignore")
         w.writeheader()
@@ -219,7 +238,7 @@ def write_privacy_reports(inp: Any, cells: Sequence[CellResult]) -> dict[str, Pa
                   "Nearest private (never uploaded) training image of each synthetic image. L2 in normalized pixel "
                   "space (flag: closer than the 1st percentile of held-out test images), cosine in theta*'s "
                   "embedding (flag: above the reference's 99th percentile; n/a without theta*). "
-                  f"Cost: {audit_s:.1f}s.", "",
+                  "Cost: `audit` in timings.json.", "",
                   "| set | n | L2 min | L2 median | ref L2 p1 | flagged L2 | cos max | ref cos p99 | flagged cos |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in audit_rows:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,8 @@ def results_markdown(cells: Sequence[CellResult], title: str | None = None) -> s
     seeds = sorted({c.seed for c in cells if not c.skipped})
     over = "the evaluation models" + (f" of {len(seeds)} distillation seeds ({', '.join(map(str, seeds))})"
                                       if len(seeds) > 1 else "")
-    lines += ["", f"Test accuracy in %, mean ± std over {over}. pipc 'all': every client uploaded all its images."]
+    note = " pipc 'all': every client uploaded all its images." if any(p == PIPC_ALL for _, p in rows) else ""
+    lines += ["", f"Test accuracy in %, mean ± std over {over}.{note}"]
     lines += paired_markdown(cells, pipc_label)
     reasons = sorted({f"{c.method} ipc={c.ipc} pipc={pipc_label(c.pipc)}: {c.skipped}" for c in cells if c.skipped})
     if reasons:
@@ -244,13 +246,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m server.report RUN_DIR``: rebuild every table and figure from the run folder."""
     import argparse
 
-    from server.figures import rebuild_report  # lazy: torch + matplotlib only when rebuilding
+    from server.figures import rebuild_all, rebuild_report  # lazy: torch + matplotlib only when rebuilding
 
-    parser = argparse.ArgumentParser(description="Rebuild results.md/.csv, frequency.csv and all figures of a "
-                                                 "run folder from its stored cells (nothing is recomputed).")
+    parser = argparse.ArgumentParser(description="Rebuild every table and figure of a run folder from its stored "
+                                                 "cells, artifacts and records (nothing is distilled or trained): "
+                                                 "results.*, frequency.csv, figures, rounds.*, uploads.*, failures.csv, "
+                                                 "communication.*, privacy.md, privacy_audit.csv, privacy/*.png, "
+                                                 "images/*.png.")
     parser.add_argument("run_dir", type=Path, help="run folder (holds scenario.resolved.yaml and cells/)")
+    parser.add_argument("--no-audit", action="store_true",
+                        help="keep privacy_audit.csv and privacy/*.png (the audit reloads the training images)")
+    parser.add_argument("--cells-only", action="store_true",
+                        help="only what the cells give: results.*, frequency.csv, image grids and figures")
     args = parser.parse_args(argv)
-    written = rebuild_report(args.run_dir)
+    from common.threads import apply_thread_policy
+
+    apply_thread_policy("server")  # the audit embeds thousands of images: same policy as the ServerApp
+    try:
+        written = rebuild_report(args.run_dir) if args.cells_only else rebuild_all(args.run_dir, audit=not args.no_audit)
+    except FileNotFoundError as err:  # not a run folder, or no cells: a one-line reason, exit 1
+        print(f"server.report: {err}", file=sys.stderr)
+        return 1
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0

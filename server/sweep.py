@@ -325,6 +325,7 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                         reused += 1
                         log(INFO, "cell %s: finished earlier, read back from %s", spec.name, json_path)
                         continue
+                    log(INFO, "cell %s: distill + evaluate ...", spec.name)  # the progress lines below lack pipc/seed
                     t0 = time.perf_counter()
                     if client_dsvs is not None:  # the clients' uploaded DSVs, combined to ipc per class
                         dsv_x, dsv_y = client_dsvs.combined(ipc, meta.num_classes)
