@@ -237,6 +237,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from common.threads import apply_thread_policy
+
+    apply_thread_policy("server")  # an entry point: the ServerApp's thread policy (common/threads.py)
     try:
         row = run(args)
     except DistillationError as exc:
