@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     device = setup(args)
 
     from common.models import build_model
-    from server.distill.synthesize import DistillConfig, make_embed_factory, synthesize
+    from common.distill.synthesize import DistillConfig, make_embed_factory, synthesize
 
     meta = cifar_meta()
     arch = {"width": args.width}

@@ -11,7 +11,7 @@ the real and synthetic images of that class, the DM loss, one backward, one SGD 
 - ``reference``: the reference loop (main_DM.py as described in shared/DESIGN.md): per class
   one forward of the real batch (with autograd on, its output detached, as the reference
   writes it) and one of the synthetic images, loss summed over classes.
-- ``ours``: ``server.distill.dm.dm_loss`` (real images under ``torch.no_grad``, classes
+- ``ours``: ``common.distill.dm.dm_loss`` (real images under ``torch.no_grad``, classes
   packed into one forward for the real and one for the synthetic images).
 
 Both draw the same real batches, networks and DSA parameters (same generator seed per
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     from common.augment import apply_dsa, sample_dsa_params
     from common.datasets import load_dataset, normalize
     from common.models import build_model
-    from server.distill.dm import class_indices, dm_loss, sample_real_batches
+    from common.distill.dm import class_indices, dm_loss, sample_real_batches
 
     data = load_dataset("fashion-mnist")
     meta = data.meta

@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from common.augment import DSAParams, apply_dsa
     from common.models import build_model
-    from server.distill.dkkt import _distance, dkkt_loss
-    from server.distill.synthesize import DistillConfig, make_embed_factory, synthesize
-    from server.evaluate import EvalConfig, SAM, train_model
+    from common.distill.dkkt import _distance, dkkt_loss
+    from common.distill.synthesize import DistillConfig, make_embed_factory, synthesize
+    from common.evaluate import EvalConfig, SAM, train_model
 
     meta = cifar_meta()
     arch = {"width": args.width}

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 from common.datasets import get_meta  # noqa: E402
 from common.models import build_model  # noqa: E402
-from server.distill.synthesize import DistillConfig, make_embed_factory, synthesize  # noqa: E402
-from server.evaluate import EvalConfig, evaluate_synthetic  # noqa: E402
+from common.distill.synthesize import DistillConfig, make_embed_factory, synthesize  # noqa: E402
+from common.evaluate import EvalConfig, evaluate_synthetic  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:

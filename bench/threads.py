@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from common.models import build_model
-    from server.distill.synthesize import DistillConfig, make_embed_factory, synthesize
-    from server.evaluate import EvalConfig, train_model
+    from common.distill.synthesize import DistillConfig, make_embed_factory, synthesize
+    from common.evaluate import EvalConfig, train_model
 
     meta = cifar_meta()
     arch = {"width": args.width}

@@ -108,7 +108,7 @@ class DistillSection:
     dsa: bool = True
     time_budget_s: float | None = None  # per distillation cell
     checkpoint_every: int = 0
-    stat_distance: str = "cosine"  # D of L_stat: cosine | l1 | l2 (server/distill/dkkt.py: why cosine)
+    stat_distance: str = "cosine"  # D of L_stat: cosine | l1 | l2 (common/distill/dkkt.py: why cosine)
     stat_target: str = "update"  # what -sum lambda_i grad L_i must reach: update (theta* - theta_0) | theta (theta*)
     stat_relative: bool = False  # divide L_stat by D(target, 0) (l1 / l2 only; cosine is already relative)
     primal: str = "ce"  # ce (paper Eq. 3) | hinge (Deep Support Vectors Eq. 7)

@@ -1,7 +1,7 @@
 """Client side of the privacy-constrained modes.
 
 * No model access (paper contribution 3, Fig. 3): the client trains a model on its own shard
-  only, extracts Deep Support Vectors from it (DKKT alone, ``server.distill.synthesize`` with
+  only, extracts Deep Support Vectors from it (DKKT alone, ``common.distill.synthesize`` with
   method ``dsv``: started from noise, so no private pixel is copied in) and uploads those
   images; its weights never leave the device.
 * DP-FedAvg, client side: :func:`dp_clipping_mod` applies Flower's ``fixedclipping_mod`` to a
@@ -38,7 +38,7 @@ def dsv_seed(seed: int, partition_id: int) -> int:
 def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, ipc: int, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ipc DSVs per class from ``model`` (DKKT only, noise init): (x float32 CPU, y int64, info)."""
-    from server.distill.synthesize import DistillConfig, synthesize  # the engine, no Flower inside
+    from common.distill.synthesize import DistillConfig, synthesize  # the engine, no Flower inside
 
     names = {f.name for f in dataclasses.fields(DistillConfig)}
     cfg = DistillConfig(**{k: v for k, v in dataclasses.asdict(scenario.distill).items() if k in names})
@@ -47,7 +47,7 @@ def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, 
     # alpha by the pipc rule would depend on a pool the client does not have: use the pipc-10 value
     # unless the scenario fixes alpha (the client's own data is its "pool").
     # theta_0: the client's local model starts from the scenario-seeded ConvNet (edge_client/app.py),
-    # the reference point of the stationarity target "update" (server/distill/dkkt.py).
+    # the reference point of the stationarity target "update" (common/distill/dkkt.py).
     init = build_model(meta, dataclasses.asdict(scenario.model), seed=scenario.seed)
     syn = synthesize("dsv", ipc=ipc, num_classes=meta.num_classes, image_shape=meta.image_shape, pipc=10,
                      safe_x=None, safe_y=None, model=model, embed_factory=None, config=cfg, seed=seed,

@@ -30,8 +30,8 @@ Writes ``<out>/records.jsonl`` (one line per (variant, seed); a rerun skips what
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -93,8 +93,8 @@ def _job(args: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from common.models import build_model
-    from server.distill.synthesize import DistillConfig, make_embed_factory, synthesize
-    from server.evaluate import EvalConfig, evaluate_synthetic
+    from common.distill.synthesize import DistillConfig, make_embed_factory, synthesize
+    from common.evaluate import EvalConfig, evaluate_synthetic
     from server.loss_trace import plot_trace, summarize_trace, write_trace_csv
 
     run = Path(args["run"])
@@ -185,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", choices=("auto", "noise", "real"), default="auto",
                    help="start images of every variant (auto: appendix A, noise at ipc 1, real otherwise)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--variants", default="all", help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--variants", default="all", help="comma-separated subset of: " + "  ".join(VARIANTS))
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
-    from server.distill.synthesize import default_init
+    from common.distill.synthesize import default_init
 
-    variants = list(VARIANTS) if a.variants == "all" else [v.strip() for v in a.variants.split(",")]
+    # commas inside [...] belong to a variant's name
+    variants = list(VARIANTS) if a.variants == "all" else [v.strip() for v in re.split(r",(?![^\[]*\])", a.variants)]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")

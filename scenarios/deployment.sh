@@ -18,14 +18,9 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
 DEFAULT_CONFIG="clients=$N rounds=1 iterations=20 eval-epochs=5 num-models=2 methods='dm,random_real' output-dir='runs/deployment' overrides='data.train_limit=2000;data.test_limit=500;federation.min_clients=$N;privacy.audit_reference=100'"
 if [ "$#" -eq 0 ]; then set -- --run-config "$DEFAULT_CONFIG"; fi
-RUN_CONFIG=()
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[i]}" in
-    --run-config|-c) RUN_CONFIG+=(--run-config "${args[i + 1]:-}"); i=$((i + 1)) ;;
-    --run-config=*) RUN_CONFIG+=(--run-config "${args[i]#--run-config=}") ;;
-  esac
-done
+# shellcheck source=run_config.sh
+source "$ROOT/scenarios/run_config.sh"
+collect_run_config "$@"
 echo "[1/3] checking the scenario and run-config"
 python -m server.check --num-supernodes "$N" "${RUN_CONFIG[@]}"
 

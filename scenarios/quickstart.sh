@@ -47,15 +47,9 @@ export PATH="$VENV_BIN:$PATH"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whatever the venv's editable install points at
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  # offline: no `uv sync` into ~/.flwr/runtime-envs
 
-# The --run-config strings, for the check (flwr run gets all arguments unchanged).
-RUN_CONFIG=()
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[i]}" in
-    --run-config|-c) RUN_CONFIG+=(--run-config "${args[i + 1]:-}"); i=$((i + 1)) ;;
-    --run-config=*) RUN_CONFIG+=(--run-config "${args[i]#--run-config=}") ;;
-  esac
-done
+# shellcheck source=run_config.sh
+source "$ROOT/scenarios/run_config.sh"
+collect_run_config "$@"
 echo "[1/3] checking the scenario and run-config"
 python -m server.check --num-supernodes "$CLIENTS" "${RUN_CONFIG[@]}"
 

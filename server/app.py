@@ -2,8 +2,8 @@
 
 1. federate  FedAvg over the clients; centralized test accuracy of the global model per round
 2. collect   query every client for its safe subset until T' holds pool_pipc images per class
-3. distill   server.distill.synthesize for every (method, ipc, pipc)       } server.pipeline
-4. evaluate  server.evaluate.evaluate_synthetic on each synthetic set       }
+3. distill   common.distill.synthesize for every (method, ipc, pipc)       } server.pipeline
+4. evaluate  common.evaluate.evaluate_synthetic on each synthetic set       }
 5. report    results.md/.csv, rounds.csv, uploads.csv/.json, image grids    }
 
 With ``reuse_artifacts`` set, phases 1-2 are skipped and theta* / T' are loaded from that
@@ -15,7 +15,7 @@ an empty run_config, so in-process runs either set ``$FEDPDD_SCENARIO`` or build
 with :func:`create_server_app(scenario)`.
 
 The entry point also sets the thread policy (common.threads), replaces the scenario JSON in
-Flower's log lines with a short fingerprint (server.progress), and writes the outcome to
+Flower's log lines with a short fingerprint (common.progress), and writes the outcome to
 ``$FEDPDD_STATUS_FILE`` when set, because ``flwr run`` exits 0 even when the app raises
 (``python -m server.check --status FILE`` turns it into an exit status).
 """
@@ -52,10 +52,10 @@ from common.threads import apply_thread_policy, cpu_cores
 from server.artifacts import save_model_artifact, save_safe_artifact
 from server.check import resolve, write_status
 from server.collect import collect_safe_pool
-from server.evaluate import test_accuracy
+from common.evaluate import test_accuracy
 from server.federate import run_federation, wait_for_nodes
 from server.pipeline import PipelineInputs, load_reused, run_pipeline
-from server.progress import install_scenario_filter, scenario_fingerprint
+from common.progress import install_scenario_filter, scenario_fingerprint
 from server.manifest import PHASE12_FILES, fingerprint, load_history, record_files, verify_files
 from server.validate import FailureLog, shard_plan
 from server.preflight import check_data_root, check_data_size

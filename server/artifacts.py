@@ -15,7 +15,6 @@ names the file in its error. ``ArtifactError`` is a ``ValueError``.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,9 +22,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from common.atomic import atomic_torch_save
+
 __all__ = [
     "ArtifactError",
-    "atomic_torch_save",
     "load_torch_file",
     "ModelArtifact",
     "SafeArtifact",
@@ -42,26 +42,6 @@ __all__ = [
 
 class ArtifactError(ValueError):
     """An artifact file is missing, unreadable or holds the wrong contents."""
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, then ``os.replace`` it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def load_torch_file(path: str | os.PathLike[str], what: str = "artifact") -> Any:

@@ -1,6 +1,6 @@
 """Server-side handling of a numerical fault in one distillation cell.
 
-``server.distill.synthesize`` raises ``DistillationError`` the moment a loss term, a
+``common.distill.synthesize`` raises ``DistillationError`` the moment a loss term, a
 gradient or S turns NaN/Inf, after saving the last good S to the cell's checkpoint. The
 sweep (server/sweep.py) catches it per cell and calls :func:`record_failed_cell`: the cell
 is recorded as failed with the message (``cells/<cell>.json``, ``"skipped": "failed: ..."``,

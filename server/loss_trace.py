@@ -4,7 +4,7 @@ as a CSV and a two-panel figure (what the "is the stationarity term doing anythi
 question is answered with).
 
 Input is ``SyntheticSet.info["loss_history"]`` (rows logged every ``log_every``
-iterations by ``server.distill.synthesize``). Gradient share of a term =
+iterations by ``common.distill.synthesize``). Gradient share of a term =
 ||d term / d S|| / sum over terms of ||d term / d S||, each term with its weight in
 Eq. 5 (alpha L_stat, gamma L_DM).
 """

@@ -48,7 +48,8 @@ from common.datasets import DatasetMeta
 from common.records import (CFG_SCENARIO, DSV_ACTION, KEY_CLIENT, KEY_CONFIG, KEY_DSV, KEY_METRICS, record_bytes,
                             record_to_dsvs)
 from common.scenario import Scenario
-from server.artifacts import atomic_torch_save, save_safe_artifact
+from common.atomic import atomic_torch_save
+from server.artifacts import save_safe_artifact
 from server.collect import SafePool, collect_safe_pool
 from server.federate import FederationError, wait_for_nodes
 from server.manifest import fingerprint, record_files

@@ -2,9 +2,9 @@
 
 Input: the trained global model theta*, the pooled safe set T' (uint8, class-major, each
 class in a fixed seeded order), the test split. For every (pipc, ipc, method) of the
-scenario grid: ``server.distill.synthesize`` on the first ``pipc`` images per class of T'
+scenario grid: ``common.distill.synthesize`` on the first ``pipc`` images per class of T'
 (smaller pools are nested subsets of larger ones), then
-``server.evaluate.evaluate_synthetic`` (fresh ConvNets trained on S, tested on the test
+``common.evaluate.evaluate_synthetic`` (fresh ConvNets trained on S, tested on the test
 split). Results, synthetic sets and image grids go to the run folder.
 
 Also runnable without Flower, from a finished run's artifacts::
@@ -38,8 +38,8 @@ from common.models import build_model
 from common.scenario import Scenario, load_scenario, save_resolved
 from common.grid import PIPC_ALL, pipc_label
 from server.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
-from server.distill.synthesize import DistillConfig, make_embed_factory
-from server.evaluate import EvalConfig
+from common.distill.synthesize import DistillConfig, make_embed_factory
+from common.evaluate import EvalConfig
 from server.images import save_image_grid
 from server.figures import rebuild_report
 from server.report import CellResult, print_summary, upload_summary, write_rounds, write_timings, write_uploads
@@ -85,7 +85,7 @@ def eval_config(scenario: Scenario) -> EvalConfig:
 def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
     """Distill and evaluate every (pipc, ipc, seed, method) cell of the scenario (server.sweep)."""
     s, meta = inp.scenario, inp.meta
-    progress = True if progress is None else progress  # a bar on a terminal, else periodic log lines (server/progress.py)
+    progress = True if progress is None else progress  # a bar on a terminal, else periodic log lines (common/progress.py)
     arch = dataclasses.asdict(s.model)
     model = None  # privacy.mode no_model_access: the server never holds theta*
     if inp.model_state is not None:

@@ -42,10 +42,10 @@ from common.scenario import Scenario
 from server.loss_trace import plot_trace, write_trace_csv
 from server.artifacts import load_synthetic_artifact, save_synthetic_artifact
 from server.collect import pool_subset
-from server.distill.synthesize import DistillationError, SyntheticSet, synthesize
+from common.distill.synthesize import DistillationError, SyntheticSet, synthesize
 from server.faults import record_failed_cell
 from server.manifest import MANIFEST, ManifestError, read_manifest, record_files, verify_files
-from server.evaluate import evaluate_synthetic
+from common.evaluate import evaluate_synthetic
 from server.report import CellResult
 
 __all__ = [

@@ -20,7 +20,7 @@ from server.artifacts import (
     save_safe_artifact,
     save_synthetic_artifact,
 )
-from server.distill import SyntheticSet
+from common.distill import SyntheticSet
 from server.distill.__main__ import main
 from server.images import save_image_grid
 

@@ -1,4 +1,4 @@
-"""Tests for server/distill/dkkt.py (primal / stationarity / DKKT, Eq. 3-4)."""
+"""Tests for common/distill/dkkt.py (primal / stationarity / DKKT, Eq. 3-4)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from common.augment import DSAParams
 from common.models import build_model
-from server.distill.dkkt import dkkt_loss, kkt_terms, primal_loss, stationarity_loss
+from common.distill.dkkt import dkkt_loss, kkt_terms, primal_loss, stationarity_loss
 
 
 

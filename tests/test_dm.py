@@ -1,4 +1,4 @@
-"""Tests for server/distill/dm.py (DM loss, Eq. 2)."""
+"""Tests for common/distill/dm.py (DM loss, Eq. 2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from common.augment import DSAParams, apply_dsa, sample_dsa_params
 from common.models import build_model
-from server.distill.dm import class_indices, dm_loss, sample_real_batches
+from common.distill.dm import class_indices, dm_loss, sample_real_batches
 
 
 

@@ -1,4 +1,4 @@
-"""Tests for server/sam.py and server/evaluate.py."""
+"""Tests for common/sam.py and common/evaluate.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from common.models import build_model
-from server.evaluate import SAM, EvalConfig, derive_seeds, evaluate_synthetic, test_accuracy, train_model
+from common.evaluate import SAM, EvalConfig, derive_seeds, evaluate_synthetic, test_accuracy, train_model
 
 
 

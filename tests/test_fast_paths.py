@@ -19,10 +19,10 @@ from torch import nn
 from common.augment import DSAParams, sample_dsa_params
 from common.models import build_model
 from common.perf import cpu_allocator_tuned, reset_cpu_allocator, tune_cpu_allocator
-from server.distill.dkkt import dkkt_loss
-from server.distill.dm import dm_loss, pack_classes
-from server.distill.synthesize import DistillConfig, make_embed_factory, synthesize
-from server.evaluate import (
+from common.distill.dkkt import dkkt_loss
+from common.distill.dm import dm_loss, pack_classes
+from common.distill.synthesize import DistillConfig, make_embed_factory, synthesize
+from common.evaluate import (
     EvalConfig,
     can_train_in_parallel,
     derive_seeds,

@@ -251,7 +251,7 @@ def test_audit_pipeline_flags_planted_private_copy(data_dir: Path) -> None:
 def test_dm_from_dsv_starts_from_the_given_dsvs() -> None:
     from torch import nn
 
-    from server.distill.synthesize import DistillConfig, synthesize
+    from common.distill.synthesize import DistillConfig, synthesize
 
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""server.progress: log-line progress without a terminal, short scenario fingerprints in log lines."""
+"""common.progress: log-line progress without a terminal, short scenario fingerprints in log lines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 from rich.progress import Progress
 
-from server.progress import (
+from common.progress import (
     LogProgress,
     ScenarioDumpFilter,
     format_duration,

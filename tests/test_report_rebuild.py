@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.datasets import normalize
+from common.datasets import federation_train_set
 from common.models import build_model
 from common.scenario import load_scenario, save_resolved
-from common.datasets import federation_train_set
 from server.artifacts import save_model_artifact, save_safe_artifact
 from server.collect import pool_subset
 from server.pipeline import PipelineInputs, run_pipeline

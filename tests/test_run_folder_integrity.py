@@ -12,7 +12,7 @@ import torch
 
 from common.scenario import scenario_from_dict
 from server.artifacts import ArtifactError, load_safe_artifact, save_synthetic_artifact
-from server.distill.synthesize import SyntheticSet
+from common.distill.synthesize import SyntheticSet
 from server.manifest import ManifestError, record_files
 from server.sweep import CELLS_DIR, CellRecordError, _resumable, cell_specs, read_cells
 

@@ -1,4 +1,4 @@
-"""Tests for server/distill/synthesize.py (methods, defaults, loop, errors, checkpoints)."""
+"""Tests for common/distill/synthesize.py (methods, defaults, loop, errors, checkpoints)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.models import build_model
-from server.distill import (
-    METHODS,
+from common.distill import (
     DistillationError,
     DistillConfig,
     default_alpha,
@@ -21,6 +19,8 @@ from server.distill import (
     make_embed_factory,
     synthesize,
 )
+from common.methods import METHODS
+from common.models import build_model
 
 
 

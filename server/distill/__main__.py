@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from common.methods import METHODS, spec
-from server.distill.synthesize import DistillationError, DistillConfig, synthesize
+from common.distill.synthesize import DistillationError, DistillConfig, synthesize
 
 RESULT_COLUMNS = (
     "timestamp", "dataset", "method", "ipc", "pipc", "seed", "iterations", "iterations_done",
@@ -153,8 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         build_model_from_artifact, load_model_artifact, load_safe_artifact,
         load_synthetic_artifact, save_synthetic_artifact,
     )
-    from server.distill.synthesize import make_embed_factory
-    from server.evaluate import EvalConfig, evaluate_synthetic
+    from common.distill.synthesize import make_embed_factory
+    from common.evaluate import EvalConfig, evaluate_synthetic
     from server.images import save_image_grid
 
     meta = get_meta(args.dataset)

@@ -23,7 +23,7 @@ The loop: S (and lambda) are the only trainable tensors. Images: ``img_optimizer
 (lr_img, momentum_img) or Adam(lr_img_adam); "auto" keeps the first landing's rule, SGD for
 dm and Adam for the DKKT methods, which CONFOUNDS a dm-vs-dkkt_dm comparison: scenarios
 that compare methods set one optimizer for all). lambda = exp(rho) with its own Adam
-(lr_lambda), see server/distill/dkkt.py for the formulation and its evidence. Every
+(lr_lambda), see common/distill/dkkt.py for the formulation and its evidence. Every
 ``log_every`` iterations the loss history records each term, L_stat / D(target, 0),
 lambda's min / mean / max / count at 0 and each weighted term's share of the image
 gradient (server/loss_trace.py draws them).
@@ -52,16 +52,15 @@ import torch
 from torch import Tensor, nn
 
 from common.augment import DSA_STRATEGY, parse_strategy, sample_dsa_params
-from common.methods import METHODS, REGISTRY, spec
+from common.methods import REGISTRY, spec
 from common.perf import tune_cpu_allocator
-from server.artifacts import atomic_torch_save
-from server.distill.dkkt import (DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss, lambda_scale,
+from common.atomic import atomic_torch_save
+from common.distill.dkkt import (DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss, lambda_scale,
                                  stat_at_zero, stationarity_target)
-from server.distill.dm import class_indices, dm_loss, sample_real_batches
-from server.progress import make_progress
+from common.distill.dm import class_indices, dm_loss, sample_real_batches
+from common.progress import make_progress
 
 __all__ = [
-    "METHODS",
     "INITS",
     "DistillConfig",
     "SyntheticSet",
@@ -103,7 +102,7 @@ class DistillConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     # --- optional additions (not in docs/API.md); defaults follow the DSV paper ---
-    stat_distance: str = "cosine"  # D of L_stat: "l1" | "l2" | "cosine" (see server/distill/dkkt.py)
+    stat_distance: str = "cosine"  # D of L_stat: "l1" | "l2" | "cosine" (see common/distill/dkkt.py)
     primal: str = "ce"  # "ce" (Eq. 3) | "hinge" (DSV Eq. 7)
     aug_weight: float = DEFAULT_AUG_WEIGHT  # eta of DSV's manifold (augmentation) term
     lambda_init: float = 1.0  # initial lambda (times the least-squares scale when lambda_autoscale)

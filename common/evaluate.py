@@ -41,8 +41,8 @@ from torch import Tensor, nn
 
 from common.augment import DSA_STRATEGY, apply_dsa, parse_strategy, sample_dsa_params
 from common.perf import tune_cpu_allocator
-from server.progress import make_progress
-from server.sam import SAM
+from common.progress import make_progress
+from common.sam import SAM
 
 __all__ = [
     "EvalConfig",
@@ -240,7 +240,7 @@ def train_models_parallel(
     One ``vmap``-ed forward/backward over the stacked parameters per step; batch order and
     DSA per model from its own generator (as in ``train_model``); SGD / SAM per model,
     written out on the stacked tensors with the op order of ``torch.optim.SGD`` (CPU
-    single-tensor path) and ``server.sam.SAM``. ``on_epoch(epoch, mean_losses)`` after
+    single-tensor path) and ``common.sam.SAM``. ``on_epoch(epoch, mean_losses)`` after
     every epoch. Returns the models (moved to ``device``) with the trained weights.
     """
     from torch.func import functional_call, vmap
