@@ -48,14 +48,15 @@ def main(argv: list[str] | None = None) -> None:
     idx = class_indices(torch.as_tensor(data.train_y[:n]), meta.num_classes)
     arch = {"width": 16 if args.quick else args.width}
     emit(env_record(device, pool_images=n, real_batch=args.real_batch))
-    losses: dict[str, list[float]] = {"ours": [], "reference": []}
+    names = ("ours_packed", "ours_per_class", "reference")
+    losses: dict[str, list[float]] = {n: [] for n in names}
 
     for ipc in [int(v) for v in args.ipcs.split(",")]:
         start = torch.randn(meta.num_classes * ipc, *meta.image_shape, device=device)
         # each variant steps its own copy of S from the same start, so their k-th calls see equal inputs
-        syns = {name: start.clone().requires_grad_(True) for name in ("ours", "reference")}
+        syns = {name: start.clone().requires_grad_(True) for name in names}
         opts = {name: torch.optim.SGD([syns[name]], lr=1.0, momentum=0.5) for name in syns}
-        rounds = {"ours": 0, "reference": 0}
+        rounds = {n: 0 for n in names}
 
         def draw(name: str) -> tuple:
             # the same draws for both variants in their k-th call
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
             opts[name].step()
             losses[name].append(float(loss.detach()))
 
-        def ours() -> None:
-            net, real, params = draw("ours")
-            step(dm_loss(net.embed, real, list(syns["ours"].split(ipc)), params), "ours")
+        def ours(name: str, max_batch: int | None) -> None:
+            net, real, params = draw(name)
+            step(dm_loss(net.embed, real, list(syns[name].split(ipc)), params, max_batch=max_batch), name)
 
         def reference() -> None:
             net, real, params = draw("reference")
@@ -88,15 +89,18 @@ def main(argv: list[str] | None = None) -> None:
                 loss = loss + ((out_real.mean(0) - out_syn.mean(0)) ** 2).sum()
             step(loss, "reference")
 
-        res = interleave({"ours": ours, "reference": reference}, args.repeats, args.warmup, device)
-        for name in ("ours", "reference"):
+        res = interleave({"ours_packed": lambda: ours("ours_packed", None),
+                          "ours_per_class": lambda: ours("ours_per_class", 1), "reference": reference},
+                         args.repeats, args.warmup, device)
+        for name in names:
             emit({"kind": "dm_full_pool_iter", "variant": name, "ipc": ipc, "pipc": n // meta.num_classes,
                   "real_batch": args.real_batch, "width": arch["width"], **res[name]})
-        k = min(len(losses["ours"]), len(losses["reference"]))
-        rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["ours"][:k], losses["reference"][:k]))
-        emit({"kind": "ratio", "what": "ours / reference (time per DM iteration)", "ipc": ipc,
-              "value": round(res.ratio("ours", "reference"), 3), "max_loss_rel_diff": rel, "calls": k})
-        losses = {"ours": [], "reference": []}
+        k = min(len(v) for v in losses.values())
+        for name in ("ours_packed", "ours_per_class"):
+            rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses[name][:k], losses["reference"][:k]))
+            emit({"kind": "ratio", "what": f"{name} / reference (time per DM iteration)", "ipc": ipc,
+                  "value": round(res.ratio(name, "reference"), 3), "max_loss_rel_diff": rel, "calls": k})
+        losses = {n: [] for n in names}
 
 
 if __name__ == "__main__":

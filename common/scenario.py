@@ -105,6 +105,7 @@ class DistillSection:
     gamma: float | None = None  # None: appendix A rule by ipc (0.01 for ipc 50, else 0.001)
     init: str = "auto"  # auto (noise for ipc 1, real otherwise) | noise | real
     real_batch: int = 256
+    dm_max_batch: int = 256  # most images per DM forward (classes never split; 0 = all in one forward)
     dsa: bool = True
     time_budget_s: float | None = None  # per distillation cell
     checkpoint_every: int = 0
@@ -368,6 +369,7 @@ def validate(s: Scenario) -> Scenario:
         ("distill.alpha", s.distill.alpha),
         ("distill.gamma", s.distill.gamma),
         ("distill.checkpoint_every", s.distill.checkpoint_every),
+        ("distill.dm_max_batch", s.distill.dm_max_batch),
         ("evaluation.rho", s.evaluation.rho),
         ("evaluation.momentum", s.evaluation.momentum),
         ("evaluation.weight_decay", s.evaluation.weight_decay),
