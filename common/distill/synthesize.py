@@ -591,7 +591,7 @@ class _Run:
             if lam_param is not None and lam_param.grad is not None:
                 ok = ok & torch.isfinite(lam_param.grad).all()
             if not bool(ok):
-                self._fail(method, it, terms, total, x_syn, lam_param, y, ckpt, history)
+                self._fail(method, it, terms, total, x_syn, lam_param, y, ckpt, history, lam_value=lam)
             opt_img.step()
             if opt_lam is not None:
                 opt_lam.step()
@@ -644,7 +644,8 @@ class _Run:
         atomic_torch_save(payload, path)
 
     def _fail(self, method: str, it: int, terms: dict[str, Tensor], total: Tensor, x: Tensor,
-              lam: Tensor | None, y: Tensor, ckpt: Path | None, history: list[dict[str, float]]) -> None:
+              lam: Tensor | None, y: Tensor, ckpt: Path | None, history: list[dict[str, float]],
+              lam_value: Tensor | None = None) -> None:
         bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()))]
         if not bad and not bool(torch.isfinite(total.detach())):
             bad = ["total"]
@@ -657,7 +658,8 @@ class _Run:
         saved = None
         # S has not been stepped with the bad gradient yet; keep it if it is itself finite.
         if ckpt is not None and bool(torch.isfinite(x.detach()).all()):
-            self._save(ckpt, method, it - 1, x, lam, y, history, error=msg)
+            # lambda itself (lam is the optimised tensor: log lambda under lambda_param 'log')
+            self._save(ckpt, method, it - 1, x, lam if lam_value is None else lam_value, y, history, error=msg)
             saved = ckpt
             msg += f"; last good state (after iteration {it - 1}) saved to {ckpt}"
         elif ckpt is not None:
