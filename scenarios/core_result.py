@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             if key not in done:
                 jobs.append({"key": key, "variant": v, "ipc": a.ipc, "pipc": a.pipc, "seed": seed, "distill": d,
                              "evaluation": evaluation, "run": str(a.run), "out": str(a.out)})
-    header = (f"# Core comparison ({a.run}): ipc {a.ipc}, pipc {a.pipc}, {a.iterations} distillation iterations, "
-              f"init {init}; evaluation ConvNet-3 width 128, SGD {a.eval_epochs} epochs, {a.num_models} models "
-              f"per distillation seed")
+    header = (f"# Core comparison ({a.run}), every (ipc, pipc) in {rec_path.name}; the last invocation: "
+              f"{a.iterations} distillation iterations, init {init}; evaluation ConvNet-3 width 128, SGD "
+              f"{a.eval_epochs} epochs, {a.num_models} models per distillation seed")
     if not a.report_only and jobs:
         print(f"{len(jobs)} jobs ({len(done)} already in {rec_path}) on {a.workers} workers", flush=True)
         t0 = time.perf_counter()
