@@ -530,6 +530,12 @@ class _Run:
                 lam_param = torch.full((C * ipc,), lam0, device=self.device, requires_grad=True)
             opt_lam = (torch.optim.Adam([lam_param], lr=cfg.lr_lambda) if cfg.lambda_optimizer == "adam"
                        else torch.optim.SGD([lam_param], lr=cfg.lr_lambda))
+        def current_lambda() -> Tensor | None:
+            """lambda itself, from the optimised tensor (log lambda under lambda_param 'log')."""
+            if lam_param is None:
+                return None
+            return lam_param.exp() if cfg.lambda_param == "log" else lam_param
+
         # L_stat / D(theta*, 0) when stat_relative: alpha then weighs a number in [0, ~1].
         stat_div = stat_zero if (use_dkkt and cfg.stat_relative) else 1.0
 
@@ -541,7 +547,7 @@ class _Run:
             if deadline is not None and time.monotonic() >= deadline:
                 stopped = "time_budget"
                 break
-            lam = None if lam_param is None else (lam_param.exp() if cfg.lambda_param == "log" else lam_param)
+            lam = current_lambda()
             terms: dict[str, Tensor] = {}
             parts: dict[str, Tensor] = {}  # the weighted addends of Eq. 5; their sum is the loss
             if use_dkkt:
@@ -604,7 +610,7 @@ class _Run:
                 row = {"iteration": it, "total": float(total.detach()), "elapsed_s": time.monotonic() - t0}
                 row.update({k: float(v.detach()) for k, v in terms.items()})
                 if use_dkkt:
-                    lam_now = lam_param.detach().exp() if cfg.lambda_param == "log" else lam_param.detach()  # type: ignore[union-attr]
+                    lam_now = current_lambda().detach()  # type: ignore[union-attr]
                     row.update(stat_zero=stat_zero, stat_ratio=row["stat"] / stat_zero if stat_zero > 0 else float("nan"),
                                lambda_min=float(lam_now.min()), lambda_mean=float(lam_now.mean()),
                                lambda_max=float(lam_now.max()), lambda_zero=int((lam_now <= 0).sum()))
@@ -618,11 +624,10 @@ class _Run:
                 self.bar.update(task, completed=it, status=status)
             else:
                 self.bar.update(task, completed=it)
-            lam_save = None if lam_param is None else (lam_param.exp() if cfg.lambda_param == "log" else lam_param)
             if ckpt is not None and cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
-                self._save(ckpt, method, it, x_syn, lam_save, y, history)
+                self._save(ckpt, method, it, x_syn, current_lambda(), y, history)
 
-        lam = None if lam_param is None else (lam_param.exp() if cfg.lambda_param == "log" else lam_param)
+        lam = current_lambda()
         if ckpt is not None and cfg.checkpoint_every and done and done % cfg.checkpoint_every:
             self._save(ckpt, method, done, x_syn, lam, y, history)
         info: dict[str, Any] = {
