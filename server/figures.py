@@ -84,11 +84,12 @@ def results_title(scenario: Scenario) -> str:
     return f"{scenario.name}: synthetic-set test accuracy ({get_meta(scenario.data.dataset).name})"
 
 
-def _rebuild_traces(run_dir: Path, cells: list) -> dict[str, Path]:
-    """traces/<cell>.csv + .png from each DKKT cell record's loss history (the condition and title of server.sweep)."""
+def _rebuild_traces(run_dir: Path, cells: list, only_stale: bool = False) -> dict[str, Path]:
+    """traces/<cell>.csv + .png from each DKKT cell record's loss history (server.loss_trace's writer,
+    as server.sweep uses it). ``only_stale`` (the pipeline): skip a trace newer than its record."""
     import json
 
-    from server.loss_trace import plot_trace, write_trace_csv
+    from server.loss_trace import has_dkkt_trace, write_cell_trace
 
     written: dict[str, Path] = {}
     for c in cells:
@@ -96,14 +97,16 @@ def _rebuild_traces(run_dir: Path, cells: list) -> dict[str, Path]:
         if not syn:
             continue
         name = Path(syn).stem
-        record = run_dir / "cells" / f"{name}.json"
+        record, png = run_dir / "cells" / f"{name}.json", run_dir / "traces" / f"{name}.png"
         if not record.is_file():
             continue
+        if only_stale and png.is_file() and png.stat().st_mtime >= record.stat().st_mtime:
+            written[f"trace_{name}"] = png
+            continue
         history = (json.loads(record.read_text()).get("info") or {}).get("loss_history") or []
-        if any("gradshare_stat" in row or "stat_ratio" in row for row in history):
-            write_trace_csv(history, run_dir / "traces" / f"{name}.csv")
-            written[f"trace_{name}"] = plot_trace(history, run_dir / "traces" / f"{name}.png",
-                                                  f"{c.method}  ipc {c.ipc}  pipc {pipc_label(c.pipc)}  seed {c.seed}")
+        if has_dkkt_trace(history):
+            written[f"trace_{name}"] = write_cell_trace(history, run_dir / "traces", name, c.method, c.ipc,
+                                                        pipc_label(c.pipc), c.seed)
     return written
 
 
@@ -142,7 +145,7 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
     if sets:
         written["image_grids"] = run_dir / "images"
     if figures:  # loss-term traces of the DKKT cells, as server.sweep writes them after a cell
-        written.update(_rebuild_traces(run_dir, ran))
+        written.update(_rebuild_traces(run_dir, ran, only_stale=not all_grids))
 
     # Fig. 3: spectra per (ipc, pipc) at the first seed, plus the real safe images as reference.
     first_seed = (scenario.distill.seeds or [scenario.seed])[0]

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["TRACE_COLUMNS", "write_trace_csv", "plot_trace", "summarize_trace"]
+__all__ = ["TRACE_COLUMNS", "write_trace_csv", "plot_trace", "summarize_trace", "has_dkkt_trace", "write_cell_trace"]
 
 TRACE_COLUMNS = (
     "iteration", "elapsed_s", "total", "primal", "stat", "stat_zero", "stat_ratio", "dm",
@@ -91,3 +91,16 @@ def plot_trace(history: Sequence[dict[str, Any]], path: Path, title: str) -> Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def has_dkkt_trace(history: Sequence[dict[str, Any]]) -> bool:
+    """True when the history is a DKKT method's (it has stationarity rows to draw)."""
+    return any("gradshare_stat" in row or "stat_ratio" in row for row in history)
+
+
+def write_cell_trace(history: Sequence[dict[str, Any]], traces_dir: Path, name: str, method: str, ipc: int,
+                     pipc_text: str, seed: int) -> Path:
+    """``traces_dir/<name>.csv`` + ``.png`` of one sweep cell (the sweep after the cell, the report's
+    rebuild from its record: one writer, so both give the same files)."""
+    write_trace_csv(history, traces_dir / f"{name}.csv")
+    return plot_trace(history, traces_dir / f"{name}.png", f"{method}  ipc {ipc}  pipc {pipc_text}  seed {seed}")

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.datasets import normalize
 from common.grid import PIPC_ALL, pipc_label, real_init_methods, static_skip_reason
 from common.scenario import Scenario
-from server.loss_trace import plot_trace, write_trace_csv
+from server.loss_trace import has_dkkt_trace, write_cell_trace
 from server.artifacts import load_synthetic_artifact, save_synthetic_artifact
 from server.collect import pool_subset
 from common.distill.synthesize import DistillationError, SyntheticSet, synthesize
@@ -363,10 +363,8 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                     _record_cell_files(run_dir, spec, with_set=True)
                     cells.append(_record_to_cell(rec, run_dir, str(json_path)))
                     history = syn.info.get("loss_history") or []
-                    if any("gradshare_stat" in row or "stat_ratio" in row for row in history):  # DKKT cells
-                        write_trace_csv(history, run_dir / "traces" / f"{spec.name}.csv")
-                        plot_trace(history, run_dir / "traces" / f"{spec.name}.png",
-                                   f"{spec.method}  ipc {ipc}  pipc {pipc_label(pipc)}  seed {seed}")
+                    if has_dkkt_trace(history):
+                        write_cell_trace(history, run_dir / "traces", spec.name, spec.method, ipc, pipc_label(pipc), seed)
                     computed += 1
                     log(INFO, "cell %s: %.2f ± %.2f %% (distill %.1fs, evaluate %.1fs)", spec.name,
                         100 * res.mean, 100 * res.std, t1 - t0, t2 - t1)
