@@ -288,7 +288,7 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
         pool_digest = tensor_digest(None)
         if pipc != 0:
             sub_x, safe_y = pool_subset(inp.pool_x, inp.pool_y, pipc, meta.num_classes)
-            safe_x = normalize(sub_x, meta)
+            safe_x = sub_x  # uint8: synthesize normalizes each drawn batch (issue 15: 4x smaller pool)
             counts = torch.bincount(safe_y, minlength=meta.num_classes)
             min_count = int(counts.min()) if len(counts) else 0
             pool_digest = tensor_digest(sub_x, safe_y)
@@ -340,7 +340,7 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                             checkpoint_path=cells_dir / f"{spec.name}.ckpt.pt",
                             dsv_x=dsv_set.x if (method in ("blend", "dm_from_dsv") and dsv_set is not None) else None,
                             dsv_y=dsv_set.y if (method in ("blend", "dm_from_dsv") and dsv_set is not None) else None,
-                            init_model=init_model,
+                            init_model=init_model, safe_normalize=lambda x: normalize(x, meta),
                         )
                     except DistillationError as err:  # NaN/Inf in this cell: record it, go on (server/faults.py)
                         cells.append(record_failed_cell(spec, err, run_dir, config, CELLS_DIR, FORMAT))

@@ -102,6 +102,7 @@ __all__ = [
     "lambda_scale",
     "PRIMAL_MODES",
     "DEFAULT_AUG_WEIGHT",
+    "AUG_PASSES",
     "primal_loss",
     "stationarity_loss",
     "kkt_terms",
@@ -111,6 +112,9 @@ __all__ = [
 STAT_DISTANCES: tuple[str, ...] = ("l1", "l2", "cosine")
 PRIMAL_MODES: tuple[str, ...] = ("ce", "hinge")
 DEFAULT_AUG_WEIGHT = 5.0  # eta of DSV Alg. 1 / App. D
+# How the clean and augmented DKKT passes are evaluated per iteration: "both" (exact, the
+# default) or "sample" (one of them, drawn with probabilities 1 : aug_weight; unbiased).
+AUG_PASSES: tuple[str, ...] = ("both", "sample")
 
 
 def _check_xy(x: Tensor, y: Tensor) -> None:
@@ -211,11 +215,16 @@ def kkt_terms(
     distance: str = "l1",
     primal: str = "ce",
     target: Mapping[str, Tensor] | None = None,
+    stat_idx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(L_primal, L_stat) from ONE forward pass; L_stat is None when ``lam`` is None.
 
     ``target``: what -sum_i lam_i grad L_i must reach (per parameter name); default theta*
-    itself (the paper's Eq. 3). ``stationarity_target`` builds the alternatives."""
+    itself (the paper's Eq. 3). ``stationarity_target`` builds the alternatives.
+    ``stat_idx`` (APPROXIMATION, ``DistillConfig.stat_candidates``): the stationarity sum runs
+    over these candidates only, scaled by N / m (an unbiased estimate of the full sum; cosine
+    ignores the scale); the primal still covers every candidate. The others take a plain
+    forward (no double-backward graph), which is where the time goes."""
     _check_xy(x, y)
     if distance not in STAT_DISTANCES:
         raise ValueError(f"stationarity distance must be one of {list(STAT_DISTANCES)}, got {distance!r}")
@@ -224,11 +233,27 @@ def kkt_terms(
         return _per_sample_primal(logits, y, primal).mean(), None
     _check_lam(lam, x.shape[0])
     params = _live_params(model)
-    logits = functional_call(model, params, (x,))
-    l_primal = _per_sample_primal(logits, y, primal).mean()
+    n = x.shape[0]
+    scale = 1.0
+    if stat_idx is not None and stat_idx.numel() < n:
+        if stat_idx.dim() != 1 or stat_idx.numel() == 0:
+            raise ValueError(f"stat_idx must be a non-empty 1-D index tensor, got shape {tuple(stat_idx.shape)}")
+        keep = torch.zeros(n, dtype=torch.bool, device=x.device)
+        keep[stat_idx.to(x.device)] = True
+        rest = (~keep).nonzero().flatten()
+        sub = keep.nonzero().flatten()
+        # Per-sample model (instance norm / eval mode), so the split forward equals the full one.
+        logits = functional_call(model, params, (x[sub],))
+        per_sample = torch.cat([_per_sample_primal(logits, y[sub], primal),
+                                _per_sample_primal(model(x[rest]), y[rest], primal)])
+        l_primal = per_sample.mean()
+        y, lam, scale = y[sub], lam[sub], n / sub.numel()
+    else:
+        logits = functional_call(model, params, (x,))
+        l_primal = _per_sample_primal(logits, y, primal).mean()
     # sum_i lam_i grad L_i = grad sum_i lam_i L_i: one weighted backward, kept in the graph.
     ce = F.cross_entropy(logits, y, reduction="none")
-    grads = torch.autograd.grad((lam * ce).sum(), list(params.values()), create_graph=True)
+    grads = torch.autograd.grad(scale * (lam * ce).sum(), list(params.values()), create_graph=True)
     v = {k: -g for k, g in zip(params, grads)}
     theta = {k: p.detach() for k, p in params.items()} if target is None else target
     return l_primal, _distance(theta, v, distance)
@@ -265,12 +290,19 @@ def dkkt_loss(
     distance: str = "l1",
     primal: str = "ce",
     target: Mapping[str, Tensor] | None = None,
+    passes: str = "both",
+    stat_idx: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 4 with DSV's manifold (augmentation) condition.
 
     Returns ``(loss, terms)``. Without ``dsa_params`` (or ``aug_weight == 0``):
     loss = L_primal(x) + alpha L_stat(x). With them:
     loss = [L_kkt(x) + aug_weight * L_kkt(A(x))] / (1 + aug_weight), A = ``apply_dsa``.
+    ``passes`` (with ``dsa_params`` and ``aug_weight > 0``): "both" (the above, exact),
+    "clean" = L_kkt(x) only or "aug" = L_kkt(A(x)) only. Drawing "aug" with probability
+    aug_weight / (1 + aug_weight) (``synthesize`` under ``DistillConfig.aug_passes =
+    "sample"``) gives an UNBIASED one-pass estimate of the two-pass loss at half its cost.
+    ``stat_idx``: see ``kkt_terms`` (stationarity over a candidate subset).
     ``terms`` holds the raw terms "primal", "stat" and, when augmented, "primal_aug",
     "stat_aug", plus the two weighted parts whose sum is ``loss``: "primal_part" (the
     primal terms with their augmentation weighting) and "stat_part" (alpha times the
@@ -278,13 +310,21 @@ def dkkt_loss(
     """
     if alpha < 0 or aug_weight < 0:
         raise ValueError(f"alpha and aug_weight must be >= 0, got alpha={alpha}, aug_weight={aug_weight}")
-    p, s = kkt_terms(model, x, y, lam, distance=distance, primal=primal, target=target)
+    if passes not in AUG_PASSES[:1] + ("clean", "aug"):
+        raise ValueError(f"passes must be 'both', 'clean' or 'aug', got {passes!r}")
+    if passes != "both" and dsa_params is not None and aug_weight > 0:
+        xa = apply_dsa(x, dsa_params) if passes == "aug" else x
+        p, s = kkt_terms(model, xa, y, lam, distance=distance, primal=primal, target=target, stat_idx=stat_idx)
+        assert s is not None
+        return p + alpha * s, {"primal": p, "stat": s, "primal_part": p, "stat_part": alpha * s,
+                               "aug_pass": p.new_tensor(float(passes == "aug"))}
+    p, s = kkt_terms(model, x, y, lam, distance=distance, primal=primal, target=target, stat_idx=stat_idx)
     assert s is not None
     terms: dict[str, Tensor] = {"primal": p, "stat": s}
     primal_part, stat_part = p, alpha * s
     if dsa_params is not None and aug_weight > 0:
         pa, sa = kkt_terms(model, apply_dsa(x, dsa_params), y, lam, distance=distance, primal=primal,
-                           target=target)
+                           target=target, stat_idx=stat_idx)
         assert sa is not None
         terms["primal_aug"], terms["stat_aug"] = pa, sa
         primal_part = (p + aug_weight * pa) / (1.0 + aug_weight)

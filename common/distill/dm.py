@@ -130,10 +130,14 @@ def sample_real_batches(
     batch: int,
     generator: torch.Generator,
     classes: Sequence[int] | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Tensor]:
     """Per class, up to ``batch`` random images of that class (all of them when fewer).
 
     Randomness comes only from ``generator`` (a CPU generator), so a seed fixes the draw.
+    ``transform`` maps each drawn batch (e.g. ``common.datasets.normalize``, so that a large
+    pool can stay uint8 and only the drawn images are converted: element-wise, so the batch
+    equals the same rows of the normalized pool). None: the rows as stored.
     """
     if batch < 1:
         raise ValueError(f"real batch size must be >= 1, got {batch}")
@@ -144,5 +148,6 @@ def sample_real_batches(
             raise ValueError(f"class {c} has no real (safe) images to match")
         if idx.numel() > batch:
             idx = idx[torch.randperm(idx.numel(), generator=generator)[:batch]]
-        out.append(x[idx.to(x.device)])
+        rows = x[idx.to(x.device)]
+        out.append(rows if transform is None else transform(rows))
     return out

@@ -55,7 +55,7 @@ from common.augment import DSA_STRATEGY, parse_strategy, sample_dsa_params
 from common.methods import REGISTRY, spec
 from common.perf import tune_cpu_allocator
 from common.atomic import atomic_torch_save
-from common.distill.dkkt import (DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss, lambda_scale,
+from common.distill.dkkt import (AUG_PASSES, DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss, lambda_scale,
                                  stat_at_zero, stationarity_target)
 from common.distill.dm import class_indices, dm_loss, sample_real_batches
 from common.progress import make_progress
@@ -126,6 +126,13 @@ class DistillConfig:
     # (bench/dm_full_pool.py, real batch 256, 2 cores): all classes in one forward took 2.7-3.6x the
     # reference loop's time and 2.2x its peak memory; one class per forward 0.96-1.11x, same memory.
     dm_max_batch: int = 256
+    # DKKT speed-ups that APPROXIMATE the loss (both off by default: exact DSV / Eq. 4; measured in
+    # bench/README.md). aug_passes "sample": per iteration ONE of the clean / augmented DKKT passes,
+    # the augmented one with probability aug_weight / (1 + aug_weight): an unbiased estimate of
+    # the two-pass loss at half the DKKT cost. stat_candidates m > 0: the stationarity sum over m
+    # random candidates per iteration (scaled by N / m), the primal over all.
+    aug_passes: str = "both"  # "both" | "sample"
+    stat_candidates: int = 0  # 0 = every candidate
 
     def validate(self) -> "DistillConfig":
         def bad(key: str, want: str) -> ValueError:
@@ -177,6 +184,11 @@ class DistillConfig:
             raise bad("lr_img_adam", "a finite number > 0")
         if isinstance(self.dm_max_batch, bool) or not isinstance(self.dm_max_batch, int) or self.dm_max_batch < 0:
             raise bad("dm_max_batch", "an int >= 0 (0 = all classes in one forward)")
+        if self.aug_passes not in AUG_PASSES:
+            raise bad("aug_passes", f"one of {list(AUG_PASSES)}")
+        if isinstance(self.stat_candidates, bool) or not isinstance(self.stat_candidates, int) \
+                or self.stat_candidates < 0:
+            raise bad("stat_candidates", "an int >= 0 (0 = every candidate)")
         return self
 
 
@@ -224,17 +236,24 @@ def make_embed_factory(meta: Any, arch: Mapping[str, Any] | None = None) -> Call
 
 @dataclass
 class _SafePool:
-    x: Tensor  # float32 on the working device
+    x: Tensor  # on the working device: float32 (normalized), or uint8 with ``norm`` set
     idx: list[Tensor]  # per class, CPU int64 indices into x
     counts: list[int]
+    # uint8 -> normalized float32, applied to each drawn batch (a uint8 pool is 4x smaller)
+    norm: Callable[[Tensor], Tensor] | None = None
 
     @staticmethod
     def build(safe_x: Tensor, safe_y: Tensor, num_classes: int, image_shape: tuple[int, int, int],
-              pipc: int, device: torch.device) -> "_SafePool":
+              pipc: int, device: torch.device,
+              norm: Callable[[Tensor], Tensor] | None = None) -> "_SafePool":
         if not isinstance(safe_x, Tensor) or not isinstance(safe_y, Tensor):
             raise ValueError("safe_x and safe_y must be tensors")
-        if not safe_x.is_floating_point():
+        if safe_x.dtype == torch.uint8 and norm is None:
+            raise ValueError("uint8 safe_x needs safe_normalize (e.g. lambda x: common.datasets.normalize(x, meta))")
+        if not safe_x.is_floating_point() and safe_x.dtype != torch.uint8:
             raise ValueError(f"safe_x must be normalized float images, got dtype {safe_x.dtype} (use common.datasets.normalize)")
+        if safe_x.is_floating_point():
+            norm = None
         if safe_x.dim() != 4 or tuple(safe_x.shape[1:]) != tuple(image_shape):
             raise ValueError(f"safe_x must be N×{'×'.join(map(str, image_shape))}, got {tuple(safe_x.shape)}")
         if safe_y.shape != (safe_x.shape[0],) or safe_y.dtype not in (torch.int64, torch.int32):
@@ -243,18 +262,23 @@ class _SafePool:
             raise ValueError(f"safe_y labels must lie in [0, {num_classes}), got [{int(safe_y.min())}, {int(safe_y.max())}]")
         idx = [i[:pipc] for i in class_indices(safe_y, num_classes)]  # first pipc per class
         keep = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
-        x = safe_x[keep].to(device=device, dtype=torch.float32)
+        x = safe_x[keep].to(device=device, dtype=torch.uint8 if norm is not None else torch.float32)
         # re-index into the compacted tensor
         out, start = [], 0
         for i in idx:
             out.append(torch.arange(start, start + i.numel()))
             start += i.numel()
-        return _SafePool(x=x, idx=out, counts=[i.numel() for i in idx])
+        return _SafePool(x=x, idx=out, counts=[i.numel() for i in idx], norm=norm)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Normalized float32 images at ``index``."""
+        x = self.x[index.to(self.x.device)]
+        return x if self.norm is None else self.norm(x)
 
     def pick(self, ipc: int, generator: torch.Generator) -> Tensor:
         """ipc random images of every class, class-major (caller checked the counts)."""
         chosen = [i[torch.randperm(i.numel(), generator=generator)[:ipc]] for i in self.idx]
-        return self.x[torch.cat(chosen).to(self.x.device)]
+        return self.rows(torch.cat(chosen))
 
     def short_classes(self, ipc: int) -> list[int]:
         return [c for c, n in enumerate(self.counts) if n < ipc]
@@ -294,10 +318,14 @@ def synthesize(
     dsv_x: Tensor | None = None,
     dsv_y: Tensor | None = None,
     init_model: nn.Module | None = None,
+    safe_normalize: Callable[[Tensor], Tensor] | None = None,
 ) -> SyntheticSet:
     """Distill ``ipc`` images per class with ``method`` (see the module docstring).
 
-    ``safe_x``: normalized float N×C×H×W safe images (T'), ``safe_y`` their labels.
+    ``safe_x``: normalized float N×C×H×W safe images (T'), ``safe_y`` their labels; or uint8
+    images with ``safe_normalize`` (uint8 batch -> normalized float, e.g.
+    ``lambda x: common.datasets.normalize(x, meta)``): the pool then stays uint8 (4x less
+    memory for a large pool) and each drawn batch is normalized (same values).
     ``model``: trained theta* (not modified; a frozen copy is used). ``embed_factory``:
     generator -> fresh random network whose ``embed`` (or itself) is psi.
     ``dsv_x``/``dsv_y`` (blend only): pre-extracted DSVs, class-major, ipc per class;
@@ -336,7 +364,7 @@ def synthesize(
     gen = torch.Generator().manual_seed(int(seed))
     pool = None
     if safe_x is not None and safe_y is not None and ms.needs_safe:
-        pool = _SafePool.build(safe_x, safe_y, num_classes, image_shape, pipc, device)
+        pool = _SafePool.build(safe_x, safe_y, num_classes, image_shape, pipc, device, norm=safe_normalize)
     base_info: dict[str, Any] = {"seed": int(seed), "pipc": pipc, "config": asdict(config),
                                  "safe_per_class": pool.counts if pool else []}
 
@@ -345,7 +373,8 @@ def synthesize(
         counts = pool.counts
         y = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(counts)])
         info = base_info | {"class_counts": counts, "requested_ipc": ipc, "wall_s": time.monotonic() - t0}
-        return SyntheticSet(x=pool.x.cpu(), y=y, method=method, ipc=max(counts, default=0), info=info)
+        x = pool.x if pool.norm is None else pool.norm(pool.x)
+        return SyntheticSet(x=x.cpu(), y=y, method=method, ipc=max(counts, default=0), info=info)
 
     if method == "random_real":
         assert pool is not None
@@ -553,9 +582,17 @@ class _Run:
             if use_dkkt:
                 assert lam is not None and self.model is not None
                 p_aug = sample_dsa_params(gen, cfg.dsa_strategy) if cfg.dsa else None
+                # The approximations draw from gen only when switched on (default stream unchanged).
+                passes = "both"
+                if cfg.aug_passes == "sample" and p_aug is not None and cfg.aug_weight > 0:
+                    u = float(torch.rand((), generator=gen))
+                    passes = "aug" if u < cfg.aug_weight / (1.0 + cfg.aug_weight) else "clean"
+                stat_idx = None
+                if 0 < cfg.stat_candidates < y.numel():
+                    stat_idx = torch.randperm(y.numel(), generator=gen)[:cfg.stat_candidates]
                 _, kt = dkkt_loss(self.model, x_syn, y, lam, alpha=alpha / stat_div, dsa_params=p_aug,
                                   aug_weight=cfg.aug_weight, distance=cfg.stat_distance, primal=cfg.primal,
-                                  target=self.target)
+                                  target=self.target, passes=passes, stat_idx=stat_idx)
                 parts["primal"], parts["stat"] = kt.pop("primal_part"), kt.pop("stat_part")
                 terms.update(kt)
             if use_dm:
@@ -563,7 +600,8 @@ class _Run:
                 for p in net.parameters():
                     p.requires_grad_(False)
                 psi = getattr(net, "embed", net)
-                real = sample_real_batches(self.pool.x, self.pool.idx, cfg.real_batch, gen)  # type: ignore[union-attr]
+                real = sample_real_batches(self.pool.x, self.pool.idx, cfg.real_batch, gen,  # type: ignore[union-attr]
+                                           transform=self.pool.norm)  # type: ignore[union-attr]
                 syn = list(x_syn.split(ipc))
                 params = ([sample_dsa_params(gen, cfg.dsa_strategy, siamese=True) for _ in range(C)]
                           if cfg.dsa else None)  # one transform per class, real and synthetic alike

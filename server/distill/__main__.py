@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counts: list[int] = []
     if args.safe is not None:
         safe = load_safe_artifact(args.safe, meta=meta)
-        safe_x, safe_y = normalize(safe.x, meta), safe.y
+        safe_x, safe_y = safe.x, safe.y  # uint8: synthesize normalizes each drawn batch (issue 15)
         counts = torch.bincount(safe.y, minlength=meta.num_classes).tolist()
     pipc = args.pipc if args.pipc is not None else max(counts, default=0)
     dsv_x = dsv_y = None
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         safe_x=safe_x, safe_y=safe_y, model=model, embed_factory=make_embed_factory(meta, arch),
         config=cfg, seed=args.seed, device=device, progress=not args.no_progress,
         checkpoint_path=out / f"checkpoint_{tag}.pt" if args.checkpoint_every else None,
-        dsv_x=dsv_x, dsv_y=dsv_y, init_model=init_model,
+        dsv_x=dsv_x, dsv_y=dsv_y, init_model=init_model, safe_normalize=lambda x: normalize(x, meta),
     )
     syn_path = save_synthetic_artifact(out / f"synthetic_{tag}.pt", syn, dataset=meta.name, pipc=pipc)
     save_image_grid(syn.x, syn.y, out / f"synthetic_{tag}.png", meta, title=f"{args.method} ipc={args.ipc} pipc={pipc}")
