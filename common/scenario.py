@@ -159,7 +159,7 @@ DSV_COMBINE = ("average", "select")
 
 @dataclass
 class DPConfig:
-    """Differentially private FedAvg with Flower's fixed-clipping wrappers (see server/modes.py)."""
+    """Differentially private FedAvg with Flower's fixed-clipping wrappers (see server/federation/modes.py)."""
 
     enabled: bool = False
     side: str = "server"  # server (DifferentialPrivacyServerSideFixedClipping) | client (+ fixedclipping_mod)
@@ -408,7 +408,7 @@ def validate(s: Scenario) -> Scenario:
 
 
 def _validate_privacy(s: Scenario) -> None:
-    """The privacy section: modes, client-side DSV budget, DP parameters (see server/modes.py)."""
+    """The privacy section: modes, client-side DSV budget, DP parameters (see server/federation/modes.py)."""
     src, p = s.source, s.privacy
     _check_choice(p.mode, PRIVACY_MODES, "privacy.mode", src)
     _check_choice(p.dsv_combine, DSV_COMBINE, "privacy.dsv_combine", src)

@@ -49,17 +49,17 @@ from common.models import build_model
 from common.datasets import federation_train_set
 from common.scenario import Scenario, check_resources, load_scenario, save_resolved
 from common.threads import apply_thread_policy, cpu_cores
-from server.artifacts import save_model_artifact, save_safe_artifact
+from server.store.artifacts import save_model_artifact, save_safe_artifact
 from server.check import resolve, write_status
-from server.collect import collect_safe_pool
+from server.federation.collect import collect_safe_pool
 from common.evaluate import test_accuracy
-from server.federate import run_federation, wait_for_nodes
+from server.federation.federate import run_federation, wait_for_nodes
 from server.pipeline import PipelineInputs, load_reused, run_pipeline
 from common.progress import install_scenario_filter, scenario_fingerprint
-from server.manifest import PHASE12_FILES, fingerprint, load_history, record_files, verify_files
-from server.validate import FailureLog, shard_plan
+from server.store.manifest import PHASE12_FILES, fingerprint, load_history, record_files, verify_files
+from server.federation.validate import FailureLog, shard_plan
 from server.preflight import check_data_root, check_data_size
-from server.sweep import pool_quota, resumable_federation, write_federation_stamp
+from server.sweep.cells import pool_quota, resumable_federation, write_federation_stamp
 from common.grid import pipc_label
 
 __all__ = ["app", "create_server_app", "run_scenario"]
@@ -93,7 +93,7 @@ class _Federated:
     rounds: list[dict] = field(default_factory=list)
     weight_uploads: list[dict] = field(default_factory=list)
     safe_uploads: list[dict] = field(default_factory=list)
-    client_dsvs: object | None = None  # privacy.mode no_model_access: server.modes.ClientDSVs (model_state is None)
+    client_dsvs: object | None = None  # privacy.mode no_model_access: server.federation.modes.ClientDSVs (model_state is None)
     dsv_uploads: list[dict] = field(default_factory=list)
 
 
@@ -107,7 +107,7 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
     with _phase(timings, "1/5", "federate", f"FedAvg, {f.rounds} rounds"):
         nodes = wait_for_nodes(grid, f.num_clients, f.min_clients)
         log(INFO, "federate: %d clients connected", len(nodes))
-        # every reply is bounded by the shard the client was dealt (server/validate.py)
+        # every reply is bounded by the shard the client was dealt (server/federation/validate.py)
         plan = shard_plan(scenario, train_y, len(nodes), meta.num_classes) if train_y is not None else None
         initial = build_model(meta, arch, seed=scenario.seed).state_dict()
         eval_model = build_model(meta, arch)
@@ -122,7 +122,7 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
                             extra={"rounds": fed.rounds, "scenario": scenario.name, "weight_uploads": fed.uploads})
         record_files(run_dir, ["global_model.pt"], fingerprint(scenario))  # sha256 + shapes, checked on reuse
 
-    pool_pipc, allow_short = quota or (scenario.pool_pipc, False)  # server.sweep.pool_quota: pipc 'all'
+    pool_pipc, allow_short = quota or (scenario.pool_pipc, False)  # server.sweep.cells.pool_quota: pipc 'all'
     with _phase(timings, "2/5", "collect", f"{pipc_label(scenario.pool_pipc)} safe images per class"):
         pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, pool_pipc, allow_short=allow_short,
                                  seed=scenario.seed, image_shape=meta.image_shape, partition_of=fed.node_partitions,
@@ -170,7 +170,7 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
             failures.rows = history.pop("failures")
             done = dataclasses.replace(done, **history)
     elif scenario.privacy.mode == "no_model_access":
-        from server.modes import federate_without_model  # clients upload DSVs, never model weights
+        from server.federation.modes import federate_without_model  # clients upload DSVs, never model weights
 
         try:
             nm = federate_without_model(grid, scenario, meta, timings, failures, train_y)

@@ -37,13 +37,13 @@ from common.device import pick_device
 from common.models import build_model
 from common.scenario import Scenario, load_scenario, save_resolved
 from common.grid import PIPC_ALL, pipc_label
-from server.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
+from server.store.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
 from common.distill.synthesize import DistillConfig, make_embed_factory
 from common.evaluate import EvalConfig
-from server.images import save_image_grid
-from server.figures import rebuild_report
-from server.report import CellResult, print_summary, upload_summary, write_rounds, write_timings, write_uploads
-from server.sweep import run_cells
+from server.reports.images import save_image_grid
+from server.reports.figures import rebuild_report
+from server.reports.tables import CellResult, print_summary, upload_summary, write_rounds, write_timings, write_uploads
+from server.sweep.cells import run_cells
 
 __all__ = ["PipelineInputs", "distill_config", "eval_config", "run_grid", "run_pipeline", "write_run_files",
            "load_reused", "main"]
@@ -64,7 +64,7 @@ class PipelineInputs:
     weight_uploads: list[dict] = field(default_factory=list)
     safe_uploads: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    client_dsvs: object | None = None  # no_model_access: server.modes.ClientDSVs (model_state is then None)
+    client_dsvs: object | None = None  # no_model_access: server.federation.modes.ClientDSVs (model_state is then None)
     dsv_uploads: list[dict] = field(default_factory=list)
 
 
@@ -83,7 +83,7 @@ def eval_config(scenario: Scenario) -> EvalConfig:
 
 
 def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
-    """Distill and evaluate every (pipc, ipc, seed, method) cell of the scenario (server.sweep)."""
+    """Distill and evaluate every (pipc, ipc, seed, method) cell of the scenario (server.sweep.cells)."""
     s, meta = inp.scenario, inp.meta
     progress = True if progress is None else progress  # a bar on a terminal, else periodic log lines (common/progress.py)
     arch = dataclasses.asdict(s.model)
@@ -103,7 +103,7 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
     def model_factory(seed: int) -> torch.nn.Module:
         return build_model(meta, eval_arch, seed=seed)
 
-    # server.sweep: per-cell records under cells/, resume, skipped cells, seeds.
+    # server.sweep.cells: per-cell records under cells/, resume, skipped cells, seeds.
     cells = run_cells(inp, model, embed_factory, dcfg, ecfg, model_factory, progress, init_model=init_model)
     return cells
 
@@ -111,7 +111,7 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
 def write_run_files(inp: PipelineInputs, cells: Sequence[CellResult]) -> None:
     """The files phase 5 writes from the federation records and the artifacts (not from the cells alone):
     rounds.csv, uploads.csv/.json, images/safe_pool.png, communication.*, privacy.md, privacy_audit.csv,
-    privacy/*.png. ``server.figures.rebuild_run_files`` calls it with inputs read back from the run folder."""
+    privacy/*.png. ``server.reports.figures.rebuild_run_files`` calls it with inputs read back from the run folder."""
     run_dir = inp.run_dir
     if inp.rounds:
         write_rounds(inp.rounds, run_dir / "rounds.csv")
@@ -120,7 +120,7 @@ def write_run_files(inp: PipelineInputs, cells: Sequence[CellResult]) -> None:
     if len(inp.pool_y):
         save_image_grid(normalize(inp.pool_x, inp.meta), inp.pool_y, run_dir / "images" / "safe_pool.png", inp.meta,
                         title=f"safe pool T' ({pipc_label(inp.scenario.pool_pipc)} per class)")
-    from server.privacy_report import write_privacy_reports  # audit, communication.md, privacy.md
+    from server.reports.privacy_report import write_privacy_reports  # audit, communication.md, privacy.md
 
     write_privacy_reports(inp, cells)
 
@@ -150,7 +150,7 @@ def load_reused(folder: str | Path, meta: DatasetMeta, scenario: Scenario) -> tu
     """theta* and T' from an earlier run folder, checked against this scenario."""
     folder = Path(folder).expanduser()
     if (folder / "global_model.pt").is_file():  # sha256 against the folder's manifest; no manifest: refused
-        from server.manifest import PHASE12_FILES, verify_files
+        from server.store.manifest import PHASE12_FILES, verify_files
 
         verify_files(folder, PHASE12_FILES, required=True)
     model = load_model_artifact(folder / "global_model.pt", dataset=meta.name)

@@ -30,7 +30,7 @@ def _results(run_dir: Path) -> dict[str, tuple]:
 def test_killed_and_restarted_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
     import server.app
     from common.scenario import scenario_from_dict
-    from server.manifest import read_manifest
+    from server.store.manifest import read_manifest
 
     (tmp_path / "data").mkdir()
     _fake_fashion_mnist(tmp_path / "data")

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import server.sweep as sweep
+import server.sweep.cells as sweep
 from common.datasets import get_meta
 from common.models import build_model
 from common.scenario import ScenarioError, save_resolved, scenario_from_dict
-from server.collect import pool_subset
+from server.federation.collect import pool_subset
 from server.pipeline import PipelineInputs, run_pipeline
 
 META = get_meta("fashion-mnist")
@@ -47,11 +47,11 @@ class SimulatedInterrupt(RuntimeError):
 
 def _tables_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the PNGs (matplotlib dominates these tests' time); test_2x2 covers the figures."""
-    import server.figures
+    import server.reports.figures
     import server.pipeline
 
     monkeypatch.setattr(server.pipeline, "rebuild_report",
-                        lambda run_dir, **kw: server.figures.rebuild_report(run_dir, figures=False))
+                        lambda run_dir, **kw: server.reports.figures.rebuild_report(run_dir, figures=False))
 
 
 def _count_synth(monkeypatch: pytest.MonkeyPatch, fail_on: str | None = None) -> list[str]:

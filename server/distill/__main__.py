@@ -5,7 +5,7 @@
         --out runs/offline [--data-root DIR] [--device auto] [--seed 0]
 
 MODEL.pt: ``{"state_dict", "arch", "dataset"}``; SAFE.pt: ``{"x": uint8 N×C×H×W,
-"y": int64 N, "dataset"}`` (see ``server/artifacts.py``). Writes into ``--out``:
+"y": int64 N, "dataset"}`` (see ``server/store/artifacts.py``). Writes into ``--out``:
 ``synthetic_<method>_ipc<k>_pipc<p>.pt`` (+ ``.png`` grid) and appends one row to
 ``results.json`` (a list) and ``results.csv``. ``--eval-epochs 0`` skips evaluation.
 Exit status: 0 ok, 1 distillation diverged (NaN/Inf), 2 bad arguments or input files.
@@ -149,13 +149,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from common.datasets import get_meta, load_dataset, normalize
     from common.device import pick_device
     from common.models import build_model
-    from server.artifacts import (
+    from server.store.artifacts import (
         build_model_from_artifact, load_model_artifact, load_safe_artifact,
         load_synthetic_artifact, save_synthetic_artifact,
     )
     from common.distill.synthesize import make_embed_factory
     from common.evaluate import EvalConfig, evaluate_synthetic
-    from server.images import save_image_grid
+    from server.reports.images import save_image_grid
 
     meta = get_meta(args.dataset)
     device = pick_device(args.device)

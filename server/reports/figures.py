@@ -1,17 +1,17 @@
 """Rebuild a run folder's tables and figures from its stored cells (``python -m server.report RUN_DIR``).
 
 Reads only: ``scenario.resolved.yaml`` (the grid and the dataset), ``cells/*.json`` + ``.pt``
-(server.sweep), ``rounds.csv`` and ``safe_pool.pt`` when present. Writes:
+(server.sweep.cells), ``rounds.csv`` and ``safe_pool.pt`` when present. Writes:
 
-- ``results.md`` / ``results.csv`` / ``results_long.csv`` (server.report; Table 1 layout);
-- ``images/<cell>.png``: each synthetic set as a grid with class names (server.images);
+- ``results.md`` / ``results.csv`` / ``results_long.csv`` (server.reports.tables; Table 1 layout);
+- ``images/<cell>.png``: each synthetic set as a grid with class names (server.reports.images);
 - ``frequency.csv`` + ``figures/spectra_ipc<k>_pipc<p>.png``: paper Fig. 3, the mean log-magnitude
   FFT spectra of the dsv / dsv_real / dm / dkkt_dm / blend sets of one (ipc, pipc), first seed,
   next to the real safe images, and the low/high-frequency energy split of every set
-  (server.frequency; per-image mean removed, cutoff 0.25 x Nyquist, so brightness is ignored);
+  (server.reports.frequency; per-image mean removed, cutoff 0.25 x Nyquist, so brightness is ignored);
 - ``figures/accuracy_vs_pipc.png``: accuracy against pipc per method, one panel per ipc;
 - ``rounds.png``: the federated learning curve from ``rounds.csv``;
-- ``traces/<cell>.csv`` + ``.png``: the loss-term traces of each DKKT cell (server.loss_trace).
+- ``traces/<cell>.csv`` + ``.png``: the loss-term traces of each DKKT cell (server.sweep.loss_trace).
 
 ``rebuild_run_files`` / ``rebuild_all`` also rewrite what phase 5 derives from the artifacts and
 records (``python -m server.report``).
@@ -30,13 +30,13 @@ import yaml
 from common.datasets import federation_train_set, get_meta, normalize
 from common.grid import pipc_label
 from common.scenario import Scenario, scenario_from_dict
-from server.artifacts import load_safe_artifact, load_synthetic_artifact
-from server.collect import pool_subset
-from server.frequency import frequency_table, mean_log_spectrum
-from server.images import save_image_grid
-from server.plots import plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
-from server.report import aggregate_seeds, write_results
-from server.sweep import read_cells
+from server.store.artifacts import load_safe_artifact, load_synthetic_artifact
+from server.federation.collect import pool_subset
+from server.reports.frequency import frequency_table, mean_log_spectrum
+from server.reports.images import save_image_grid
+from server.reports.plots import plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
+from server.reports.tables import aggregate_seeds, write_results
+from server.sweep.cells import read_cells
 
 __all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report", "rebuild_run_files",
            "rebuild_all"]
@@ -56,18 +56,18 @@ def load_run_scenario(run_dir: str | Path) -> Scenario:
 
 
 def _privacy_note(scenario: Scenario, run_dir: Path) -> str:
-    try:  # the privacy modes' note (server.privacy_report), when that module is present
-        from server.privacy_report import results_note
+    try:  # the privacy modes' note (server.reports.privacy_report), when that module is present
+        from server.reports.privacy_report import results_note
     except ImportError:
         return ""
     return results_note(scenario, run_dir)
 
 
 def _append_failures(results_md: Path, run_dir: Path) -> None:
-    """The 'Client failures' section, as server.validate.FailureLog.write appends it after a run."""
+    """The 'Client failures' section, as server.federation.validate.FailureLog.write appends it after a run."""
     path = run_dir / "failures.csv"
     try:
-        from server.validate import FailureLog
+        from server.federation.validate import FailureLog
     except ImportError:
         return
     if not path.is_file():
@@ -85,11 +85,11 @@ def results_title(scenario: Scenario) -> str:
 
 
 def _rebuild_traces(run_dir: Path, cells: list, only_stale: bool = False) -> dict[str, Path]:
-    """traces/<cell>.csv + .png from each DKKT cell record's loss history (server.loss_trace's writer,
-    as server.sweep uses it). ``only_stale`` (the pipeline): skip a trace newer than its record."""
+    """traces/<cell>.csv + .png from each DKKT cell record's loss history (server.sweep.loss_trace's writer,
+    as server.sweep.cells uses it). ``only_stale`` (the pipeline): skip a trace newer than its record."""
     import json
 
-    from server.loss_trace import has_dkkt_trace, write_cell_trace
+    from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
 
     written: dict[str, Path] = {}
     for c in cells:
@@ -144,7 +144,7 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
                         title=f"{c.method} ipc={c.ipc} pipc={pipc_label(c.pipc)} seed={c.seed}")
     if sets:
         written["image_grids"] = run_dir / "images"
-    if figures:  # loss-term traces of the DKKT cells, as server.sweep writes them after a cell
+    if figures:  # loss-term traces of the DKKT cells, as server.sweep.cells writes them after a cell
         written.update(_rebuild_traces(run_dir, ran, only_stale=not all_grids))
 
     # Fig. 3: spectra per (ipc, pipc) at the first seed, plus the real safe images as reference.
@@ -206,7 +206,7 @@ def rebuild_run_files(run_dir: str | Path, audit: bool = True) -> dict[str, Path
     """Rewrite the files phase 5 derives from the federation records and artifacts, not only from the cells.
 
     From ``global_model.pt`` / ``safe_pool.pt`` (their stored rounds, uploads and client
-    failures, server.manifest.load_history), the cells and the dataset's test split:
+    failures, server.store.manifest.load_history), the cells and the dataset's test split:
     ``rounds.csv``, ``uploads.csv``/``.json``, ``failures.csv``, ``images/safe_pool.png``,
     ``communication.csv``/``.md``, ``privacy.md`` and, with ``audit``, ``privacy_audit.csv`` +
     ``privacy/closest_*.png`` (the audit is recomputed: it reloads the training images). The
@@ -216,8 +216,8 @@ def rebuild_run_files(run_dir: str | Path, audit: bool = True) -> dict[str, Path
     from flwr.common.logger import log
     from logging import INFO
 
-    from server.artifacts import load_model_artifact
-    from server.manifest import load_history
+    from server.store.artifacts import load_model_artifact
+    from server.store.manifest import load_history
     from server.pipeline import PipelineInputs, write_run_files
 
     run_dir = Path(run_dir).resolve()
@@ -247,7 +247,7 @@ def rebuild_run_files(run_dir: str | Path, audit: bool = True) -> dict[str, Path
     written = {"rounds": run_dir / "rounds.csv", "communication": run_dir / "communication.md",
                "privacy": run_dir / "privacy.md"}
     if failures or (run_dir / "failures.csv").is_file() or history:
-        from server.validate import FailureLog
+        from server.federation.validate import FailureLog
 
         written["failures"] = FailureLog(rows=failures).write(run_dir)
     if len(pool_y):

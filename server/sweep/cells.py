@@ -3,7 +3,7 @@
 A scenario's grid is ``distill.pipc x distill.ipc x distill.seeds x distill.methods``. The
 federated phases run once; every cell reuses theta* and the safe pool T' (a cell with pipc p
 distills from the first p images per class of T', so smaller pools are nested subsets of
-larger ones, ``server.collect.pool_subset``).
+larger ones, ``server.federation.collect.pool_subset``).
 
 Each finished cell is written to ``<run>/cells/<method>_ipc<k>_pipc<p>_seed<s>``: first the
 synthetic set (``.pt``), then the record (``.json``, written via a temp file + rename, so a
@@ -39,14 +39,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.datasets import normalize
 from common.grid import PIPC_ALL, pipc_label, real_init_methods, static_skip_reason
 from common.scenario import Scenario
-from server.loss_trace import has_dkkt_trace, write_cell_trace
-from server.artifacts import load_synthetic_artifact, save_synthetic_artifact
-from server.collect import pool_subset
+from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
+from server.store.artifacts import load_synthetic_artifact, save_synthetic_artifact
+from server.federation.collect import pool_subset
 from common.distill.synthesize import DistillationError, SyntheticSet, synthesize
-from server.faults import record_failed_cell
-from server.manifest import MANIFEST, ManifestError, read_manifest, record_files, verify_files
+from server.sweep.faults import record_failed_cell
+from server.store.manifest import MANIFEST, ManifestError, read_manifest, record_files, verify_files
 from common.evaluate import evaluate_synthetic
-from server.report import CellResult
+from server.reports.tables import CellResult
 
 __all__ = [
     "CELLS_DIR", "CellSpec", "CellRecordError", "seeds_of", "cell_specs", "tensor_digest", "run_cells", "read_cells",
@@ -135,7 +135,7 @@ class _CellResult(BaseModel):
 
 
 class _CellRecord(BaseModel):
-    """The schema of cells/<cell>.json (written by :func:`run_cells` / server.faults)."""
+    """The schema of cells/<cell>.json (written by :func:`run_cells` / server.sweep.faults)."""
 
     model_config = ConfigDict(extra="allow")
     format: int = FORMAT
@@ -275,7 +275,7 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
     cells_dir.mkdir(parents=True, exist_ok=True)
     test_x = normalize(inp.test_x, meta)
     state = list(inp.model_state.values()) if inp.model_state is not None else []
-    client_dsvs = getattr(inp, "client_dsvs", None)  # privacy.mode no_model_access (server.modes): no theta*
+    client_dsvs = getattr(inp, "client_dsvs", None)  # privacy.mode no_model_access (server.federation.modes): no theta*
     if client_dsvs is not None:
         state = list(client_dsvs.x)
     base_digest = {"model": tensor_digest(*state), "test": tensor_digest(inp.test_x, inp.test_y)}
@@ -342,7 +342,7 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                             dsv_y=dsv_set.y if (method in ("blend", "dm_from_dsv") and dsv_set is not None) else None,
                             init_model=init_model,
                         )
-                    except DistillationError as err:  # NaN/Inf in this cell: record it, go on (server/faults.py)
+                    except DistillationError as err:  # NaN/Inf in this cell: record it, go on (server/sweep/faults.py)
                         cells.append(record_failed_cell(spec, err, run_dir, config, CELLS_DIR, FORMAT))
                         _record_cell_files(run_dir, spec, with_set=False)
                         continue

@@ -2,7 +2,7 @@
 
 Files (in the run folder):
 
-* ``privacy_audit.csv``: one row per synthetic set (``server.privacy.AuditResult.row``) plus a
+* ``privacy_audit.csv``: one row per synthetic set (``server.reports.audit.AuditResult.row``) plus a
   sanity row ``safe_pool`` (the uploaded safe images against the private bank: real images that
   were never in that bank, so they should sit at the reference distance, unflagged);
   ``privacy/closest_<set>.png``: the 10 synthetic images closest to a private image, each above it.
@@ -38,7 +38,7 @@ from flwr.common.logger import log
 from common.datasets import federation_train_set, normalize
 from common.models import build_model
 from common.records import image_keys
-from server.report import CellResult, upload_summary
+from server.reports.tables import CellResult, upload_summary
 
 __all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank"]
 
@@ -114,7 +114,7 @@ def audit_sets(sets: dict[str, torch.Tensor], private_x: torch.Tensor, reference
 
     ``labels`` (set name -> classes) and ``private_y`` put class names into the figures.
     """
-    from server.privacy import AuditReference, save_closest_pairs_grid
+    from server.reports.audit import AuditReference, save_closest_pairs_grid
 
     ref = AuditReference.build(private_x, reference_x, model, device=device, n_reference=n_reference, seed=seed)
     rows = []
@@ -136,7 +136,7 @@ def _private_labels(scenario: Any, index: torch.Tensor) -> torch.Tensor:
 
 
 def _run_audit(inp: Any, cells: Sequence[CellResult]) -> tuple[list[dict], float]:
-    from server.artifacts import load_synthetic_artifact
+    from server.store.artifacts import load_synthetic_artifact
 
     s, meta, run_dir = inp.scenario, inp.meta, Path(inp.run_dir)
     t0 = time.perf_counter()
@@ -185,7 +185,7 @@ def results_note(s: Any, run_dir: Path) -> str:
     """The run's DP / mode settings, shown under the accuracies they produced (results.md)."""
     import json
 
-    from server.modes import dp_summary
+    from server.federation.modes import dp_summary
 
     uploads = Path(run_dir) / "uploads.json"
     try:  # a run-folder file: anything unreadable only loses the client count, never the report
@@ -201,7 +201,7 @@ def results_note(s: Any, run_dir: Path) -> str:
 
 def write_privacy_reports(inp: Any, cells: Sequence[CellResult]) -> dict[str, Path]:
     """communication.*, privacy_audit.csv (+ PNGs) and privacy.md for a finished grid (see module doc)."""
-    from server.modes import dp_summary
+    from server.federation.modes import dp_summary
 
     s, run_dir = inp.scenario, Path(inp.run_dir)
     mode = s.privacy.mode
@@ -247,7 +247,7 @@ def write_privacy_reports(inp: Any, cells: Sequence[CellResult]) -> dict[str, Pa
                          f"{_fnum(r['cos_ref_p99'])} | {r['n_flagged_cos']} |")
     paths = {"privacy": run_dir / "privacy.md", "communication": run_dir / "communication.md"}
     paths["privacy"].write_text("\n".join(lines) + "\n")
-    # results.md's privacy note comes from results_note(), appended by server.figures.rebuild_report
+    # results.md's privacy note comes from results_note(), appended by server.reports.figures.rebuild_report
     # (so `python -m server.report` rebuilds results.md byte-identically).
     if audit_rows:
         paths["audit"] = run_dir / "privacy_audit.csv"

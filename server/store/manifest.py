@@ -10,10 +10,10 @@ Every run folder gets a ``manifest.json``::
   safe policy, faults, pool size). Output folder, distillation and evaluation settings are
   left out: changing them must not force a new federation.
 * :func:`record_files` is called right after an artifact was written atomically (temp +
-  rename, ``server.artifacts.atomic_torch_save``); the manifest itself is written the same way.
+  rename, ``server.store.artifacts.atomic_torch_save``); the manifest itself is written the same way.
 * :func:`verify_files` recomputes the hashes; a mismatch raises :class:`ManifestError`
   naming the file (a truncated copy, a manual edit, a different run's file).
-* :func:`load_history` gives a resumed run (``server.sweep.resumable_federation`` decides
+* :func:`load_history` gives a resumed run (``server.sweep.cells.resumable_federation`` decides
   whether phases 1-2 are skipped) the rounds, uploads and client failures of the run that
   made the artifacts, so its report equals that of an uninterrupted run.
 """
@@ -46,9 +46,9 @@ class ManifestError(ValueError):
 def fingerprint(scenario: Scenario) -> str:
     """sha256 of the scenario parts that decide phases 1-2 (theta* and the safe pool T').
 
-    The same parts as ``server.sweep.federation_stamp`` (which gates the resume), hashed.
+    The same parts as ``server.sweep.cells.federation_stamp`` (which gates the resume), hashed.
     """
-    from server.sweep import federation_stamp
+    from server.sweep.cells import federation_stamp
 
     return hashlib.sha256(json.dumps(federation_stamp(scenario), sort_keys=True, default=str).encode()).hexdigest()
 
@@ -103,7 +103,7 @@ def _write_manifest(run_dir: Path, data: dict[str, Any]) -> Path:
 
 def record_files(run_dir: str | os.PathLike[str], names: Iterable[str], fp: str | None = None) -> Path:
     """Add (or refresh) the manifest entries of ``names`` (paths relative to ``run_dir``)."""
-    from server.artifacts import load_torch_file
+    from server.store.artifacts import load_torch_file
 
     run_dir = Path(run_dir)
     data = read_manifest(run_dir) or {"files": {}}
@@ -134,7 +134,7 @@ def verify_files(run_dir: str | os.PathLike[str], names: Iterable[str], required
         raise ManifestError(
             f"{run_dir} holds {', '.join(n for n in names if (run_dir / n).exists())} but no {MANIFEST}: "
             "these files cannot be checked, so they are not used. Rerun the run that made them (or delete "
-            "them); if you made them yourself, record them with server.manifest.record_files first"
+            "them); if you made them yourself, record them with server.store.manifest.record_files first"
         )
     for name in names:
         entry = (data or {}).get("files", {}).get(name)
@@ -157,7 +157,7 @@ def verify_files(run_dir: str | os.PathLike[str], names: Iterable[str], required
 
 def load_history(run_dir: str | os.PathLike[str], dataset: str) -> dict[str, list]:
     """The phase 1-2 records stored inside the artifacts (rounds, uploads, client failures)."""
-    from server.artifacts import load_model_artifact, load_safe_artifact
+    from server.store.artifacts import load_model_artifact, load_safe_artifact
 
     run_dir = Path(run_dir)
     model_extra = load_model_artifact(run_dir / "global_model.pt", dataset=dataset).extra

@@ -49,11 +49,11 @@ from common.records import (CFG_SCENARIO, DSV_ACTION, KEY_CLIENT, KEY_CONFIG, KE
                             record_to_dsvs)
 from common.scenario import Scenario
 from common.atomic import atomic_torch_save
-from server.artifacts import save_safe_artifact
-from server.collect import SafePool, collect_safe_pool
-from server.federate import FederationError, wait_for_nodes
-from server.manifest import fingerprint, record_files
-from server.validate import (DSV_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count,
+from server.store.artifacts import save_safe_artifact
+from server.federation.collect import SafePool, collect_safe_pool
+from server.federation.federate import FederationError, wait_for_nodes
+from server.store.manifest import fingerprint, record_files
+from server.federation.validate import (DSV_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count,
                              check_client_record, check_metric_keys, check_record_names, claimed_partition,
                              shard_plan)
 
@@ -145,7 +145,7 @@ def dsv_per_client(scenario: Scenario, num_clients: int) -> int:
 
 def _screen_dsv_reply(reply: Message, meta: DatasetMeta, ipc: int, plan: ShardPlan | None,
                       claimed: dict[int, int]) -> tuple[int, torch.Tensor, torch.Tensor, dict]:
-    """One DSV reply, checked like every other reply (server/validate.py) before it is decoded."""
+    """One DSV reply, checked like every other reply (server/federation/validate.py) before it is decoded."""
     content = reply.content
     node = reply.metadata.src_node_id
     check_record_names(content, {KEY_DSV}, {KEY_METRICS}, {KEY_CLIENT})
