@@ -54,13 +54,15 @@ from server.check import resolve, write_status
 from server.federation.collect import collect_safe_pool
 from common.evaluate import test_accuracy
 from server.federation.federate import run_federation, wait_for_nodes
-from server.pipeline import PipelineInputs, load_reused, run_pipeline
+from server.pipeline import load_reused, run_pipeline
+from server.sweep.inputs import PipelineInputs
 from common.progress import install_scenario_filter, scenario_fingerprint
 from server.store.manifest import PHASE12_FILES, fingerprint, load_history, record_files, verify_files
 from server.federation.validate import FailureLog, shard_plan
 from server.preflight import check_data_root, check_data_size
 from server.sweep.cells import pool_quota, resumable_federation, write_federation_stamp
 from common.grid import pipc_label
+from server.federation.modes import federate_without_model
 
 __all__ = ["app", "create_server_app", "run_scenario"]
 
@@ -170,8 +172,6 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
             failures.rows = history.pop("failures")
             done = dataclasses.replace(done, **history)
     elif scenario.privacy.mode == "no_model_access":
-        from server.federation.modes import federate_without_model  # clients upload DSVs, never model weights
-
         try:
             nm = federate_without_model(grid, scenario, meta, timings, failures, train_y)
         finally:  # say who failed, also when too few clients answered

@@ -21,8 +21,10 @@ import yaml
 
 from common.grid import pipc_label
 from server.reports.figures import load_run_scenario
-from server.reports.tables import CellResult, aggregate_seeds, format_cell
+from server.reports.tables import aggregate_seeds, format_cell
+from server.sweep.result import CellResult
 from server.sweep.cells import read_cells
+from server.reports.plots import _new_figure, _save
 
 __all__ = ["differing_keys", "compare_runs", "main"]
 
@@ -100,8 +102,6 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
 
 
 def _plot_sweep(key: str, xs: list[float], cells: list[dict[str, CellResult]], columns: list[str], path: Path) -> Path:
-    from server.reports.plots import _new_figure, _save  # the report figures' style (Agg, dpi 150)
-
     fig = _new_figure((6.4, 4.0))
     ax = fig.add_subplot()
     order = sorted(range(len(xs)), key=lambda i: xs[i])

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.threads import apply_thread_policy
-from server.reports.figures import rebuild_all, rebuild_report
+from server.reports.figures import rebuild_report
+from server.reports.run_files import rebuild_all
 
 __all__ = ["main"]
 

@@ -203,7 +203,7 @@ def test_dp_wrap_picks_flower_wrapper() -> None:
     )
 
     from common.scenario import scenario_from_dict
-    from server.federation.modes import dp_summary, dp_wrap
+    from server.federation.dp import dp_summary, dp_wrap
 
     inner = FedAvg()
     off = scenario_from_dict({})

@@ -13,7 +13,8 @@ from common.models import build_model
 from common.scenario import load_scenario, save_resolved
 from server.store.artifacts import save_model_artifact, save_safe_artifact
 from server.federation.collect import pool_subset
-from server.pipeline import PipelineInputs, run_pipeline
+from server.pipeline import run_pipeline
+from server.sweep.inputs import PipelineInputs
 from server.report import main as report_main
 from server.federation.validate import FailureLog
 

@@ -58,7 +58,8 @@ def test_fingerprint_covers_federation_not_distillation() -> None:
 
 def test_nan_in_one_cell_does_not_stop_the_sweep(tmp_path: Path) -> None:
     """theta* with a NaN: the DKKT cell fails at once (its S checkpointed), dm and random_real go on."""
-    from server.pipeline import PipelineInputs, run_grid
+    from server.pipeline import run_grid
+    from server.sweep.inputs import PipelineInputs
 
     meta = get_meta("fashion-mnist")
     s = scenario_from_dict({"name": "nan", "device": "cpu", "output_dir": str(tmp_path), "model": {"width": 8},

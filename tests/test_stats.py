@@ -46,7 +46,8 @@ def test_t_quantiles() -> None:
 
 
 def test_results_markdown_reports_the_paired_difference_over_seeds() -> None:
-    from server.reports.tables import CellResult, results_markdown
+    from server.reports.tables import results_markdown
+    from server.sweep.result import CellResult
 
     cells = [CellResult(method=m, ipc=1, pipc=10, seed=s, accuracies=[a, a], mean=a, std=0.0)
              for s, (d, k) in enumerate([(0.60, 0.63), (0.61, 0.65), (0.62, 0.66)])

@@ -17,7 +17,8 @@ from common.datasets import get_meta
 from common.models import build_model
 from common.scenario import ScenarioError, save_resolved, scenario_from_dict
 from server.federation.collect import pool_subset
-from server.pipeline import PipelineInputs, run_pipeline
+from server.pipeline import run_pipeline
+from server.sweep.inputs import PipelineInputs
 
 META = get_meta("fashion-mnist")
 ROOT = Path(__file__).resolve().parents[1]

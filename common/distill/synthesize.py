@@ -59,6 +59,7 @@ from common.distill.dkkt import (DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCE
                                  stat_at_zero, stationarity_target)
 from common.distill.dm import class_indices, dm_loss, sample_real_batches
 from common.progress import make_progress
+from common.models import build_model
 
 __all__ = [
     "INITS",
@@ -210,8 +211,6 @@ def default_init(ipc: int) -> str:
 
 def make_embed_factory(meta: Any, arch: Mapping[str, Any] | None = None) -> Callable[[torch.Generator], nn.Module]:
     """``embed_factory`` for ``synthesize``: a fresh ConvNet seeded from the generator."""
-    from common.models import build_model
-
     def factory(generator: torch.Generator) -> nn.Module:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         return build_model(meta, arch, seed=seed)

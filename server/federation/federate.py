@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.records import CFG_SCENARIO, KEY_ARRAYS, KEY_CLIENT, record_bytes, record_to_state_dict, state_dict_to_record
 from common.scenario import Scenario
+from server.federation.dp import dp_wrap
 from server.federation.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
                              weight_signature)
 
@@ -199,7 +200,7 @@ def run_federation(
 
     scenario_json = scenario.to_json()
     train_config = ConfigRecord({CFG_SCENARIO: scenario_json, "lr": float(f.lr), "local-epochs": int(f.local_epochs)})
-    from server.federation.modes import dp_wrap  # privacy.dp: Flower's fixed-clipping DP wrapper (no-op when off)
+    # privacy.dp: Flower's fixed-clipping DP wrapper (no-op when off)
 
     outer = dp_wrap(strategy, scenario, n)
     if outer is not strategy:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from common.datasets import federation_train_set, get_meta, normalize
+from common.datasets import get_meta, normalize
 from common.grid import pipc_label
 from common.scenario import Scenario, scenario_from_dict
 from server.store.artifacts import load_safe_artifact, load_synthetic_artifact
@@ -37,9 +37,12 @@ from server.reports.images import save_image_grid
 from server.reports.plots import plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
 from server.reports.tables import aggregate_seeds, write_results
 from server.sweep.cells import read_cells
+from server.federation.validate import FailureLog
+from server.reports.privacy_report import results_note
+import json
+from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
 
-__all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report", "rebuild_run_files",
-           "rebuild_all"]
+__all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report"]
 
 SPECTRUM_METHODS = ("dsv", "dsv_real", "dm", "dkkt_dm", "blend")
 FREQ_CUTOFF = 0.25  # units of Nyquist
@@ -56,20 +59,12 @@ def load_run_scenario(run_dir: str | Path) -> Scenario:
 
 
 def _privacy_note(scenario: Scenario, run_dir: Path) -> str:
-    try:  # the privacy modes' note (server.reports.privacy_report), when that module is present
-        from server.reports.privacy_report import results_note
-    except ImportError:
-        return ""
-    return results_note(scenario, run_dir)
+    return results_note(scenario, run_dir)  # the privacy modes' note (server.reports.privacy_report)
 
 
 def _append_failures(results_md: Path, run_dir: Path) -> None:
     """The 'Client failures' section, as server.federation.validate.FailureLog.write appends it after a run."""
     path = run_dir / "failures.csv"
-    try:
-        from server.federation.validate import FailureLog
-    except ImportError:
-        return
     if not path.is_file():
         return
     with path.open(newline="") as fh:
@@ -87,10 +82,6 @@ def results_title(scenario: Scenario) -> str:
 def _rebuild_traces(run_dir: Path, cells: list, only_stale: bool = False) -> dict[str, Path]:
     """traces/<cell>.csv + .png from each DKKT cell record's loss history (server.sweep.loss_trace's writer,
     as server.sweep.cells uses it). ``only_stale`` (the pipeline): skip a trace newer than its record."""
-    import json
-
-    from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
-
     written: dict[str, Path] = {}
     for c in cells:
         syn = c.files.get("synthetic")
@@ -199,66 +190,4 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
         if rr:
             written["rounds"] = plot_federated_curve([int(r["round"]) for r in rr], [float(r["test_acc"]) for r in rr],
                                                      run_dir / "rounds.png")
-    return written
-
-
-def rebuild_run_files(run_dir: str | Path, audit: bool = True) -> dict[str, Path]:
-    """Rewrite the files phase 5 derives from the federation records and artifacts, not only from the cells.
-
-    From ``global_model.pt`` / ``safe_pool.pt`` (their stored rounds, uploads and client
-    failures, server.store.manifest.load_history), the cells and the dataset's test split:
-    ``rounds.csv``, ``uploads.csv``/``.json``, ``failures.csv``, ``images/safe_pool.png``,
-    ``communication.csv``/``.md``, ``privacy.md`` and, with ``audit``, ``privacy_audit.csv`` +
-    ``privacy/closest_*.png`` (the audit is recomputed: it reloads the training images). The
-    same code as the run (server.pipeline.write_run_files), so the files come out identical.
-    """
-    import torch
-    from flwr.common.logger import log
-    from logging import INFO
-
-    from server.store.artifacts import load_model_artifact
-    from server.store.manifest import load_history
-    from server.pipeline import PipelineInputs, write_run_files
-
-    run_dir = Path(run_dir).resolve()
-    scenario = load_run_scenario(run_dir)
-    if not audit:
-        scenario.privacy.audit = False
-    data = federation_train_set(scenario)  # the test split (and the audit's private bank) as the run saw it
-    meta = data.meta
-    model_file, pool_file = run_dir / "global_model.pt", run_dir / "safe_pool.pt"
-    state = None
-    if model_file.is_file():
-        state = load_model_artifact(model_file, dataset=meta.name).state_dict
-    if pool_file.is_file():
-        pool = load_safe_artifact(pool_file, meta=meta)
-        pool_x, pool_y = pool.x, pool.y
-    else:
-        pool_x = torch.zeros(0, *meta.image_shape, dtype=torch.uint8)
-        pool_y = torch.zeros(0, dtype=torch.int64)
-    history = load_history(run_dir, meta.name) if model_file.is_file() and pool_file.is_file() else {}
-    failures = history.pop("failures", [])
-    inp = PipelineInputs(scenario=scenario, meta=meta, model_state=state, pool_x=pool_x, pool_y=pool_y,
-                         test_x=data.test_x, test_y=data.test_y, run_dir=run_dir, device=torch.device("cpu"),
-                         **history)
-    del data
-    log(INFO, "report: rebuilding the run files of %s (audit %s)", run_dir, "on" if scenario.privacy.audit else "off")
-    write_run_files(inp, read_cells(run_dir, scenario))
-    written = {"rounds": run_dir / "rounds.csv", "communication": run_dir / "communication.md",
-               "privacy": run_dir / "privacy.md"}
-    if failures or (run_dir / "failures.csv").is_file() or history:
-        from server.federation.validate import FailureLog
-
-        written["failures"] = FailureLog(rows=failures).write(run_dir)
-    if len(pool_y):
-        written["safe_pool_grid"] = run_dir / "images" / "safe_pool.png"
-    if scenario.privacy.audit:
-        written["privacy_audit"] = run_dir / "privacy_audit.csv"
-    return {k: v for k, v in written.items() if v is not None and v.exists()}
-
-
-def rebuild_all(run_dir: str | Path, audit: bool = True) -> dict[str, Path]:
-    """Every file a run writes, except the artifacts, cells and timings.json: run files, then tables + figures."""
-    written = rebuild_run_files(run_dir, audit=audit)
-    written.update(rebuild_report(run_dir))
     return written

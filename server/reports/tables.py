@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,9 @@ from rich.table import Table
 
 from common.grid import PIPC_ALL, pipc_label
 from server.reports.stats import paired_markdown
+from server.sweep.result import CellResult
 
 __all__ = [
-    "CellResult",
     "format_cell",
     "results_markdown",
     "write_results",
@@ -36,21 +35,6 @@ __all__ = [
     "print_summary",
     "aggregate_seeds",
 ]
-
-
-@dataclass
-class CellResult:
-    method: str
-    ipc: int
-    pipc: int
-    accuracies: list[float]  # one per evaluation model, in [0, 1]
-    mean: float
-    std: float
-    distill_s: float = 0.0
-    eval_s: float = 0.0
-    files: dict[str, str] = field(default_factory=dict)  # artifact kind -> path
-    seed: int = 0  # distillation + evaluation seed of this cell (distill.seeds)
-    skipped: str = ""  # non-empty: the cell could not run, and why (no accuracies then)
 
 
 def format_cell(mean: float, std: float) -> str:

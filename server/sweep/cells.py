@@ -44,13 +44,13 @@ from server.store.artifacts import load_synthetic_artifact, save_synthetic_artif
 from server.federation.collect import pool_subset
 from common.distill.synthesize import DistillationError, SyntheticSet, synthesize
 from server.sweep.faults import record_failed_cell
-from server.store.manifest import MANIFEST, ManifestError, read_manifest, record_files, verify_files
+from server.store.manifest import MANIFEST, ManifestError, federation_stamp, read_manifest, record_files, verify_files
 from common.evaluate import evaluate_synthetic
-from server.reports.tables import CellResult
+from server.sweep.result import CellResult
 
 __all__ = [
     "CELLS_DIR", "CellSpec", "CellRecordError", "seeds_of", "cell_specs", "tensor_digest", "run_cells", "read_cells",
-    "federation_stamp", "write_federation_stamp", "resumable_federation", "pool_quota",
+    "write_federation_stamp", "resumable_federation", "pool_quota",
 ]
 
 CELLS_DIR = "cells"
@@ -389,14 +389,6 @@ def pool_quota(scenario: Scenario, train_y: torch.Tensor, num_classes: int) -> t
 
 
 _STAMP = "federation.json"
-
-
-def federation_stamp(s: Scenario) -> dict:
-    """Everything that decides theta* and T': the scenario minus the grid and where/how it runs."""
-    d = s.to_dict()
-    for key in ("distill", "evaluation", "name", "output_dir", "reuse_artifacts", "device"):
-        d.pop(key, None)
-    return _plain({**d, "pool_pipc": s.pool_pipc})
 
 
 def write_federation_stamp(s: Scenario) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 from flwr.common.logger import log
 
 from common.grid import pipc_label
-from server.reports.tables import CellResult
+from server.sweep.result import CellResult
 
 __all__ = ["record_failed_cell"]
 
