@@ -18,6 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from common.dataset_meta import get_meta  # torch-free: server.check never loads torch
 from common.grid import PIPC_ALL, normalize_pipc, static_skip_reason
 from common.methods import METHODS, NO_MODEL_METHODS  # the method registry
 
@@ -628,8 +629,6 @@ WARN_AFTER_S = 24 * 3600.0
 
 def estimate_resources(s: Scenario) -> dict[str, float]:
     """Rough peak bytes of the server's phases and CPU seconds of the grid (see check_resources)."""
-    from common.datasets import get_meta  # torch: scenario loading and server.check stay torch-free
-
     meta = get_meta(s.data.dataset)
     k, img = meta.num_classes, meta.channels * meta.height * meta.width
     w, d = s.model.width, s.model.depth
