@@ -79,7 +79,7 @@ def _load_inputs(run: Path) -> dict[str, Any]:
     return {
         "scenario": scenario, "meta": meta, "arch": art.arch,
         "model": build_model_from_artifact(art, meta).eval(),
-        "init_model": build_model(meta, art.arch, seed=scenario.seed),  # theta_0 of FedAvg (server/app.py)
+        "init_model": build_model(meta, art.arch, seed=scenario.seed),  # theta_0 of FedAvg (server/run.py)
         "safe_x": normalize(safe.x, meta), "safe_y": safe.y,
         "test_x": normalize(data.test_x, meta), "test_y": data.test_y.to(torch.int64),
     }

@@ -79,7 +79,7 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
         model.eval()
     dcfg, ecfg = distill_config(s), eval_config(s)
     embed_factory = make_embed_factory(meta, arch)
-    # theta_0: FedAvg's starting point (server/app.py), the stationarity target's reference.
+    # theta_0: FedAvg's starting point (server/run.py), the stationarity target's reference.
     init_model = build_model(meta, arch, seed=s.seed)
     # The evaluation network is the scenario's (evaluation.width/depth), the same for every
     # method, whatever architecture theta* has.

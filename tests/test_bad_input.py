@@ -76,7 +76,7 @@ def test_min_clients_above_num_clients() -> None:
 
 
 def test_missing_data_folder_stops_before_federation(tmp_path: Path) -> None:
-    from server.app import run_scenario
+    from server.run import run_scenario
 
     s = scenario_from_dict({"data": {"root": str(tmp_path / "nope")}, "output_dir": str(tmp_path / "run")})
     # grid=None: the check must fire before anything talks to the federation

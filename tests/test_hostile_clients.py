@@ -133,7 +133,7 @@ def _run(tmp: Path, name: str, kind: str) -> tuple[Path, RecordingGrid]:
     from flwr.simulation import run_simulation
 
     from common.scenario import scenario_from_dict
-    from server.app import run_scenario
+    from server.run import run_scenario
 
     scenario = scenario_from_dict(_values(tmp, name, kind))
     holder: dict[str, RecordingGrid] = {}

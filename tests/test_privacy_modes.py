@@ -64,7 +64,7 @@ def _simulate(tmp_path: Path, values: dict) -> tuple[Path, RecordingGrid]:
 
     from common.scenario import load_scenario
     from edge_client.app import app as client_app
-    from server.app import run_scenario
+    from server.run import run_scenario
 
     file = tmp_path / f"{values['name']}.yaml"
     file.write_text(yaml.safe_dump(values))

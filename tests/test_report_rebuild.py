@@ -57,7 +57,7 @@ def _tiny_run(run_dir: Path) -> Path:
                                 test_x=data.test_x, test_y=data.test_y, run_dir=run_dir, device=torch.device("cpu"),
                                 rounds=rounds, weight_uploads=weight_uploads, safe_uploads=safe_uploads),
                  progress=False)
-    FailureLog(rows=failures).write(run_dir)  # as server.app does after the pipeline
+    FailureLog(rows=failures).write(run_dir)  # as server.run does after the pipeline
     return run_dir
 
 
