@@ -13,8 +13,8 @@ Reads only: ``scenario.resolved.yaml`` (the grid and the dataset), ``cells/*.jso
 - ``rounds.png``: the federated learning curve from ``rounds.csv``;
 - ``traces/<cell>.csv`` + ``.png``: the loss-term traces of each DKKT cell (server.sweep.loss_trace).
 
-``rebuild_run_files`` / ``rebuild_all`` also rewrite what phase 5 derives from the artifacts and
-records (``python -m server.report``).
+``server.reports.run_files.rebuild_all`` (``python -m server.report``) also rewrites what phase 5
+derives from the artifacts and records.
 
 results.md is a pure function of the cell records, so a rebuild reproduces it byte for byte.
 """
@@ -22,6 +22,7 @@ results.md is a pure function of the cell records, so a rebuild reproduces it by
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -39,7 +40,6 @@ from server.reports.tables import aggregate_seeds, write_results
 from server.sweep.cells import read_cells
 from server.federation.validate import FailureLog
 from server.reports.privacy_report import results_note
-import json
 from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
 
 __all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report"]
@@ -56,10 +56,6 @@ def load_run_scenario(run_dir: str | Path) -> Scenario:
     values = yaml.safe_load(path.read_text()) or {}
     values.pop("output_dir", None)  # the folder may have moved; it is given explicitly
     return scenario_from_dict(values, source=str(path))
-
-
-def _privacy_note(scenario: Scenario, run_dir: Path) -> str:
-    return results_note(scenario, run_dir)  # the privacy modes' note (server.reports.privacy_report)
 
 
 def _append_failures(results_md: Path, run_dir: Path) -> None:
@@ -115,7 +111,7 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
     if not cells:
         raise FileNotFoundError(f"{run_dir / 'cells'} holds no cell records of this scenario's grid: nothing to report")
     written.update({f"results_{k}": v for k, v in write_results(cells, run_dir, title=results_title(scenario)).items()})
-    note = _privacy_note(scenario, run_dir)
+    note = results_note(scenario, run_dir)  # the privacy modes' note (server.reports.privacy_report)
     if note:
         written["results_md"].write_text(written["results_md"].read_text() + note)
     _append_failures(written["results_md"], run_dir)

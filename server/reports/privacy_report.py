@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from logging import INFO
@@ -42,7 +43,6 @@ from server.reports.tables import upload_summary
 from server.sweep.result import CellResult
 from server.reports.audit import AuditReference, save_closest_pairs_grid
 from server.store.artifacts import load_synthetic_artifact
-import json
 from server.federation.dp import dp_summary
 
 __all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank"]
