@@ -40,6 +40,7 @@ from common.datasets import federation_train_set, normalize
 from common.models import build_model
 from common.records import image_keys
 from server.reports.tables import upload_summary
+from server.sweep.inputs import PipelineInputs
 from server.sweep.result import CellResult
 from server.reports.audit import AuditReference, save_closest_pairs_grid
 from server.store.artifacts import load_synthetic_artifact
@@ -136,7 +137,7 @@ def _private_labels(scenario: Any, index: torch.Tensor) -> torch.Tensor:
     return federation_train_set(scenario).train_y[index].to(torch.int64)
 
 
-def _run_audit(inp: Any, cells: Sequence[CellResult]) -> tuple[list[dict], float]:
+def _run_audit(inp: PipelineInputs, cells: Sequence[CellResult]) -> tuple[list[dict], float]:
     s, meta, run_dir = inp.scenario, inp.meta, Path(inp.run_dir)
     t0 = time.perf_counter()
     # the pool this run actually used (collected, or reused after its manifest check), keyed by content
@@ -194,7 +195,7 @@ def results_note(s: Any, run_dir: Path) -> str:
         f"{dp['noise_multiplier']}" if dp else "DP off") + " (privacy.md).\n"
 
 
-def write_privacy_reports(inp: Any, cells: Sequence[CellResult]) -> dict[str, Path]:
+def write_privacy_reports(inp: PipelineInputs, cells: Sequence[CellResult]) -> dict[str, Path]:
     """communication.*, privacy_audit.csv (+ PNGs) and privacy.md for a finished grid (see module doc)."""
     s, run_dir = inp.scenario, Path(inp.run_dir)
     mode = s.privacy.mode
