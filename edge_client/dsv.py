@@ -38,12 +38,10 @@ def dsv_seed(seed: int, partition_id: int) -> int:
 def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, ipc: int, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ipc DSVs per class from ``model`` (DKKT only, noise init): (x float32 CPU, y int64, info)."""
-    from common.distill.synthesize import DistillConfig, synthesize  # the engine, no Flower inside
+    from common.distill.synthesize import synthesize  # the engine, no Flower inside
 
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
-    cfg = DistillConfig(**{k: v for k, v in dataclasses.asdict(scenario.distill).items() if k in names})
-    cfg.iterations = int(scenario.privacy.dsv_iterations)
-    cfg.checkpoint_every = 0
+    # the scenario's distill section IS the engine's DistillConfig (common/config.py)
+    cfg = dataclasses.replace(scenario.distill, iterations=int(scenario.privacy.dsv_iterations), checkpoint_every=0)
     # alpha by the pipc rule would depend on a pool the client does not have: use the pipc-10 value
     # unless the scenario fixes alpha (the client's own data is its "pool").
     # theta_0: the client's local model starts from the scenario-seeded ConvNet (edge_client/app.py),

@@ -38,14 +38,13 @@ from common.models import build_model
 from common.scenario import Scenario, load_scenario, save_resolved
 from common.grid import PIPC_ALL, pipc_label
 from server.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
-from common.distill.synthesize import DistillConfig, make_embed_factory
-from common.evaluate import EvalConfig
+from common.distill.synthesize import make_embed_factory
 from server.images import save_image_grid
 from server.figures import rebuild_report
 from server.report import CellResult, print_summary, upload_summary, write_rounds, write_timings, write_uploads
 from server.sweep import run_cells
 
-__all__ = ["PipelineInputs", "distill_config", "eval_config", "run_grid", "run_pipeline", "write_run_files",
+__all__ = ["PipelineInputs", "run_grid", "run_pipeline", "write_run_files",
            "load_reused", "main"]
 
 
@@ -68,20 +67,6 @@ class PipelineInputs:
     dsv_uploads: list[dict] = field(default_factory=list)
 
 
-def _section_to(cls: type, section: object) -> object:
-    """Copy the scenario section's fields that ``cls`` knows (names match by contract)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dataclasses.asdict(section).items() if k in names})
-
-
-def distill_config(scenario: Scenario) -> DistillConfig:
-    return _section_to(DistillConfig, scenario.distill)  # type: ignore[return-value]
-
-
-def eval_config(scenario: Scenario) -> EvalConfig:
-    return _section_to(EvalConfig, scenario.evaluation)  # type: ignore[return-value]
-
-
 def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
     """Distill and evaluate every (pipc, ipc, seed, method) cell of the scenario (server.sweep)."""
     s, meta = inp.scenario, inp.meta
@@ -92,7 +77,7 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
         model = build_model(meta, arch)
         model.load_state_dict(inp.model_state)
         model.eval()
-    dcfg, ecfg = distill_config(s), eval_config(s)
+    dcfg, ecfg = s.distill, s.evaluation  # the sections are the engine's configs (common/config.py)
     embed_factory = make_embed_factory(meta, arch)
     # theta_0: FedAvg's starting point (server/app.py), the stationarity target's reference.
     init_model = build_model(meta, arch, seed=s.seed)
