@@ -268,7 +268,8 @@ class DistillConfig:
     iterations: int = knob(1000, "optimisation steps per distillation cell (paper: 20000)", ge=0, limit=10_000_000)
     lr_img: float = knob(1.0, "learning rate of the synthetic images (SGD)", gt=0)
     momentum_img: float = knob(0.5, "momentum of the image optimiser", ge=0, lt=1)
-    lr_lambda: float = knob(0.05, "Adam lr of log lambda (lambda_param log) or lambda (clamp)", gt=0)
+    lr_lambda: float = knob(0.05, "lr of the multipliers' optimizer: of log lambda (lambda_param log) or lambda "
+                             "(clamp)", gt=0)
     alpha: float | None = knob(None, "None: appendix A rule by pipc (0.1 / 0.01 / 0.001)", ge=0)
     gamma: float | None = knob(None, "None: appendix A rule by ipc (0.01 for ipc 50, else 0.001)", ge=0)
     init: str = knob("auto", "auto (noise for ipc 1, real otherwise) | noise | real", choices=INITS)
