@@ -393,8 +393,12 @@ def add_arguments(group: Any, cls: type, prefix: str = "") -> None:
                                help=text)
 
 
-def from_arguments(cls: type, args: argparse.Namespace, prefix: str = "", **extra: Any) -> Any:
-    """``cls`` from the flags ``add_arguments(…, cls, prefix)`` added (``extra`` overrides fields)."""
+def from_arguments(cls: type, args: argparse.Namespace, prefix: str = "", section: str | None = None) -> Any:
+    """``cls`` from the flags ``add_arguments(…, cls, prefix)`` added. With ``section`` (the scenario's name
+    for it: distill, evaluation) it is checked, errors naming the scenario key ('distill.lr_img')."""
     dest = prefix.replace("-", "_")
     values = {f.name: getattr(args, f"{dest}{f.name}") for f in engine_fields(cls) if hasattr(args, f"{dest}{f.name}")}
-    return cls(**{**values, **extra})
+    obj = cls(**values)
+    if section is not None:
+        check_tree(obj, section, f"flags (--{prefix}<key> sets {section}.<key>)")
+    return obj

@@ -177,6 +177,9 @@ def validate(s: Scenario) -> Scenario:
     Each field's own rules (type, choices, bounds, typo limits) come from its knob (common/config.py);
     what follows are the rules that involve more than one field or only hold for a scenario."""
     src = s.source
+    if type(s.distill.iterations) is int and s.distill.iterations < 1:
+        # the engine takes 0 (it returns the start); a scenario of 0-step cells is a typo
+        raise fail(src, "distill.iterations", f"must be > 0, got {s.distill.iterations!r}")
     check_tree(s, "", src)
     if not (s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda")):
         raise fail(src, "device", f"is {s.device!r}; use auto, cpu, cuda or cuda:N")
@@ -184,8 +187,6 @@ def validate(s: Scenario) -> Scenario:
         raise fail(src, "name", f"must be a non-empty name without '/', got {s.name!r}")
     if len(set(s.distill.methods)) != len(s.distill.methods):
         raise fail(src, "distill.methods", f"lists a method twice: {s.distill.methods}")
-    if s.distill.iterations == 0:  # the engine takes 0 (returns the start); a sweep of 0-step cells is a typo
-        raise fail(src, "distill.iterations", "must be > 0, got 0")
     if s.privacy.mode == "model" and s.federation.rounds < 1:
         raise ScenarioError(f"{src}: key 'federation.rounds' must be >= 1 (0 rounds would distill from an "
                             "untrained model), got 0")

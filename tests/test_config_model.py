@@ -156,3 +156,13 @@ def test_check_names_a_bad_run_config_value() -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "--run-config overrides 'distill.log_every=0': key 'distill.log_every' must be >= 1, got 0" in out.stderr
+
+
+def test_cli_bad_flag_names_the_scenario_key(tmp_path: Path, capsys) -> None:
+    from server.distill.__main__ import main
+
+    rc = main(["--dataset", "fashion-mnist", "--method", "dsv", "--ipc", "1", "--out", str(tmp_path),
+               "--momentum-img", "2", "--eval-epochs", "0"])
+    assert rc == 2
+    assert "key 'distill.momentum_img' must be in [0, 1), got 2.0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any work

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         d = load_synthetic_artifact(args.dsv, meta=meta)
         dsv_x, dsv_y = d.x, d.y
 
-    cfg = from_arguments(DistillConfig, args).validate()
+    cfg = from_arguments(DistillConfig, args, section="distill")
     init_model = None
     ms = spec(args.method)
     needs_kkt = ms.needs_model or (ms.uses_dsvs and dsv_x is None)
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         splits = load_dataset(meta.name, root=args.data_root, download=args.download)
         if args.test_limit:
             splits = splits.limit(test_limit=args.test_limit, seed=args.seed)
-        ecfg = from_arguments(EvalConfig, args, prefix="eval-").validate()
+        ecfg = from_arguments(EvalConfig, args, prefix="eval-", section="evaluation")
         res = evaluate_synthetic(
             syn.x, syn.y, normalize(splits.test_x, meta), splits.test_y,
             lambda s: build_model(meta, {"width": ecfg.width, "depth": ecfg.depth}, seed=s), ecfg,
