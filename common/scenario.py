@@ -18,14 +18,9 @@ from typing import Any
 
 import yaml
 
-from common.config import (MAX_IPC, SEED_MAX, ConfigError, DistillConfig, EvalConfig, build, check_tree, fail,
-                           knob)
+from common.config import ConfigError, DistillConfig, EvalConfig, build, check_tree, fail, knob
 from common.grid import normalize_pipc, static_skip_reason
 from common.methods import NO_MODEL_METHODS  # the method registry
-
-__all__ = ["Scenario", "ScenarioError", "load_scenario", "scenario_from_dict", "save_resolved", "validate",
-           "resolve_from_run_config", "overrides_from_run_config", "check_resources", "estimate_resources",
-           "MAX_IPC", "SEED_MAX"]
 
 APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = "scenarios/quickstart.yaml"
