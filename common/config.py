@@ -189,7 +189,8 @@ def _check_value(value: Any, meta: Any, key: str, source: str | None) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         gt, ge, lt = meta.get("gt"), meta.get("ge"), meta.get("lt")
         if lt is not None and not ((ge is None or value >= ge) and value < lt):
-            raise fail(source, key, f"must be in [{ge:g}, {lt:g}), got {value}")
+            raise fail(source, key, f"must be in [{ge:g}, {lt:g}), got {value}" if ge is not None else
+                       f"must be < {lt:g}, got {value!r}")
         if gt is not None and not value > gt:
             raise fail(source, key, f"must be > {gt:g}, got {value!r}")
         if ge is not None and not value >= ge:
