@@ -1,6 +1,6 @@
 """One config model (common/config.py): the scenario's sections are the engine's configs.
 
-The fixtures under tests/data/ were written by the code BEFORE the sections and the engine's
+The fixtures under tests/data/ were written by the code of main 37952bd, just BEFORE the sections and the engine's
 configs became one model (scenario.py's DistillSection/EvalSection copied by name into the engine's
 DistillConfig/EvalConfig by server.pipeline._section_to; the offline CLI's hand-written flags). These
 tests prove that every bundled scenario and the CLI still resolve to the same engine settings.

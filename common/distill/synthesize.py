@@ -41,6 +41,7 @@ pipc: if T' holds more than ``pipc`` images of a class, only the first ``pipc`` 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 import warnings
@@ -54,6 +55,7 @@ from torch import Tensor, nn
 from common.augment import sample_dsa_params
 from common.config import INITS, DistillConfig, default_alpha, default_gamma, default_init
 from common.methods import REGISTRY, spec
+from common.models import build_model
 from common.perf import tune_cpu_allocator
 from common.atomic import atomic_torch_save
 from common.distill.dkkt import dkkt_loss, lambda_scale, stat_at_zero, stationarity_target
@@ -82,6 +84,9 @@ class DistillationError(RuntimeError):
         self.terms = terms
         self.checkpoint = checkpoint
 
+    def __reduce__(self) -> tuple:  # survives pickling, e.g. back from a sweep worker process (server/cell_pool.py)
+        return (type(self), (str(self), self.iteration, self.terms, self.checkpoint))
+
 
 @dataclass
 class SyntheticSet:
@@ -92,15 +97,15 @@ class SyntheticSet:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _embed_net(meta: Any, arch: Mapping[str, Any] | None, generator: torch.Generator) -> nn.Module:
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return build_model(meta, arch, seed=seed)
+
+
 def make_embed_factory(meta: Any, arch: Mapping[str, Any] | None = None) -> Callable[[torch.Generator], nn.Module]:
-    """``embed_factory`` for ``synthesize``: a fresh ConvNet seeded from the generator."""
-    from common.models import build_model
-
-    def factory(generator: torch.Generator) -> nn.Module:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        return build_model(meta, arch, seed=seed)
-
-    return factory
+    """``embed_factory`` for ``synthesize``: a fresh ConvNet seeded from the generator (picklable,
+    so a sweep worker process can take it)."""
+    return functools.partial(_embed_net, meta, dict(arch) if arch is not None else None)
 
 
 # --------------------------------------------------------------------------- safe pool
