@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common.augment import DSA_STRATEGY, parse_strategy
+from common.config import EvalConfig
 from common.perf import tune_cpu_allocator
 from common.progress import make_progress
 from common.evaluate_parallel import can_train_in_parallel, train_models_parallel
@@ -48,56 +48,6 @@ __all__ = [
     "test_accuracy",
     "train_model",
 ]
-
-OPTIMIZERS: tuple[str, ...] = ("sam", "sgd")
-
-
-@dataclass
-class EvalConfig:
-    optimizer: str = "sam"  # "sam" | "sgd"
-    epochs: int = 300
-    lr: float | None = None  # None: 0.1 for sam, 0.01 for sgd
-    rho: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 256
-    dsa: bool = True
-    num_models: int = 3
-    lr_decay_at_half: bool = True
-    dsa_strategy: str = DSA_STRATEGY  # optional addition
-    # Train the num_models networks in lockstep with torch.func.vmap (same results up to
-    # float rounding). Off: on the CPU it measured 0.5-0.9x the sequential speed (bench/README.md).
-    parallel_models: bool = False
-
-    @property
-    def resolved_lr(self) -> float:
-        if self.lr is not None:
-            return float(self.lr)
-        return 0.1 if self.optimizer == "sam" else 0.01
-
-    def validate(self) -> "EvalConfig":
-        def bad(key: str, want: str) -> ValueError:
-            return ValueError(f"EvalConfig.{key} must be {want}, got {getattr(self, key)!r}")
-
-        if self.optimizer not in OPTIMIZERS:
-            raise bad("optimizer", f"one of {list(OPTIMIZERS)}")
-        for key in ("epochs", "batch_size", "num_models"):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(key, "an int >= 1")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise bad("lr", "None or a finite number > 0")
-        if not self.rho >= 0:
-            raise bad("rho", ">= 0")
-        if not 0 <= self.momentum < 1:
-            raise bad("momentum", "in [0, 1)")
-        if not self.weight_decay >= 0:
-            raise bad("weight_decay", ">= 0")
-        parse_strategy(self.dsa_strategy)
-        if not isinstance(self.parallel_models, bool):
-            raise bad("parallel_models", "a bool")
-        return self
-
 
 @dataclass
 class EvalResult:

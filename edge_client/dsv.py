@@ -27,7 +27,7 @@ from common.datasets import DatasetMeta
 from common.models import build_model
 from common.records import check_dsvs
 from common.scenario import Scenario
-from common.distill.synthesize import DistillConfig, synthesize
+from common.distill.synthesize import synthesize
 
 __all__ = ["extract_dsvs", "dsv_seed", "dp_clipping_mod", "local_epochs"]
 
@@ -40,10 +40,8 @@ def dsv_seed(seed: int, partition_id: int) -> int:
 def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, ipc: int, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ipc DSVs per class from ``model`` (DKKT only, noise init): (x float32 CPU, y int64, info)."""
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
-    cfg = DistillConfig(**{k: v for k, v in dataclasses.asdict(scenario.distill).items() if k in names})
-    cfg.iterations = int(scenario.privacy.dsv_iterations)
-    cfg.checkpoint_every = 0
+    # the scenario's distill section IS the engine's DistillConfig (common/config.py)
+    cfg = dataclasses.replace(scenario.distill, iterations=int(scenario.privacy.dsv_iterations), checkpoint_every=0)
     # alpha by the pipc rule would depend on a pool the client does not have: use the pipc-10 value
     # unless the scenario fixes alpha (the client's own data is its "pool").
     # theta_0: the client's local model starts from the scenario-seeded ConvNet (edge_client/app.py),

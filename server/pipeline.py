@@ -38,8 +38,7 @@ from common.models import build_model
 from common.scenario import Scenario, load_scenario, save_resolved
 from common.grid import PIPC_ALL
 from server.store.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
-from common.distill.synthesize import DistillConfig, make_embed_factory
-from common.evaluate import EvalConfig
+from common.distill.synthesize import make_embed_factory
 from server.reports.figures import rebuild_report
 from server.reports.run_files import write_run_files
 from server.reports.tables import print_summary, upload_summary, write_timings
@@ -50,22 +49,10 @@ from server.store.manifest import PHASE12_FILES, verify_files
 from common.threads import apply_thread_policy
 from server.preflight import check_data_root
 
-__all__ = ["PipelineInputs", "distill_config", "eval_config", "run_grid", "run_pipeline", "write_run_files",
+__all__ = ["PipelineInputs", "run_grid", "run_pipeline", "write_run_files",
            "load_reused", "main"]
 
 
-def _section_to(cls: type, section: object) -> object:
-    """Copy the scenario section's fields that ``cls`` knows (names match by contract)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dataclasses.asdict(section).items() if k in names})
-
-
-def distill_config(scenario: Scenario) -> DistillConfig:
-    return _section_to(DistillConfig, scenario.distill)  # type: ignore[return-value]
-
-
-def eval_config(scenario: Scenario) -> EvalConfig:
-    return _section_to(EvalConfig, scenario.evaluation)  # type: ignore[return-value]
 
 
 def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
@@ -78,7 +65,7 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
         model = build_model(meta, arch)
         model.load_state_dict(inp.model_state)
         model.eval()
-    dcfg, ecfg = distill_config(s), eval_config(s)
+    dcfg, ecfg = s.distill, s.evaluation  # the sections are the engine's configs (common/config.py)
     embed_factory = make_embed_factory(meta, arch)
     # theta_0: FedAvg's starting point (server/run.py), the stationarity target's reference.
     init_model = build_model(meta, arch, seed=s.seed)

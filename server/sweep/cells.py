@@ -57,9 +57,7 @@ __all__ = [
 
 CELLS_DIR = "cells"
 FORMAT = 1
-# Appendix A: alpha 0.001 for pipc 'all' (synthesize's own rule sees only the pool size).
-ALPHA_ALL = 0.001
-# DistillConfig fields that do not change a cell's result (excluded from the resume guard).
+# DistillConfig knobs that do not change a cell's result (excluded from the resume guard).
 _NOT_RESULT_KEYS = ("checkpoint_every",)
 
 
@@ -286,7 +284,7 @@ def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[
     if client_dsvs is not None:
         state = list(client_dsvs.x)
     base_digest = {"model": tensor_digest(*state), "test": tensor_digest(inp.test_x, inp.test_y)}
-    distill_dict = {k: v for k, v in dataclasses.asdict(dcfg).items() if k not in _NOT_RESULT_KEYS}
+    distill_dict = {k: v for k, v in dcfg.engine_dict().items() if k not in _NOT_RESULT_KEYS}
     order = {spec: i for i, spec in enumerate(cell_specs(s))}
     done: dict[CellSpec, CellResult] = {}  # finished (read back, skipped, failed or computed), by spec
     configs: dict[CellSpec, dict] = {}
@@ -304,9 +302,10 @@ def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[
             counts = torch.bincount(safe_y, minlength=meta.num_classes)
             min_count = int(counts.min()) if len(counts) else 0
             pool_digest = tensor_digest(sub_x, safe_y)
-        # synthesize wants the real pool size; 'all' keeps appendix A's alpha through ALPHA_ALL.
+        # synthesize wants the real pool size; 'all' keeps appendix A's alpha for 'all' (alpha_for(PIPC_ALL)).
         eff_pipc = min_count if pipc == PIPC_ALL else pipc
-        cell_dcfg = dcfg if (pipc != PIPC_ALL or dcfg.alpha is not None) else dataclasses.replace(dcfg, alpha=ALPHA_ALL)
+        cell_dcfg = dcfg if (pipc != PIPC_ALL or dcfg.alpha is not None) else \
+            dataclasses.replace(dcfg, alpha=dcfg.alpha_for(PIPC_ALL))
         pools[pipc] = PoolInputs(safe_x=safe_x, safe_y=safe_y, eff_pipc=eff_pipc, dcfg=cell_dcfg)
         for ipc in s.distill.ipc:
             for seed in seeds_of(s):
@@ -316,8 +315,7 @@ def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[
                     spec = CellSpec(method, ipc, pipc, seed)
                     json_path, pt_path = cells_dir / f"{spec.name}.json", cells_dir / f"{spec.name}.pt"
                     config = {"distill": {**distill_dict, "alpha": cell_dcfg.alpha},
-                              "evaluation": {**dataclasses.asdict(ecfg), "width": s.evaluation.width,
-                                             "depth": s.evaluation.depth},
+                              "evaluation": dataclasses.asdict(ecfg),  # incl. width/depth of the evaluation net
                               "model": dataclasses.asdict(s.model),
                               "dataset": meta.name, "inputs": {**base_digest, "pool": pool_digest}}
                     if uses_dsvs(method):
