@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.config import DSA_OPS, DSA_STRATEGY, parse_strategy  # the vocabulary is config; the ops are here
+
 __all__ = [
     "DSA_STRATEGY",
     "DSA_OPS",
@@ -47,15 +49,7 @@ __all__ = [
     "dsa",
 ]
 
-DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
-
-# Groups the reference's AUGMENT_FNS knows, plus the individual color ops
-# (handy for ablations; the reference strategy never produces them).
-DSA_OPS: tuple[str, ...] = (
-    "color", "crop", "cutout", "flip", "scale", "rotate",
-    "brightness", "saturation", "contrast",
-)
-_NONE = "none"
+_NONE = "none"  # the op of "no augmentation"
 
 
 @dataclass(frozen=True)
@@ -83,25 +77,6 @@ class DSAParams:
     op: str
     seed: int
     siamese: bool = False
-
-
-def parse_strategy(strategy: str) -> tuple[str, ...]:
-    """Split an '_'-separated strategy into ops; ValueError for unknown ops.
-
-    "" / "none" mean no augmentation and return ``()``.
-    """
-    if not isinstance(strategy, str):
-        raise ValueError(f"strategy must be a string, got {strategy!r}")
-    s = strategy.strip().lower()
-    if s in ("", _NONE):
-        return ()
-    ops = tuple(p for p in s.split("_") if p)
-    bad = [p for p in ops if p not in DSA_OPS]
-    if bad or not ops:
-        raise ValueError(
-            f"unknown DSA op(s) {bad} in strategy {strategy!r}; valid ops: {list(DSA_OPS)}"
-        )
-    return ops
 
 
 def sample_dsa_params(generator: torch.Generator, strategy: str = DSA_STRATEGY,

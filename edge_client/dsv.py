@@ -21,11 +21,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.datasets import DatasetMeta
 from common.models import build_model
 from common.records import check_dsvs
 from common.scenario import Scenario
+from common.distill.synthesize import synthesize
 
 __all__ = ["extract_dsvs", "dsv_seed", "dp_clipping_mod", "local_epochs"]
 
@@ -38,12 +40,8 @@ def dsv_seed(seed: int, partition_id: int) -> int:
 def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, ipc: int, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ipc DSVs per class from ``model`` (DKKT only, noise init): (x float32 CPU, y int64, info)."""
-    from common.distill.synthesize import DistillConfig, synthesize  # the engine, no Flower inside
-
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
-    cfg = DistillConfig(**{k: v for k, v in dataclasses.asdict(scenario.distill).items() if k in names})
-    cfg.iterations = int(scenario.privacy.dsv_iterations)
-    cfg.checkpoint_every = 0
+    # the scenario's distill section IS the engine's DistillConfig (common/config.py)
+    cfg = dataclasses.replace(scenario.distill, iterations=int(scenario.privacy.dsv_iterations), checkpoint_every=0)
     # alpha by the pipc rule would depend on a pool the client does not have: use the pipc-10 value
     # unless the scenario fixes alpha (the client's own data is its "pool").
     # theta_0: the client's local model starts from the scenario-seeded ConvNet (edge_client/app.py),
@@ -61,8 +59,6 @@ def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, 
 
 def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Flower's ``fixedclipping_mod`` when the server asked for client-side clipping, else a no-op."""
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
     configs = list(msg.content.config_records.values())
     if any(KEY_CLIPPING_NORM in c for c in configs):
         return fixedclipping_mod(msg, ctxt, call_next)

@@ -13,7 +13,7 @@ its start and DM weight); this module asks it.
   instead of real/noise images: the no-model-access mode's second way to combine them.
 - ``random_real``: ipc random safe images per class. ``safe_all``: all of T' (pipc per class).
 
-Defaults from the paper's appendix A, each overridable in ``DistillConfig``:
+Defaults from the paper's appendix A (resolved in ``common/config.py``), each overridable in ``DistillConfig``:
 alpha = 0.1 / 0.01 / 0.001 for pipc <= 10 / <= 50 / more (``default_alpha``);
 gamma = 0.01 for ipc >= 50, else 0.001 (``default_gamma``); init noise for ipc 1, real
 safe images otherwise (``default_init``). With ``init="auto"``, ``dm`` starts from real
@@ -26,7 +26,7 @@ that compare methods set one optimizer for all). lambda = exp(rho) with its own 
 (lr_lambda), see common/distill/dkkt.py for the formulation and its evidence. Every
 ``log_every`` iterations the loss history records each term, L_stat / D(target, 0),
 lambda's min / mean / max / count at 0 and each weighted term's share of the image
-gradient (server/loss_trace.py draws them).
+gradient (server/sweep/loss_trace.py draws them).
 Every iteration draws a fresh random embedding network psi (``embed_factory``), a real
 batch of up to ``real_batch`` safe images per class and one DSA draw per class (shared
 by the real and synthetic images of that class), all from one CPU ``torch.Generator``
@@ -45,20 +45,20 @@ import functools
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from common.augment import DSA_STRATEGY, parse_strategy, sample_dsa_params
+from common.augment import sample_dsa_params
+from common.config import INITS, DistillConfig, default_alpha, default_gamma, default_init
 from common.methods import REGISTRY, spec
 from common.models import build_model
 from common.perf import tune_cpu_allocator
 from common.atomic import atomic_torch_save
-from common.distill.dkkt import (AUG_PASSES, DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss, lambda_scale,
-                                 stat_at_zero, stationarity_target)
+from common.distill.dkkt import dkkt_loss, lambda_scale, stat_at_zero, stationarity_target
 from common.distill.dm import class_indices, dm_loss, sample_real_batches
 from common.progress import make_progress
 
@@ -75,9 +75,6 @@ __all__ = [
     "total_loss",
 ]
 
-INITS: tuple[str, ...] = ("auto", "noise", "real")
-
-
 class DistillationError(RuntimeError):
     """A loss term or gradient became NaN/Inf; ``iteration`` and ``terms`` say where."""
 
@@ -87,114 +84,8 @@ class DistillationError(RuntimeError):
         self.terms = terms
         self.checkpoint = checkpoint
 
-    def __reduce__(self) -> tuple:  # survives pickling, e.g. back from a sweep worker process (server/cell_pool.py)
+    def __reduce__(self) -> tuple:  # survives pickling, e.g. back from a sweep worker process (server/sweep/cell_pool.py)
         return (type(self), (str(self), self.iteration, self.terms, self.checkpoint))
-
-
-@dataclass
-class DistillConfig:
-    iterations: int = 1000
-    lr_img: float = 1.0
-    momentum_img: float = 0.5
-    lr_lambda: float = 0.05
-    alpha: float | None = None  # None -> default_alpha(pipc)
-    gamma: float | None = None  # None -> default_gamma(ipc)
-    init: str = "auto"  # "auto" | "noise" | "real"
-    real_batch: int = 256
-    dsa: bool = True
-    dsa_strategy: str = DSA_STRATEGY
-    time_budget_s: float | None = None
-    checkpoint_every: int = 0
-    log_every: int = 10
-    # --- optional additions (not in docs/API.md); defaults follow the DSV paper ---
-    stat_distance: str = "cosine"  # D of L_stat: "l1" | "l2" | "cosine" (see common/distill/dkkt.py)
-    primal: str = "ce"  # "ce" (Eq. 3) | "hinge" (DSV Eq. 7)
-    aug_weight: float = DEFAULT_AUG_WEIGHT  # eta of DSV's manifold (augmentation) term
-    lambda_init: float = 1.0  # initial lambda (times the least-squares scale when lambda_autoscale)
-    lambda_optimizer: str = "adam"  # "adam" | "sgd"
-    lambda_param: str = "log"  # "log": lambda = exp(rho) > 0 | "clamp": lambda itself, projected onto >= 0
-    lambda_autoscale: bool = False  # start lambda at the scale where -sum lambda_i grad L_i reaches theta*
-    stat_relative: bool = False  # divide L_stat by D(theta*, 0), so alpha weighs a number in [0, ~1]
-    stat_target: str = "update"  # "update": theta* - theta_0 (needs init_model) | "theta": Eq. 3's theta*
-    # Image optimizer, the SAME for every method by default so that a method comparison differs in
-    # the loss only: "adam" = Adam(lr_img_adam); "sgd" = SGD(lr_img, momentum_img) (DM reference);
-    # "auto" = the first landing's rule (sgd for dm, adam for the DKKT methods), which confounds
-    # loss and optimizer. Why Adam: the paper names no image optimizer; with SGD(lr 1.0) the
-    # gamma = 0.001 DM term barely moves noise-initialised images. Measured (docs/core-result.md,
-    # Fashion-MNIST, ipc 1, pipc 10, 300 iterations, 3 seeds x 5 SGD-evaluated models): dm is the
-    # same with either optimizer, dkkt_dm gains ~5 points with Adam.
-    img_optimizer: str = "adam"
-    lr_img_adam: float = 0.1
-    # Most images per psi forward in the DM term (classes packed, never split; 1 = the reference's
-    # per-class loop; 0 = all classes in one forward). 256: small pools (pipc 10: 100 real images)
-    # still go in one forward, large ones class by class. Measured on the full Fashion-MNIST pool
-    # (bench/dm_full_pool.py, real batch 256, 2 cores): all classes in one forward took 2.7-3.6x the
-    # reference loop's time and 2.2x its peak memory; one class per forward 0.96-1.11x, same memory.
-    dm_max_batch: int = 256
-    # DKKT speed-ups that APPROXIMATE the loss (both off by default: exact DSV / Eq. 4; measured in
-    # bench/README.md). aug_passes "sample": per iteration ONE of the clean / augmented DKKT passes,
-    # the augmented one with probability aug_weight / (1 + aug_weight): an unbiased estimate of
-    # the two-pass loss at half the DKKT cost. stat_candidates m > 0: the stationarity sum over m
-    # random candidates per iteration (scaled by N / m), the primal over all.
-    aug_passes: str = "both"  # "both" | "sample"
-    stat_candidates: int = 0  # 0 = every candidate
-
-    def validate(self) -> "DistillConfig":
-        def bad(key: str, want: str) -> ValueError:
-            return ValueError(f"DistillConfig.{key} must be {want}, got {getattr(self, key)!r}")
-
-        if not isinstance(self.iterations, int) or self.iterations < 0:
-            raise bad("iterations", "an int >= 0")
-        for key in ("lr_img", "lr_lambda"):
-            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
-                raise bad(key, "a finite number > 0")
-        if not 0 <= self.momentum_img < 1:
-            raise bad("momentum_img", "in [0, 1)")
-        for key in ("alpha", "gamma"):
-            v = getattr(self, key)
-            if v is not None and not (v >= 0 and math.isfinite(v)):
-                raise bad(key, "None or a finite number >= 0")
-        if self.init not in INITS:
-            raise bad("init", f"one of {list(INITS)}")
-        if not isinstance(self.real_batch, int) or self.real_batch < 1:
-            raise bad("real_batch", "an int >= 1")
-        parse_strategy(self.dsa_strategy)
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise bad("time_budget_s", "None or > 0")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise bad("checkpoint_every", "an int >= 0")
-        if not isinstance(self.log_every, int) or self.log_every < 1:
-            raise bad("log_every", "an int >= 1")
-        if self.stat_distance not in STAT_DISTANCES:
-            raise bad("stat_distance", f"one of {list(STAT_DISTANCES)}")
-        if self.primal not in PRIMAL_MODES:
-            raise bad("primal", f"one of {list(PRIMAL_MODES)}")
-        if not self.aug_weight >= 0:
-            raise bad("aug_weight", ">= 0")
-        if not self.lambda_init >= 0:
-            raise bad("lambda_init", ">= 0")
-        if self.stat_target not in ("theta", "update"):
-            raise bad("stat_target", "'theta' or 'update'")
-        if self.lambda_param not in ("clamp", "log"):
-            raise bad("lambda_param", "'clamp' or 'log'")
-        if not isinstance(self.lambda_autoscale, bool) or not isinstance(self.stat_relative, bool):
-            raise ValueError("DistillConfig.lambda_autoscale and stat_relative must be bools")
-        if self.lambda_param == "log" and not self.lambda_init > 0:
-            raise bad("lambda_init", "> 0 when lambda_param is 'log'")
-        if self.lambda_optimizer not in ("adam", "sgd"):
-            raise bad("lambda_optimizer", "'adam' or 'sgd'")
-        if self.img_optimizer not in ("auto", "sgd", "adam"):
-            raise bad("img_optimizer", "'auto', 'sgd' or 'adam'")
-        if not (self.lr_img_adam > 0 and math.isfinite(self.lr_img_adam)):
-            raise bad("lr_img_adam", "a finite number > 0")
-        if isinstance(self.dm_max_batch, bool) or not isinstance(self.dm_max_batch, int) or self.dm_max_batch < 0:
-            raise bad("dm_max_batch", "an int >= 0 (0 = all classes in one forward)")
-        if self.aug_passes not in AUG_PASSES:
-            raise bad("aug_passes", f"one of {list(AUG_PASSES)}")
-        if isinstance(self.stat_candidates, bool) or not isinstance(self.stat_candidates, int) \
-                or self.stat_candidates < 0:
-            raise bad("stat_candidates", "an int >= 0 (0 = every candidate)")
-        return self
 
 
 @dataclass
@@ -204,25 +95,6 @@ class SyntheticSet:
     method: str
     ipc: int
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def default_alpha(pipc: int) -> float:
-    """Appendix A: 0.1 / 0.01 / 0.001 for pipc 10 / 50 / all (pipc <= 10, <= 50, more)."""
-    if pipc <= 10:
-        return 0.1
-    if pipc <= 50:
-        return 0.01
-    return 0.001
-
-
-def default_gamma(ipc: int) -> float:
-    """Appendix A: 0.01 for ipc 50, 0.001 otherwise (we use 0.01 for every ipc >= 50)."""
-    return 0.01 if ipc >= 50 else 0.001
-
-
-def default_init(ipc: int) -> str:
-    """Appendix A: noise for ipc 1, real safe images for ipc >= 3 (and for ipc 2)."""
-    return "noise" if ipc <= 1 else "real"
 
 
 def _embed_net(meta: Any, arch: Mapping[str, Any] | None, generator: torch.Generator) -> nn.Module:
@@ -370,7 +242,7 @@ def synthesize(
     pool = None
     if safe_x is not None and safe_y is not None and ms.needs_safe:
         pool = _SafePool.build(safe_x, safe_y, num_classes, image_shape, pipc, device, norm=safe_normalize)
-    base_info: dict[str, Any] = {"seed": int(seed), "pipc": pipc, "config": asdict(config),
+    base_info: dict[str, Any] = {"seed": int(seed), "pipc": pipc, "config": config.engine_dict(),
                                  "safe_per_class": pool.counts if pool else []}
 
     if method == "safe_all":
@@ -530,8 +402,7 @@ class _Run:
         ms = REGISTRY[method]
         use_dkkt = "stat" in ms.terms
         use_dm = "dm" in ms.terms
-        alpha = cfg.alpha if cfg.alpha is not None else default_alpha(self.pipc)
-        gamma = cfg.gamma if cfg.gamma is not None else default_gamma(ipc)
+        alpha, gamma = cfg.alpha_for(self.pipc), cfg.gamma_for(ipc)
         dm_weight = 1.0 if ms.dm_weight == "one" else gamma
         if use_dm:
             assert self.pool is not None and self.embed_factory is not None

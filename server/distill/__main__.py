@@ -5,7 +5,7 @@
         --out runs/offline [--data-root DIR] [--device auto] [--seed 0]
 
 MODEL.pt: ``{"state_dict", "arch", "dataset"}``; SAFE.pt: ``{"x": uint8 N×C×H×W,
-"y": int64 N, "dataset"}`` (see ``server/artifacts.py``). Writes into ``--out``:
+"y": int64 N, "dataset"}`` (see ``server/store/artifacts.py``). Writes into ``--out``:
 ``synthetic_<method>_ipc<k>_pipc<p>.pt`` (+ ``.png`` grid) and appends one row to
 ``results.json`` (a list) and ``results.csv``. ``--eval-epochs 0`` skips evaluation.
 Exit status: 0 ok, 1 distillation diverged (NaN/Inf), 2 bad arguments or input files.
@@ -25,7 +25,20 @@ from typing import Any, Sequence
 import torch
 
 from common.methods import METHODS, spec
-from common.distill.synthesize import DistillationError, DistillConfig, synthesize
+from common.config import DistillConfig, EvalConfig, add_arguments, from_arguments
+from common.distill.synthesize import DistillationError, synthesize
+from common.scenario import load_scenario
+from common.datasets import get_meta, load_dataset, normalize
+from common.device import pick_device
+from common.models import build_model
+from server.store.artifacts import (
+    build_model_from_artifact, load_model_artifact, load_safe_artifact,
+    load_synthetic_artifact, save_synthetic_artifact,
+    )
+from common.distill.synthesize import make_embed_factory
+from common.evaluate import evaluate_synthetic
+from server.reports.images import save_image_grid
+from common.threads import apply_thread_policy
 
 RESULT_COLUMNS = (
     "timestamp", "dataset", "method", "ipc", "pipc", "seed", "iterations", "iterations_done",
@@ -44,9 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
     p.add_argument("--pipc", type=int, default=None,
                    help="safe images per class to use (default: all in SAFE.pt; 0 without --safe)")
-    p.add_argument("--iterations", type=int, default=1000)
-    p.add_argument("--eval-epochs", type=int, default=300, help="0 skips evaluation")
-    p.add_argument("--num-models", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data-root", default=None, help="folder with the dataset files (test split)")
     p.add_argument("--download", action="store_true", help="allow a torchvision download of the dataset")
@@ -56,38 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsv", type=Path, default=None, help="blend: synthetic_dsv_*.pt with pre-extracted DSVs")
     p.add_argument("--width", type=int, default=None, help="ConvNet width when no --model is given")
     p.add_argument("--depth", type=int, default=None, help="ConvNet depth when no --model is given")
-    g = p.add_argument_group("distillation (DistillConfig)")
-    g.add_argument("--lr-img", type=float, default=1.0)
-    g.add_argument("--momentum-img", type=float, default=0.5)
-    g.add_argument("--lr-lambda", type=float, default=0.05)
-    g.add_argument("--img-optimizer", choices=("adam", "sgd", "auto"), default="adam",
-                   help="adam: Adam(--lr-img-adam), sgd: SGD(--lr-img, --momentum-img), for every method; "
-                        "auto: SGD for dm, Adam for dsv/dsv_real/dkkt_dm (confounds loss and optimizer)")
-    g.add_argument("--lr-img-adam", type=float, default=0.1)
-    g.add_argument("--alpha", type=float, default=None, help="default: appendix A rule by pipc")
-    g.add_argument("--gamma", type=float, default=None, help="default: appendix A rule by ipc")
-    g.add_argument("--init", choices=("auto", "noise", "real"), default="auto")
-    g.add_argument("--real-batch", type=int, default=256)
-    g.add_argument("--no-dsa", action="store_true", help="no DSA in distillation")
-    g.add_argument("--time-budget", type=float, default=None, help="seconds; stop early")
-    g.add_argument("--checkpoint-every", type=int, default=0)
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--stat-distance", choices=("l1", "l2", "cosine"), default="cosine")
-    g.add_argument("--primal", choices=("ce", "hinge"), default="ce")
-    g.add_argument("--aug-weight", type=float, default=5.0)
-    g.add_argument("--stat-target", choices=("update", "theta"), default="update",
-                   help="update: theta* - theta_0 (theta_0 = ConvNet seeded with --init-seed); theta: theta*")
-    g.add_argument("--init-seed", type=int, default=None,
-                   help="seed of theta_0, the network FedAvg started from (default: 'seed' of the "
-                        "scenario.resolved.yaml beside --model)")
-    g.add_argument("--lambda-param", choices=("log", "clamp"), default="log")
-    e = p.add_argument_group("evaluation (EvalConfig)")
-    e.add_argument("--eval-optimizer", choices=("sam", "sgd"), default="sam")
-    e.add_argument("--eval-lr", type=float, default=None)
-    e.add_argument("--eval-batch-size", type=int, default=256)
-    e.add_argument("--no-eval-dsa", action="store_true")
-    e.add_argument("--eval-width", type=int, default=128, help="evaluation ConvNet width (every method alike)")
-    e.add_argument("--eval-depth", type=int, default=3)
+    p.add_argument("--init-seed", type=int, default=None,
+                   help="seed of theta_0, the network FedAvg started from (--stat-target update; default: 'seed' "
+                        "of the scenario.resolved.yaml beside --model)")
+    # Generated from the config model (common/config.py): --<field> for each DistillConfig knob, --eval-<field>
+    # for each EvalConfig one, with the field's type, default and help; older names (--time-budget,
+    # --num-models) are kept as aliases. --no-dsa / --no-eval-dsa come from the boolean fields.
+    add_arguments(p.add_argument_group("distillation (DistillConfig, scenario section distill)"), DistillConfig)
+    add_arguments(p.add_argument_group("evaluation (EvalConfig, scenario section evaluation; --eval-epochs 0 "
+                                       "skips evaluation)"), EvalConfig, prefix="eval-")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -110,8 +97,6 @@ def _init_seed(args: argparse.Namespace) -> int:
         return int(args.init_seed)
     resolved = Path(args.model).with_name("scenario.resolved.yaml")
     if resolved.is_file():
-        from common.scenario import load_scenario
-
         return int(load_scenario(resolved).seed)
     raise ValueError(f"--stat-target update needs theta_0's seed: pass --init-seed (the scenario seed of the run "
                      f"that trained {args.model}), or --stat-target theta")
@@ -146,17 +131,6 @@ def append_results(out_dir: Path, row: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from common.datasets import get_meta, load_dataset, normalize
-    from common.device import pick_device
-    from common.models import build_model
-    from server.artifacts import (
-        build_model_from_artifact, load_model_artifact, load_safe_artifact,
-        load_synthetic_artifact, save_synthetic_artifact,
-    )
-    from common.distill.synthesize import make_embed_factory
-    from common.evaluate import EvalConfig, evaluate_synthetic
-    from server.images import save_image_grid
-
     meta = get_meta(args.dataset)
     device = pick_device(args.device)
     model = None
@@ -180,15 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         d = load_synthetic_artifact(args.dsv, meta=meta)
         dsv_x, dsv_y = d.x, d.y
 
-    cfg = DistillConfig(
-        iterations=args.iterations, lr_img=args.lr_img, momentum_img=args.momentum_img,
-        lr_lambda=args.lr_lambda, img_optimizer=args.img_optimizer, lr_img_adam=args.lr_img_adam,
-        alpha=args.alpha, gamma=args.gamma, init=args.init,
-        real_batch=args.real_batch, dsa=not args.no_dsa, time_budget_s=args.time_budget,
-        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        stat_distance=args.stat_distance, primal=args.primal, aug_weight=args.aug_weight,
-        stat_target=args.stat_target, lambda_param=args.lambda_param,
-    )
+    cfg = from_arguments(DistillConfig, args, section="distill")
     init_model = None
     ms = spec(args.method)
     needs_kkt = ms.needs_model or (ms.uses_dsvs and dsv_x is None)
@@ -213,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "iterations_done": syn.info.get("iterations_done"), "stopped_reason": syn.info.get("stopped_reason"),
         "alpha": syn.info.get("alpha"), "gamma": syn.info.get("gamma"), "init": syn.info.get("init"),
         "distill_wall_s": round(float(syn.info.get("wall_s", 0.0)), 3), "device": str(device),
-        "synthetic": str(syn_path), "eval_epochs": args.eval_epochs, "num_models": args.num_models,
+        "synthetic": str(syn_path), "eval_epochs": args.eval_epochs, "num_models": args.eval_num_models,
         "eval_optimizer": args.eval_optimizer, "acc_mean": None, "acc_std": None, "accuracies": None,
         "eval_wall_s": None,
     }
@@ -221,11 +187,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         splits = load_dataset(meta.name, root=args.data_root, download=args.download)
         if args.test_limit:
             splits = splits.limit(test_limit=args.test_limit, seed=args.seed)
-        ecfg = EvalConfig(optimizer=args.eval_optimizer, epochs=args.eval_epochs, lr=args.eval_lr,
-                          batch_size=args.eval_batch_size, dsa=not args.no_eval_dsa, num_models=args.num_models)
+        ecfg = from_arguments(EvalConfig, args, prefix="eval-", section="evaluation")
         res = evaluate_synthetic(
             syn.x, syn.y, normalize(splits.test_x, meta), splits.test_y,
-            lambda s: build_model(meta, {"width": args.eval_width, "depth": args.eval_depth}, seed=s), ecfg,
+            lambda s: build_model(meta, {"width": ecfg.width, "depth": ecfg.depth}, seed=s), ecfg,
             seed=args.seed, device=device,
             progress=not args.no_progress,
         )
@@ -237,8 +202,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from common.threads import apply_thread_policy
-
     apply_thread_policy("server")  # an entry point: the ServerApp's thread policy (common/threads.py)
     try:
         row = run(args)

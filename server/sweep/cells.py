@@ -3,7 +3,7 @@
 A scenario's grid is ``distill.pipc x distill.ipc x distill.seeds x distill.methods``. The
 federated phases run once; every cell reuses theta* and the safe pool T' (a cell with pipc p
 distills from the first p images per class of T', so smaller pools are nested subsets of
-larger ones, ``server.collect.pool_subset``).
+larger ones, ``server.federation.collect.pool_subset``).
 
 Each finished cell is written to ``<run>/cells/<method>_ipc<k>_pipc<p>_seed<s>``: first the
 synthetic set (``.pt``), then the record (``.json``, written via a temp file + rename, so a
@@ -39,27 +39,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.datasets import normalize
 from common.grid import PIPC_ALL, pipc_label, real_init_methods, static_skip_reason
 from common.scenario import Scenario
-from server.loss_trace import has_dkkt_trace, write_cell_trace
-from server.artifacts import load_synthetic_artifact, save_synthetic_artifact
-from server.collect import pool_subset
+from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
+from server.store.artifacts import load_synthetic_artifact, save_synthetic_artifact
+from server.federation.collect import pool_subset
 from common.distill.synthesize import DistillConfig, SyntheticSet
 from common.methods import uses_dsvs
-from server.faults import record_failed_cell
-from server.manifest import MANIFEST, ManifestError, read_manifest, record_files, verify_files
+from server.sweep.faults import record_failed_cell
+from server.store.manifest import MANIFEST, ManifestError, federation_stamp, read_manifest, record_files, verify_files
 from common.evaluate import EvalConfig
-from server.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
-from server.report import CellResult
+from server.sweep.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
+from server.sweep.result import CellResult
 
 __all__ = [
     "CELLS_DIR", "CellSpec", "CellRecordError", "seeds_of", "cell_specs", "tensor_digest", "run_cells", "read_cells",
-    "federation_stamp", "write_federation_stamp", "resumable_federation", "pool_quota",
+    "write_federation_stamp", "resumable_federation", "pool_quota",
 ]
 
 CELLS_DIR = "cells"
 FORMAT = 1
-# Appendix A: alpha 0.001 for pipc 'all' (synthesize's own rule sees only the pool size).
-ALPHA_ALL = 0.001
-# DistillConfig fields that do not change a cell's result (excluded from the resume guard).
+# DistillConfig knobs that do not change a cell's result (excluded from the resume guard).
 _NOT_RESULT_KEYS = ("checkpoint_every",)
 
 
@@ -137,7 +135,7 @@ class _CellResult(BaseModel):
 
 
 class _CellRecord(BaseModel):
-    """The schema of cells/<cell>.json (written by :func:`run_cells` / server.faults)."""
+    """The schema of cells/<cell>.json (written by :func:`run_cells` / server.sweep.faults)."""
 
     model_config = ConfigDict(extra="allow")
     format: int = FORMAT
@@ -275,18 +273,18 @@ def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[
     """Distill + evaluate every cell of ``inp.scenario`` (a ``server.pipeline.PipelineInputs``), resuming.
 
     This process plans (skip, resume) and writes every record; the cells to compute run in
-    ``distill.workers`` processes (server/cell_pool.py). The factories must be picklable when
+    ``distill.workers`` processes (server/sweep/cell_pool.py). The factories must be picklable when
     more than one worker runs (``common.models.ModelFactory``, ``make_embed_factory``).
     """
     s, meta, dev, run_dir = inp.scenario, inp.meta, inp.device, Path(inp.run_dir)
     cells_dir = run_dir / CELLS_DIR
     cells_dir.mkdir(parents=True, exist_ok=True)
     state = list(inp.model_state.values()) if inp.model_state is not None else []
-    client_dsvs = getattr(inp, "client_dsvs", None)  # privacy.mode no_model_access (server.modes): no theta*
+    client_dsvs = getattr(inp, "client_dsvs", None)  # privacy.mode no_model_access (server.federation.modes): no theta*
     if client_dsvs is not None:
         state = list(client_dsvs.x)
     base_digest = {"model": tensor_digest(*state), "test": tensor_digest(inp.test_x, inp.test_y)}
-    distill_dict = {k: v for k, v in dataclasses.asdict(dcfg).items() if k not in _NOT_RESULT_KEYS}
+    distill_dict = {k: v for k, v in dcfg.engine_dict().items() if k not in _NOT_RESULT_KEYS}
     order = {spec: i for i, spec in enumerate(cell_specs(s))}
     done: dict[CellSpec, CellResult] = {}  # finished (read back, skipped, failed or computed), by spec
     configs: dict[CellSpec, dict] = {}
@@ -304,9 +302,10 @@ def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[
             counts = torch.bincount(safe_y, minlength=meta.num_classes)
             min_count = int(counts.min()) if len(counts) else 0
             pool_digest = tensor_digest(sub_x, safe_y)
-        # synthesize wants the real pool size; 'all' keeps appendix A's alpha through ALPHA_ALL.
+        # synthesize wants the real pool size; 'all' keeps appendix A's alpha for 'all' (alpha_for(PIPC_ALL)).
         eff_pipc = min_count if pipc == PIPC_ALL else pipc
-        cell_dcfg = dcfg if (pipc != PIPC_ALL or dcfg.alpha is not None) else dataclasses.replace(dcfg, alpha=ALPHA_ALL)
+        cell_dcfg = dcfg if (pipc != PIPC_ALL or dcfg.alpha is not None) else \
+            dataclasses.replace(dcfg, alpha=dcfg.alpha_for(PIPC_ALL))
         pools[pipc] = PoolInputs(safe_x=safe_x, safe_y=safe_y, eff_pipc=eff_pipc, dcfg=cell_dcfg)
         for ipc in s.distill.ipc:
             for seed in seeds_of(s):
@@ -316,8 +315,7 @@ def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[
                     spec = CellSpec(method, ipc, pipc, seed)
                     json_path, pt_path = cells_dir / f"{spec.name}.json", cells_dir / f"{spec.name}.pt"
                     config = {"distill": {**distill_dict, "alpha": cell_dcfg.alpha},
-                              "evaluation": {**dataclasses.asdict(ecfg), "width": s.evaluation.width,
-                                             "depth": s.evaluation.depth},
+                              "evaluation": dataclasses.asdict(ecfg),  # incl. width/depth of the evaluation net
                               "model": dataclasses.asdict(s.model),
                               "dataset": meta.name, "inputs": {**base_digest, "pool": pool_digest}}
                     if uses_dsvs(method):
@@ -359,7 +357,7 @@ def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[
         group = (spec.pipc, spec.ipc, spec.seed)
         if uses_dsvs(spec.method) and group in computed_dsv:  # the input it took, known once the dsv ran
             config = configs[spec] = _plain({**config, "inputs": {**config["inputs"], "dsv": computed_dsv[group]}})
-        if out.error is not None:  # NaN/Inf in this cell: record it, go on (server/faults.py)
+        if out.error is not None:  # NaN/Inf in this cell: record it, go on (server/sweep/faults.py)
             done[spec] = record_failed_cell(spec, out.error, run_dir, config, CELLS_DIR, FORMAT)
             _record_cell_files(run_dir, spec, with_set=False)
             return
@@ -416,14 +414,6 @@ def pool_quota(scenario: Scenario, train_y: torch.Tensor, num_classes: int) -> t
 
 
 _STAMP = "federation.json"
-
-
-def federation_stamp(s: Scenario) -> dict:
-    """Everything that decides theta* and T': the scenario minus the grid and where/how it runs."""
-    d = s.to_dict()
-    for key in ("distill", "evaluation", "name", "output_dir", "reuse_artifacts", "device"):
-        d.pop(key, None)
-    return _plain({**d, "pool_pipc": s.pool_pipc})
 
 
 def write_federation_stamp(s: Scenario) -> Path:
