@@ -148,7 +148,8 @@ class TreeSampler(threading.Thread):
         self.peak_tree_kib = max(self.peak_tree_kib, sum(table[p][1] for p in pids))
         self.max_procs = max(self.max_procs, len(pids))
         for p in pids:
-            self.hwm[p] = (max(self.hwm.get(p, (0, ""))[0], table[p][2]), table[p][3])
+            hwm, cmd = self.hwm.get(p, (0, ""))
+            self.hwm[p] = (max(hwm, table[p][2]), table[p][3] or cmd)  # an exiting process has no cmdline
 
     def run(self) -> None:
         while not self._stop_evt.is_set():
