@@ -13,9 +13,10 @@ more clients each hold less):
 Every configuration runs in processes of its own, started here and stopped by process group
 id (their own sessions), also on failure or Ctrl-C. Reported per configuration, one JSON line:
 
-- ``phases_s``: the run folder's ``timings.json`` (federate, collect, distill+evaluate,
-  audit, report; written by the ServerApp), plus ``other`` = wall time minus their sum
-  (engine start-up, data loading before phase 1, shut-down);
+- ``timings_s``: the run folder's ``timings.json`` as the ServerApp wrote it; ``phases_s``:
+  the same made disjoint (federate, collect, distill+evaluate, audit, report_rest = report
+  minus the audit inside it) plus ``other`` = wall time minus their sum (engine start-up,
+  data loading before phase 1, shut-down);
 - ``peak_rss_server_mib``: the ServerApp's process (simulation: the driver process, which
   runs the ServerApp in a thread; deployment: ``flwr-serverapp``), its own high-water mark
   (``VmHWM``);
@@ -58,7 +59,7 @@ from typing import Any, Iterable, Mapping, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "scenarios" / "quickstart.yaml"
 KIND = "clients_scaling"
-PHASES = ("federate", "collect", "distill+evaluate", "audit", "report", "other")
+PHASES = ("federate", "collect", "distill+evaluate", "audit", "report_rest", "other")
 EXTRAPOLATE_TO = 1000
 
 # What does not scale with the clients, cut the same for every configuration (dotted scenario keys).
@@ -73,24 +74,39 @@ BUDGET: dict[str, Any] = {
 QUICK: dict[str, Any] = {"federation.rounds": 1, "distill.iterations": 2, "evaluation.epochs": 1,
                          "data.train_limit": 1000, "data.test_limit": 200, "privacy.audit_reference": 50}
 
-__all__ = ["BUDGET", "PHASES", "read_phases", "fit_power_law", "markdown_table", "plot", "main"]
+__all__ = ["BUDGET", "PHASES", "read_timings", "split_phases", "read_phases", "fit_power_law", "markdown_table", "plot", "main"]
 
 
 # ---------------------------------------------------------------- reading a run folder
 
-def read_phases(run_dir: Path, wall_s: float | None = None) -> dict[str, float] | None:
-    """Seconds per phase from ``run_dir/timings.json`` (None when the run wrote none), with
-    ``other`` = ``wall_s`` minus the phases' sum when ``wall_s`` is given."""
+def read_timings(run_dir: Path) -> dict[str, float] | None:
+    """``run_dir/timings.json`` as written by the ServerApp (None when the run wrote none)."""
     path = Path(run_dir) / "timings.json"
     if not path.is_file():
         return None
     raw = json.loads(path.read_text())
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected an object of phase -> seconds, got {type(raw).__name__}")
-    phases = {str(k): float(v) for k, v in raw.items()}
+    return {str(k): float(v) for k, v in raw.items()}
+
+
+def split_phases(timings: Mapping[str, float], wall_s: float | None = None) -> dict[str, float]:
+    """Disjoint phases from timings.json: ``report`` there includes ``audit`` (server/pipeline.py
+    times the whole phase 5, server/privacy_report.py the audit inside it), so ``report_rest`` is
+    report minus audit; ``other`` = ``wall_s`` minus the phases (engine start-up, data loading
+    before phase 1, shut-down)."""
+    phases = dict(timings)
+    if "report" in phases:
+        phases["report_rest"] = max(0.0, phases.pop("report") - phases.get("audit", 0.0))
     if wall_s is not None:
         phases["other"] = max(0.0, wall_s - sum(phases.values()))
     return {k: round(v, 3) for k, v in phases.items()}
+
+
+def read_phases(run_dir: Path, wall_s: float | None = None) -> dict[str, float] | None:
+    """Disjoint seconds per phase of a run folder (:func:`split_phases` of its timings.json)."""
+    timings = read_timings(run_dir)
+    return None if timings is None else split_phases(timings, wall_s)
 
 
 # ---------------------------------------------------------------- memory of a process tree
@@ -288,6 +304,7 @@ def run_simulation_config(clients: int, work: Path, quick: bool, timeout_s: floa
     rec["peak_rss_client_mib"] = sampler.peak_mib("ray::", "default_worker.py", exclude=[proc.pid])
     rec["processes_max"] = sampler.max_procs
     rec["top_processes_mib"] = sampler.top()
+    rec["timings_s"] = read_timings(run_dir)
     rec["phases_s"] = read_phases(run_dir, wall)
     rec["log"] = str(log)
     return rec
@@ -386,6 +403,7 @@ def run_deployment_config(nodes: int, work: Path, quick: bool, timeout_s: float)
     rec["peak_rss_client_mib"] = sampler.peak_mib("flwr-clientapp")
     rec["processes_max"] = sampler.max_procs
     rec["top_processes_mib"] = sampler.top()
+    rec["timings_s"] = read_timings(run_dir)
     rec["phases_s"] = read_phases(run_dir, wall)
     rec["log"] = str(logs)
     shutil.rmtree(flwr_home, ignore_errors=True)
@@ -453,6 +471,15 @@ def markdown_table(records: Sequence[Mapping[str, Any]]) -> str:
                       f"n = {EXTRAPOLATE_TO:,} clients (an extrapolation, not a measurement):", "",
                   "| phase | exponent b | t(1,000) s, extrapolated |", "|---|---|---|"]
         lines += [f"| {k} | {v['b']:.2f} | {v['at_n_s']:,.0f} |" for k, v in ext.items()]
+    sim = [r for r in _ok(records, "simulation") if r.get("peak_rss_server_mib")]
+    mem = {key: fit_linear([r["clients"] for r in sim], [r[key] for r in sim])
+           for key in ("peak_rss_server_mib", "peak_rss_tree_mib")} if sim else {}
+    if all(mem.values()) and mem:
+        lines += ["", f"Peak memory, fitted linearly (c + s * n) over the simulation runs and **extrapolated** to "
+                      f"n = {EXTRAPOLATE_TO:,} (an extrapolation):", "",
+                  "| memory | MiB per extra client | at 1,000 clients MiB, extrapolated |", "|---|---|---|"]
+        lines += [f"| {key.replace('peak_rss_', '').replace('_mib', '')} | {s:.2f} | "
+                  f"{c + s * EXTRAPOLATE_TO:,.0f} |" for key, (c, s) in mem.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -494,6 +521,24 @@ def plot(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
+def _rephase(rec: dict[str, Any]) -> dict[str, Any]:
+    """Disjoint phases of a stored record from its raw timings (records written before
+    ``timings_s`` existed hold the raw timings.json in ``phases_s``, plus ``other``)."""
+    raw = rec.get("timings_s") or {k: v for k, v in (rec.get("phases_s") or {}).items() if k != "other"}
+    if raw:
+        rec = {**rec, "timings_s": raw, "phases_s": split_phases(raw, rec.get("wall_s"))}
+    return rec
+
+
+def fit_linear(ns: Sequence[float], ys: Sequence[float]) -> tuple[float, float] | None:
+    """Least-squares y = c + s * n; (c, s), or None with < 2 distinct n."""
+    if len(set(ns)) < 2:
+        return None
+    mx, my = sum(ns) / len(ns), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(ns, ys)) / sum((x - mx) ** 2 for x in ns)
+    return my - slope * mx, slope
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -518,7 +563,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     if args.render:
-        records = [r for r in map(json.loads, Path(args.render).read_text().splitlines()) if r.get("kind") == KIND]
+        records = [_rephase(r) for r in map(json.loads, Path(args.render).read_text().splitlines())
+                   if r.get("kind") == KIND]
     else:
         import platform
 
