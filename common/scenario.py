@@ -42,7 +42,7 @@ LIMITS = {"federation.rounds": 100_000, "federation.local_epochs": 100_000, "dis
           "federation.num_clients": 100_000, "distill.real_batch": 1_000_000, "federation.batch_size": 1_000_000,
           "evaluation.batch_size": 1_000_000, "privacy.dsv_iterations": 10_000_000, "privacy.local_epochs": 100_000,
           "privacy.audit_reference": 10_000_000, "federation.shards_per_client": 100_000,
-          "federation.reply_timeout_s": 7 * 24 * 3600.0}
+          "federation.reply_timeout_s": 7 * 24 * 3600.0, "distill.workers": 1024}
 MAX_IPC = 100_000  # per class; the memory estimate (check_resources) is the real limit
 
 
@@ -121,6 +121,7 @@ class DistillSection:
     lr_img_adam: float = 0.1  # image lr when the image optimizer is Adam
     seeds: list[int] | None = None  # distillation+evaluation seeds of the sweep; None: [seed]
     resume: bool = True  # reuse finished cells (and this folder's theta*/T') whose config matches
+    workers: int = 0  # processes computing cells side by side: 0 = one per core on the CPU, 1 on a GPU (server/cell_pool.py)
 
 
 @dataclass
@@ -370,6 +371,7 @@ def validate(s: Scenario) -> Scenario:
         ("distill.gamma", s.distill.gamma),
         ("distill.checkpoint_every", s.distill.checkpoint_every),
         ("distill.dm_max_batch", s.distill.dm_max_batch),
+        ("distill.workers", s.distill.workers),
         ("evaluation.rho", s.evaluation.rho),
         ("evaluation.momentum", s.evaluation.momentum),
         ("evaluation.weight_decay", s.evaluation.weight_decay),

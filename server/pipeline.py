@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import dataclasses
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -100,8 +101,7 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
     # method, whatever architecture theta* has.
     eval_arch = {"width": s.evaluation.width, "depth": s.evaluation.depth}
 
-    def model_factory(seed: int) -> torch.nn.Module:
-        return build_model(meta, eval_arch, seed=seed)
+    model_factory = functools.partial(build_model, meta, eval_arch)  # seed -> evaluation net; picklable (workers)
 
     # server.sweep: per-cell records under cells/, resume, skipped cells, seeds.
     cells = run_cells(inp, model, embed_factory, dcfg, ecfg, model_factory, progress, init_model=init_model)

@@ -25,10 +25,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -42,10 +42,12 @@ from common.scenario import Scenario
 from server.loss_trace import has_dkkt_trace, write_cell_trace
 from server.artifacts import load_synthetic_artifact, save_synthetic_artifact
 from server.collect import pool_subset
-from common.distill.synthesize import DistillationError, SyntheticSet, synthesize
+from common.distill.synthesize import DistillConfig, SyntheticSet
+from common.methods import uses_dsvs
 from server.faults import record_failed_cell
 from server.manifest import MANIFEST, ManifestError, read_manifest, record_files, verify_files
-from common.evaluate import evaluate_synthetic
+from common.evaluate import EvalConfig
+from server.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
 from server.report import CellResult
 
 __all__ = [
@@ -267,21 +269,31 @@ def _skipped(spec: CellSpec, reason: str, run_dir: Path, config: dict) -> CellRe
                       mean=float("nan"), std=float("nan"), skipped=reason)
 
 
-def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, ecfg: Any,
-              model_factory: Any, progress: bool, init_model: torch.nn.Module | None = None) -> list[CellResult]:
-    """Distill + evaluate every cell of ``inp.scenario`` (a ``server.pipeline.PipelineInputs``), resuming."""
+def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[torch.Generator], torch.nn.Module],
+              dcfg: DistillConfig, ecfg: EvalConfig, model_factory: Callable[[int], torch.nn.Module], progress: bool,
+              init_model: torch.nn.Module | None = None) -> list[CellResult]:
+    """Distill + evaluate every cell of ``inp.scenario`` (a ``server.pipeline.PipelineInputs``), resuming.
+
+    This process plans (skip, resume) and writes every record; the cells to compute run in
+    ``distill.workers`` processes (server/cell_pool.py). The factories must be picklable when
+    more than one worker runs (``common.models.ModelFactory``, ``make_embed_factory``).
+    """
     s, meta, dev, run_dir = inp.scenario, inp.meta, inp.device, Path(inp.run_dir)
     cells_dir = run_dir / CELLS_DIR
     cells_dir.mkdir(parents=True, exist_ok=True)
-    test_x = normalize(inp.test_x, meta)
     state = list(inp.model_state.values()) if inp.model_state is not None else []
     client_dsvs = getattr(inp, "client_dsvs", None)  # privacy.mode no_model_access (server.modes): no theta*
     if client_dsvs is not None:
         state = list(client_dsvs.x)
     base_digest = {"model": tensor_digest(*state), "test": tensor_digest(inp.test_x, inp.test_y)}
     distill_dict = {k: v for k, v in dataclasses.asdict(dcfg).items() if k not in _NOT_RESULT_KEYS}
-    cells: list[CellResult] = []
-    reused = computed = 0
+    order = {spec: i for i, spec in enumerate(cell_specs(s))}
+    done: dict[CellSpec, CellResult] = {}  # finished (read back, skipped, failed or computed), by spec
+    configs: dict[CellSpec, dict] = {}
+    tasks: list[CellTask] = []
+    dsv_by_group: dict[tuple, SyntheticSet | None] = {}  # a resumed dsv cell's set, for blend / dm_from_dsv
+    pools: dict[int, PoolInputs] = {}
+    reused = 0
     for pipc in s.distill.pipc:
         safe_x = safe_y = None
         min_count = 0
@@ -295,9 +307,11 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
         # synthesize wants the real pool size; 'all' keeps appendix A's alpha through ALPHA_ALL.
         eff_pipc = min_count if pipc == PIPC_ALL else pipc
         cell_dcfg = dcfg if (pipc != PIPC_ALL or dcfg.alpha is not None) else dataclasses.replace(dcfg, alpha=ALPHA_ALL)
+        pools[pipc] = PoolInputs(safe_x=safe_x, safe_y=safe_y, eff_pipc=eff_pipc, dcfg=cell_dcfg)
         for ipc in s.distill.ipc:
             for seed in seeds_of(s):
-                dsv_set: SyntheticSet | None = None  # blend reuses this (ipc, pipc, seed)'s DSVs
+                group_dsv: SyntheticSet | None = None  # a resumed dsv of this (pipc, ipc, seed)
+                group_computes_dsv = False
                 for method in s.distill.methods:
                     spec = CellSpec(method, ipc, pipc, seed)
                     json_path, pt_path = cells_dir / f"{spec.name}.json", cells_dir / f"{spec.name}.pt"
@@ -306,69 +320,82 @@ def run_cells(inp: Any, model: torch.nn.Module, embed_factory: Any, dcfg: Any, e
                                              "depth": s.evaluation.depth},
                               "model": dataclasses.asdict(s.model),
                               "dataset": meta.name, "inputs": {**base_digest, "pool": pool_digest}}
-                    if method in ("blend", "dm_from_dsv"):
-                        config["inputs"]["dsv"] = tensor_digest(dsv_set.x) if dsv_set is not None else None
+                    if uses_dsvs(method):
+                        config["inputs"]["dsv"] = None if group_computes_dsv or group_dsv is None \
+                            else tensor_digest(group_dsv.x)
                     config = _plain(config)
+                    configs[spec] = config
                     reason = static_skip_reason(method, ipc, pipc, s.distill.init)
                     if reason is None and pipc == PIPC_ALL and method in real_init_methods(s.distill.init) \
                             and ipc > min_count:
                         reason = f"method '{method}' takes {ipc} real images per class; the 'all' pool has {min_count}"
                     if reason:
-                        cells.append(_skipped(spec, reason, run_dir, config))
+                        done[spec] = _skipped(spec, reason, run_dir, config)
                         continue
-                    cell = _resumable(run_dir, spec, config) if s.distill.resume else None
+                    # a blend whose dsv is recomputed in this run is recomputed too (its input changes)
+                    cell = None if (uses_dsvs(method) and group_computes_dsv) else (
+                        _resumable(run_dir, spec, config) if s.distill.resume else None)
                     if cell is not None:
-                        cells.append(cell)
+                        done[spec] = cell
                         if method == "dsv":
                             art = load_synthetic_artifact(pt_path, dataset=meta.name)
-                            dsv_set = SyntheticSet(x=art.x, y=art.y, method="dsv", ipc=art.ipc, info=art.info)
+                            group_dsv = SyntheticSet(x=art.x, y=art.y, method="dsv", ipc=art.ipc, info=art.info)
                         reused += 1
                         log(INFO, "cell %s: finished earlier, read back from %s", spec.name, json_path)
                         continue
-                    log(INFO, "cell %s: distill + evaluate ...", spec.name)  # the progress lines below lack pipc/seed
-                    t0 = time.perf_counter()
-                    if client_dsvs is not None:  # the clients' uploaded DSVs, combined to ipc per class
-                        dsv_x, dsv_y = client_dsvs.combined(ipc, meta.num_classes)
-                        dsv_set = SyntheticSet(x=dsv_x, y=dsv_y, method="dsv", ipc=ipc,
-                                               info={"source": "client uploads", "combine": client_dsvs.combine})
-                    try:
-                        syn = dsv_set if (method == "dsv" and client_dsvs is not None) else synthesize(
-                            method, ipc=ipc, num_classes=meta.num_classes, image_shape=meta.image_shape,
-                            pipc=eff_pipc, safe_x=safe_x, safe_y=safe_y, model=model, embed_factory=embed_factory,
-                            config=cell_dcfg, seed=seed, device=dev, progress=progress,
-                            # always a path: with checkpoint_every 0 it is only written on a NaN (last good S)
-                            checkpoint_path=cells_dir / f"{spec.name}.ckpt.pt",
-                            dsv_x=dsv_set.x if (method in ("blend", "dm_from_dsv") and dsv_set is not None) else None,
-                            dsv_y=dsv_set.y if (method in ("blend", "dm_from_dsv") and dsv_set is not None) else None,
-                            init_model=init_model,
-                        )
-                    except DistillationError as err:  # NaN/Inf in this cell: record it, go on (server/faults.py)
-                        cells.append(record_failed_cell(spec, err, run_dir, config, CELLS_DIR, FORMAT))
-                        _record_cell_files(run_dir, spec, with_set=False)
-                        continue
                     if method == "dsv":
-                        dsv_set = syn
-                    t1 = time.perf_counter()
-                    res = evaluate_synthetic(syn.x, syn.y, test_x, inp.test_y, model_factory, ecfg, seed=seed,
-                                             device=dev, progress=progress)
-                    t2 = time.perf_counter()
-                    save_synthetic_artifact(pt_path, syn, meta.name, pipc)  # before the record: record => set exists
-                    rec = {"format": FORMAT, "cell": {**dataclasses.asdict(spec), "pipc_label": pipc_label(pipc)},
-                           "config": config, "files": {"synthetic": f"{CELLS_DIR}/{pt_path.name}",
-                                                       "grid": f"images/{spec.name}.png"},
-                           "result": {"accuracies": list(res.accuracies), "mean": res.mean, "std": res.std,
-                                      "distill_s": t1 - t0, "eval_s": t2 - t1},
-                           "info": _plain(syn.info)}
-                    _atomic_write_json(rec, json_path)
-                    _record_cell_files(run_dir, spec, with_set=True)
-                    cells.append(_record_to_cell(rec, run_dir, str(json_path)))
-                    history = syn.info.get("loss_history") or []
-                    if has_dkkt_trace(history):
-                        write_cell_trace(history, run_dir / "traces", spec.name, spec.method, ipc, pipc_label(pipc), seed)
-                    computed += 1
-                    log(INFO, "cell %s: %.2f ± %.2f %% (distill %.1fs, evaluate %.1fs)", spec.name,
-                        100 * res.mean, 100 * res.std, t1 - t0, t2 - t1)
-    log(INFO, "sweep: %d cells computed, %d read back, %d skipped", computed, reused,
+                        group_computes_dsv = True
+                    client_dsv = None
+                    if client_dsvs is not None:  # the clients' uploaded DSVs, combined to ipc per class
+                        client_dsv = (*client_dsvs.combined(ipc, meta.num_classes), client_dsvs.combine)
+                    # always a path: with checkpoint_every 0 it is only written on a NaN (last good S)
+                    tasks.append(CellTask(spec, cells_dir / f"{spec.name}.ckpt.pt", client_dsv))
+                dsv_by_group[(pipc, ipc, seed)] = group_dsv
+
+    computed_dsv: dict[tuple, str] = {}  # digest of the dsv set a group computed in this run
+
+    def record(out: CellOutcome) -> None:
+        spec, config = out.spec, configs[out.spec]
+        group = (spec.pipc, spec.ipc, spec.seed)
+        if uses_dsvs(spec.method) and group in computed_dsv:  # the input it took, known once the dsv ran
+            config = configs[spec] = _plain({**config, "inputs": {**config["inputs"], "dsv": computed_dsv[group]}})
+        if out.error is not None:  # NaN/Inf in this cell: record it, go on (server/faults.py)
+            done[spec] = record_failed_cell(spec, out.error, run_dir, config, CELLS_DIR, FORMAT)
+            _record_cell_files(run_dir, spec, with_set=False)
+            return
+        syn, res = out.syn, out.result
+        if spec.method == "dsv":
+            computed_dsv[group] = tensor_digest(syn.x)
+        json_path, pt_path = cells_dir / f"{spec.name}.json", cells_dir / f"{spec.name}.pt"
+        save_synthetic_artifact(pt_path, syn, meta.name, spec.pipc)  # before the record: record => set exists
+        rec = {"format": FORMAT, "cell": {**dataclasses.asdict(spec), "pipc_label": pipc_label(spec.pipc)},
+               "config": config, "files": {"synthetic": f"{CELLS_DIR}/{pt_path.name}",
+                                           "grid": f"images/{spec.name}.png"},
+               "result": {"accuracies": list(res.accuracies), "mean": res.mean, "std": res.std,
+                          "distill_s": out.distill_s, "eval_s": out.eval_s},
+               "info": _plain(syn.info)}
+        _atomic_write_json(rec, json_path)
+        _record_cell_files(run_dir, spec, with_set=True)
+        done[spec] = _record_to_cell(rec, run_dir, str(json_path))
+        history = syn.info.get("loss_history") or []
+        if has_dkkt_trace(history):
+            write_cell_trace(history, run_dir / "traces", spec.name, spec.method, spec.ipc, pipc_label(spec.pipc),
+                             spec.seed)
+        log(INFO, "cell %s: %.2f ± %.2f %% (distill %.1fs, evaluate %.1fs)", spec.name,
+            100 * res.mean, 100 * res.std, out.distill_s, out.eval_s)
+
+    chains = chain_tasks(tasks, dsv_by_group)
+    workers = resolve_workers(s.distill.workers, dev, len(chains))
+    if tasks:
+        log(INFO, "sweep: %d cells to compute in %d process%s", len(tasks), workers, "es" if workers > 1 else "")
+    shared = SharedInputs(model=model, embed_factory=embed_factory, model_factory=model_factory, ecfg=ecfg,
+                          test_x=normalize(inp.test_x, meta), test_y=inp.test_y, num_classes=meta.num_classes,
+                          image_shape=tuple(meta.image_shape), device=dev, pools=pools, init_model=init_model,
+                          progress=progress)
+    run_chains(shared, chains, workers, record)
+    cells = [done[spec] for spec in sorted(done, key=order.__getitem__)]
+    failed = sum(1 for t in tasks if done[t.spec].skipped)
+    log(INFO, "sweep: %d cells computed, %d read back, %d skipped", len(tasks) - failed, reused,
         sum(1 for c in cells if c.skipped))
     return cells
 

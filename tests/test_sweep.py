@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import server.cell_pool as cell_pool
 import server.sweep as sweep
 from common.datasets import get_meta
 from common.models import build_model
@@ -21,12 +22,12 @@ from server.pipeline import PipelineInputs, run_pipeline
 
 META = get_meta("fashion-mnist")
 ROOT = Path(__file__).resolve().parents[1]
-_REAL_SYNTH = sweep.synthesize  # the original, before any test wraps it
+_REAL_SYNTH = cell_pool.synthesize  # the original, before any test wraps it
 
 
 def _inputs(tmp_path: Path, distill: dict, name: str = "sw", pool_per_class: int = 6) -> PipelineInputs:
     values = {"name": name, "seed": 1, "device": "cpu", "output_dir": str(tmp_path / name),
-              "model": {"width": 8}, "distill": {"iterations": 2, "real_batch": 4, **distill},
+              "model": {"width": 8}, "distill": {"iterations": 2, "real_batch": 4, "workers": 1, **distill},  # in process: spies see the calls
               "evaluation": {"epochs": 1, "num_models": 2, "batch_size": 32},
               "privacy": {"audit": False}}  # the audit has its own tests; keep these fast
     s = scenario_from_dict(values)
@@ -65,7 +66,7 @@ def _count_synth(monkeypatch: pytest.MonkeyPatch, fail_on: str | None = None) ->
         calls.append(name)
         return real(method, **kw)
 
-    monkeypatch.setattr(sweep, "synthesize", counting)
+    monkeypatch.setattr(cell_pool, "synthesize", counting)
     return calls
 
 
@@ -129,7 +130,7 @@ def test_nested_pools_and_skipped_cells(tmp_path, monkeypatch):
         seen.append((method, kw["pipc"], None if kw["safe_x"] is None else kw["safe_x"].shape[0]))
         return real(method, **kw)
 
-    monkeypatch.setattr(sweep, "synthesize", spy)
+    monkeypatch.setattr(cell_pool, "synthesize", spy)
     cells = run_pipeline(inp, progress=False)
     skipped = {(c.method, c.ipc, c.pipc) for c in cells if c.skipped}
     assert skipped == {("dm", 1, 0), ("dm", 3, 0), ("random_real", 1, 0), ("random_real", 3, 0),
@@ -202,3 +203,44 @@ def test_scenario_catalogue_loads():
         json.dumps(s.to_dict())
     t1 = load_scenario(ROOT / "scenarios" / "paper-table1.yaml")
     assert t1.distill.ipc == [1, 3, 10, 50] and t1.distill.pipc == [10, 50, -1] and t1.evaluation.epochs == 5000
+
+
+def test_cells_in_two_worker_processes_match_one_process(tmp_path, monkeypatch):
+    """distill.workers 2: the cells run in spawned processes (the in-process spy sees no call), their
+    log lines reach this process, and every result and synthetic set equals the one-process run."""
+    import logging
+
+    from server.artifacts import load_synthetic_artifact
+    from server.pipeline import run_grid
+
+    grid = {"methods": ["dm", "dkkt_dm", "random_real"], "ipc": [1], "pipc": [3], "seeds": [0, 1]}
+    runs = {}
+    for workers in (1, 2):
+        inp = _inputs(tmp_path, {**grid, "workers": workers}, name=f"w{workers}")
+        calls = _count_synth(monkeypatch)
+        lines: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("flwr").addHandler(handler)
+        try:
+            cells = run_grid(inp, progress=False)
+        finally:
+            logging.getLogger("flwr").removeHandler(handler)
+        assert len(calls) == (6 if workers == 1 else 0)  # every cell here; none in this process with 2 workers
+        assert sum("distill + evaluate ..." in line for line in lines) == 6, lines  # also from the workers
+        runs[workers] = {(c.method, c.seed): (c.accuracies,
+                                              load_synthetic_artifact(c.files["synthetic"], dataset=META.name).x)
+                         for c in cells}
+    assert runs[1].keys() == runs[2].keys() and len(runs[1]) == 6
+    for key, (acc, x) in runs[1].items():
+        assert runs[2][key][0] == acc, key
+        assert torch.equal(runs[2][key][1], x), key
+
+
+def test_resolve_workers_defaults():
+    from server.cell_pool import resolve_workers
+
+    assert resolve_workers(0, torch.device("cuda"), 9) == 1  # one process drives the GPU
+    assert resolve_workers(3, torch.device("cpu"), 9) == 3
+    assert resolve_workers(8, torch.device("cpu"), 2) == 2  # never more processes than chains
+    assert resolve_workers(0, torch.device("cpu"), 1) == 1

@@ -41,6 +41,7 @@ pipc: if T' holds more than ``pipc`` images of a class, only the first ``pipc`` 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 import warnings
@@ -53,6 +54,7 @@ from torch import Tensor, nn
 
 from common.augment import DSA_STRATEGY, parse_strategy, sample_dsa_params
 from common.methods import REGISTRY, spec
+from common.models import build_model
 from common.perf import tune_cpu_allocator
 from common.atomic import atomic_torch_save
 from common.distill.dkkt import (DEFAULT_AUG_WEIGHT, PRIMAL_MODES, STAT_DISTANCES, dkkt_loss, lambda_scale,
@@ -84,6 +86,9 @@ class DistillationError(RuntimeError):
         self.iteration = iteration
         self.terms = terms
         self.checkpoint = checkpoint
+
+    def __reduce__(self) -> tuple:  # survives pickling, e.g. back from a sweep worker process (server/cell_pool.py)
+        return (type(self), (str(self), self.iteration, self.terms, self.checkpoint))
 
 
 @dataclass
@@ -208,15 +213,15 @@ def default_init(ipc: int) -> str:
     return "noise" if ipc <= 1 else "real"
 
 
+def _embed_net(meta: Any, arch: Mapping[str, Any] | None, generator: torch.Generator) -> nn.Module:
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return build_model(meta, arch, seed=seed)
+
+
 def make_embed_factory(meta: Any, arch: Mapping[str, Any] | None = None) -> Callable[[torch.Generator], nn.Module]:
-    """``embed_factory`` for ``synthesize``: a fresh ConvNet seeded from the generator."""
-    from common.models import build_model
-
-    def factory(generator: torch.Generator) -> nn.Module:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        return build_model(meta, arch, seed=seed)
-
-    return factory
+    """``embed_factory`` for ``synthesize``: a fresh ConvNet seeded from the generator (picklable,
+    so a sweep worker process can take it)."""
+    return functools.partial(_embed_net, meta, dict(arch) if arch is not None else None)
 
 
 # --------------------------------------------------------------------------- safe pool
