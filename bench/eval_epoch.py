@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     device = setup(args)
 
     from common.models import build_model
-    from common.evaluate import EvalConfig, derive_seeds, train_model, train_models_parallel
+    from common.evaluate import EvalConfig, derive_seeds, train_model
+    from common.evaluate_parallel import train_models_parallel
 
     meta = cifar_meta()
     arch = {"width": args.width}

@@ -18,7 +18,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from common.grid import normalize_pipc, static_skip_reason
+from common.dataset_meta import get_meta  # torch-free: server.check never loads torch
+from common.grid import PIPC_ALL, normalize_pipc, static_skip_reason
 from common.methods import METHODS, NO_MODEL_METHODS  # the method registry
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ class DistillSection:
     lr_img_adam: float = 0.1  # image lr when the image optimizer is Adam
     seeds: list[int] | None = None  # distillation+evaluation seeds of the sweep; None: [seed]
     resume: bool = True  # reuse finished cells (and this folder's theta*/T') whose config matches
-    workers: int = 0  # processes computing cells side by side: 0 = one per core on the CPU, 1 on a GPU (server/cell_pool.py)
+    workers: int = 0  # processes computing cells side by side: 0 = one per core on the CPU, 1 on a GPU (server/sweep/cell_pool.py)
 
 
 @dataclass
@@ -160,7 +161,7 @@ DSV_COMBINE = ("average", "select")
 
 @dataclass
 class DPConfig:
-    """Differentially private FedAvg with Flower's fixed-clipping wrappers (see server/modes.py)."""
+    """Differentially private FedAvg with Flower's fixed-clipping wrappers (see server/federation/modes.py)."""
 
     enabled: bool = False
     side: str = "server"  # server (DifferentialPrivacyServerSideFixedClipping) | client (+ fixedclipping_mod)
@@ -410,7 +411,7 @@ def validate(s: Scenario) -> Scenario:
 
 
 def _validate_privacy(s: Scenario) -> None:
-    """The privacy section: modes, client-side DSV budget, DP parameters (see server/modes.py)."""
+    """The privacy section: modes, client-side DSV budget, DP parameters (see server/federation/modes.py)."""
     src, p = s.source, s.privacy
     _check_choice(p.mode, PRIVACY_MODES, "privacy.mode", src)
     _check_choice(p.dsv_combine, DSV_COMBINE, "privacy.dsv_combine", src)
@@ -630,9 +631,6 @@ WARN_AFTER_S = 24 * 3600.0
 
 def estimate_resources(s: Scenario) -> dict[str, float]:
     """Rough peak bytes of the server's phases and CPU seconds of the grid (see check_resources)."""
-    from common.datasets import get_meta
-    from common.grid import PIPC_ALL
-
     meta = get_meta(s.data.dataset)
     k, img = meta.num_classes, meta.channels * meta.height * meta.width
     w, d = s.model.width, s.model.depth

@@ -21,11 +21,13 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.datasets import DatasetMeta
 from common.models import build_model
 from common.records import check_dsvs
 from common.scenario import Scenario
+from common.distill.synthesize import DistillConfig, synthesize
 
 __all__ = ["extract_dsvs", "dsv_seed", "dp_clipping_mod", "local_epochs"]
 
@@ -38,8 +40,6 @@ def dsv_seed(seed: int, partition_id: int) -> int:
 def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, ipc: int, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ipc DSVs per class from ``model`` (DKKT only, noise init): (x float32 CPU, y int64, info)."""
-    from common.distill.synthesize import DistillConfig, synthesize  # the engine, no Flower inside
-
     names = {f.name for f in dataclasses.fields(DistillConfig)}
     cfg = DistillConfig(**{k: v for k, v in dataclasses.asdict(scenario.distill).items() if k in names})
     cfg.iterations = int(scenario.privacy.dsv_iterations)
@@ -61,8 +61,6 @@ def extract_dsvs(model: torch.nn.Module, meta: DatasetMeta, scenario: Scenario, 
 
 def dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Flower's ``fixedclipping_mod`` when the server asked for client-side clipping, else a no-op."""
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
     configs = list(msg.content.config_records.values())
     if any(KEY_CLIPPING_NORM in c for c in configs):
         return fixedclipping_mod(msg, ctxt, call_next)

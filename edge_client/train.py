@@ -9,12 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from common.augment import dsa
+from common.augment import DSA_STRATEGY
 from common.datasets import DatasetMeta, normalize
 from common.perf import tune_cpu_allocator
+from common.training import accuracy, fit
 
 __all__ = ["TrainStats", "train_local", "evaluate_local"]
 
@@ -58,38 +58,24 @@ def train_local(
     progress: bool = True,
     label: str = "local training",
 ) -> TrainStats:
-    """Plain SGD on the shard for ``epochs`` epochs (model trained in place)."""
+    """Plain SGD on the shard for ``epochs`` epochs (model trained in place; the loop: common.training.fit)."""
     if x_uint8.shape[0] == 0:
         raise ValueError(f"{label}: no training images")
     start = time.perf_counter()
     if device.type == "cpu":
         tune_cpu_allocator()  # 1.45x faster client epochs on the CPU (bench/client_epoch.py); FEDPDD_MALLOC_TUNE=0 opts out
-    model.to(device).train()
+    model.to(device)
     x = normalize(x_uint8, meta)  # float32 on CPU; batches go to the device one at a time
     gen = torch.Generator().manual_seed(seed)  # shuffling and DSA draws: CPU generator
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = x.shape[0]
     steps = epochs * ((n + batch_size - 1) // batch_size)
-    loss_sum, correct = 0.0, 0
     with _progress(progress, label, steps) as advance:
-        for _ in range(epochs):
-            loss_sum, correct = 0.0, 0
-            for batch in torch.randperm(n, generator=gen).split(batch_size):
-                xb, yb = x[batch].to(device), y[batch].to(device)
-                if augment:
-                    xb = dsa(xb, gen)
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * batch.numel()
-                correct += int((logits.detach().argmax(1) == yb).sum())
-                advance()
-    return TrainStats(loss=loss_sum / n, accuracy=correct / n, num_examples=n, seconds=time.perf_counter() - start)
+        last = fit(model, x, y, opt, epochs=epochs, batch_size=batch_size, generator=gen, device=device,
+                   dsa_strategy=DSA_STRATEGY if augment else None, on_step=advance)
+    return TrainStats(loss=last.loss, accuracy=last.accuracy, num_examples=n, seconds=time.perf_counter() - start)
 
 
-@torch.no_grad()
 def evaluate_local(
     model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, meta: DatasetMeta, device: torch.device,
     batch_size: int = 1024,
@@ -98,12 +84,5 @@ def evaluate_local(
     n = x_uint8.shape[0]
     if n == 0:
         raise ValueError("evaluation: no held-out images (federation.holdout_fraction is 0 or the shard is tiny)")
-    model.to(device).eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, n, batch_size):
-        xb = normalize(x_uint8[start : start + batch_size], meta).to(device)
-        yb = y[start : start + batch_size].to(device)
-        logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    return correct / n, loss_sum / n
+    model.to(device)
+    return accuracy(model, x_uint8, y, device, batch_size, transform=lambda xb: normalize(xb, meta))

@@ -69,7 +69,7 @@ def _load_inputs(run: Path) -> dict[str, Any]:
     from common.models import build_model
     from common.scenario import load_scenario
     from common.datasets import federation_train_set
-    from server.artifacts import build_model_from_artifact, load_model_artifact, load_safe_artifact
+    from server.store.artifacts import build_model_from_artifact, load_model_artifact, load_safe_artifact
 
     scenario = load_scenario(run / "scenario.resolved.yaml")
     data = federation_train_set(scenario)
@@ -79,7 +79,7 @@ def _load_inputs(run: Path) -> dict[str, Any]:
     return {
         "scenario": scenario, "meta": meta, "arch": art.arch,
         "model": build_model_from_artifact(art, meta).eval(),
-        "init_model": build_model(meta, art.arch, seed=scenario.seed),  # theta_0 of FedAvg (server/app.py)
+        "init_model": build_model(meta, art.arch, seed=scenario.seed),  # theta_0 of FedAvg (server/run.py)
         "safe_x": normalize(safe.x, meta), "safe_y": safe.y,
         "test_x": normalize(data.test_x, meta), "test_y": data.test_y.to(torch.int64),
     }
@@ -95,7 +95,7 @@ def _job(args: dict[str, Any]) -> dict[str, Any]:
     from common.models import build_model
     from common.distill.synthesize import DistillConfig, make_embed_factory, synthesize
     from common.evaluate import EvalConfig, evaluate_synthetic
-    from server.loss_trace import plot_trace, summarize_trace, write_trace_csv
+    from server.sweep.loss_trace import plot_trace, summarize_trace, write_trace_csv
 
     run = Path(args["run"])
     if str(run) not in _INPUTS:
@@ -132,7 +132,7 @@ def _job(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _report(records: list[dict[str, Any]], out: Path, header: str) -> str:
-    from server.stats import paired_difference, pooled
+    from server.reports.stats import paired_difference, pooled
 
     cells = sorted({(r["ipc"], r["pipc"]) for r in records})
     lines = [header, ""]

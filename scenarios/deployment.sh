@@ -72,7 +72,7 @@ for ((i = 0; i < N; i++)); do
     --node-config "partition-id=$i num-partitions=$N" > "$LOGS/supernode-$i.log" 2>&1 &
   PIDS+=($!)
 done
-# The ServerApp itself waits for the N SuperNodes to register (server.federate.wait_for_nodes).
+# The ServerApp itself waits for the N SuperNodes to register (server.federation.federate.wait_for_nodes).
 
 echo "[3/3] flwr run . loopback --stream"
 flwr run . loopback --stream "$@"

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr.common.config import parse_config_args
+
 from common.scenario import (
     APP_DIR,
     DEFAULT_SCENARIO,
@@ -37,6 +39,8 @@ from common.scenario import (
     find_scenario_file,
     load_scenario,
 )
+from common.scenario import check_resources
+from server.preflight import check_data_root
 
 __all__ = ["ENV_STATUS", "app_config_keys", "parse_run_config", "resolve", "check_federation", "check",
            "write_status", "read_status", "main"]
@@ -53,8 +57,6 @@ def app_config_keys(project: Path = APP_DIR) -> dict[str, Any]:
 
 def parse_run_config(texts: Sequence[str]) -> dict[str, Any]:
     """``--run-config`` strings as Flower parses them, with unknown keys rejected by name."""
-    from flwr.common.config import parse_config_args
-
     items: dict[str, Any] = {}
     for text in texts:
         try:
@@ -143,9 +145,6 @@ def check_federation(scenario: Scenario, num_supernodes: int | None, origin: str
 def check(run_config: dict[str, Any], num_supernodes: int | None = None) -> Scenario:
     """Everything that can be checked before a run starts: schema, overrides, federation size, data.root,
     the memory estimate (common.scenario.check_resources; its long-run warnings go to stderr)."""
-    from common.scenario import check_resources
-    from server.preflight import check_data_root
-
     scenario = resolve(run_config)
     check_federation(scenario, num_supernodes)
     check_data_root(scenario)

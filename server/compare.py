@@ -2,7 +2,7 @@
 
 For each run: its name (the folder name), the scenario keys that differ between the runs
 (dotted, from each ``scenario.resolved.yaml``; where the runs ran from is ignored), and the
-accuracy of every (method, ipc, pipc) cell, pooled over seeds (server.report.aggregate_seeds).
+accuracy of every (method, ipc, pipc) cell, pooled over seeds (server.reports.tables.aggregate_seeds).
 Writes ``compare.md`` (one row per run), ``compare.csv`` (same, numbers), and, when exactly one
 numeric key differs (a Dirichlet-alpha or client-count sweep), ``compare.png``: accuracy
 against that key, one line per method/ipc/pipc. Nothing is recomputed.
@@ -20,9 +20,11 @@ from typing import Any
 import yaml
 
 from common.grid import pipc_label
-from server.figures import load_run_scenario
-from server.report import CellResult, aggregate_seeds, format_cell
-from server.sweep import read_cells
+from server.reports.figures import load_run_scenario
+from server.reports.tables import aggregate_seeds, format_cell
+from server.sweep.result import CellResult
+from server.sweep.cells import read_cells
+from server.reports.plots import _new_figure, _save
 
 __all__ = ["differing_keys", "compare_runs", "main"]
 
@@ -100,8 +102,6 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
 
 
 def _plot_sweep(key: str, xs: list[float], cells: list[dict[str, CellResult]], columns: list[str], path: Path) -> Path:
-    from server.plots import _new_figure, _save  # the report figures' style (Agg, dpi 150)
-
     fig = _new_figure((6.4, 4.0))
     ax = fig.add_subplot()
     order = sorted(range(len(xs)), key=lambda i: xs[i])

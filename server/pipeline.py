@@ -26,47 +26,32 @@ import functools
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 
 import torch
 from flwr.common.logger import log  # logging only (plain python logger); no Flower objects
 
-from common.datasets import DatasetMeta, federation_train_set, normalize
+from common.datasets import DatasetMeta, federation_train_set
 from common.device import pick_device
 from common.models import build_model
 from common.scenario import Scenario, load_scenario, save_resolved
-from common.grid import PIPC_ALL, pipc_label
-from server.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
+from common.grid import PIPC_ALL
+from server.store.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
 from common.distill.synthesize import DistillConfig, make_embed_factory
 from common.evaluate import EvalConfig
-from server.images import save_image_grid
-from server.figures import rebuild_report
-from server.report import CellResult, print_summary, upload_summary, write_rounds, write_timings, write_uploads
-from server.sweep import run_cells
+from server.reports.figures import rebuild_report
+from server.reports.run_files import write_run_files
+from server.reports.tables import print_summary, upload_summary, write_timings
+from server.sweep.cells import run_cells
+from server.sweep.inputs import PipelineInputs
+from server.sweep.result import CellResult
+from server.store.manifest import PHASE12_FILES, verify_files
+from common.threads import apply_thread_policy
+from server.preflight import check_data_root
 
 __all__ = ["PipelineInputs", "distill_config", "eval_config", "run_grid", "run_pipeline", "write_run_files",
            "load_reused", "main"]
-
-
-@dataclass
-class PipelineInputs:
-    scenario: Scenario
-    meta: DatasetMeta
-    model_state: OrderedDict[str, torch.Tensor]
-    pool_x: torch.Tensor  # uint8 safe pool, class-major, seeded order within a class
-    pool_y: torch.Tensor
-    test_x: torch.Tensor  # uint8
-    test_y: torch.Tensor
-    run_dir: Path
-    device: torch.device
-    rounds: list[dict] = field(default_factory=list)  # phase 1 history (empty when reused)
-    weight_uploads: list[dict] = field(default_factory=list)
-    safe_uploads: list[dict] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    client_dsvs: object | None = None  # no_model_access: server.modes.ClientDSVs (model_state is then None)
-    dsv_uploads: list[dict] = field(default_factory=list)
 
 
 def _section_to(cls: type, section: object) -> object:
@@ -84,7 +69,7 @@ def eval_config(scenario: Scenario) -> EvalConfig:
 
 
 def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
-    """Distill and evaluate every (pipc, ipc, seed, method) cell of the scenario (server.sweep)."""
+    """Distill and evaluate every (pipc, ipc, seed, method) cell of the scenario (server.sweep.cells)."""
     s, meta = inp.scenario, inp.meta
     progress = True if progress is None else progress  # a bar on a terminal, else periodic log lines (common/progress.py)
     arch = dataclasses.asdict(s.model)
@@ -95,7 +80,7 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
         model.eval()
     dcfg, ecfg = distill_config(s), eval_config(s)
     embed_factory = make_embed_factory(meta, arch)
-    # theta_0: FedAvg's starting point (server/app.py), the stationarity target's reference.
+    # theta_0: FedAvg's starting point (server/run.py), the stationarity target's reference.
     init_model = build_model(meta, arch, seed=s.seed)
     # The evaluation network is the scenario's (evaluation.width/depth), the same for every
     # method, whatever architecture theta* has.
@@ -103,26 +88,9 @@ def run_grid(inp: PipelineInputs, progress: bool | None = None) -> list[CellResu
 
     model_factory = functools.partial(build_model, meta, eval_arch)  # seed -> evaluation net; picklable (workers)
 
-    # server.sweep: per-cell records under cells/, resume, skipped cells, seeds.
+    # server.sweep.cells: per-cell records under cells/, resume, skipped cells, seeds.
     cells = run_cells(inp, model, embed_factory, dcfg, ecfg, model_factory, progress, init_model=init_model)
     return cells
-
-
-def write_run_files(inp: PipelineInputs, cells: Sequence[CellResult]) -> None:
-    """The files phase 5 writes from the federation records and the artifacts (not from the cells alone):
-    rounds.csv, uploads.csv/.json, images/safe_pool.png, communication.*, privacy.md, privacy_audit.csv,
-    privacy/*.png. ``server.figures.rebuild_run_files`` calls it with inputs read back from the run folder."""
-    run_dir = inp.run_dir
-    if inp.rounds:
-        write_rounds(inp.rounds, run_dir / "rounds.csv")
-    if inp.weight_uploads or inp.safe_uploads or inp.dsv_uploads:
-        write_uploads(inp.weight_uploads, inp.safe_uploads, run_dir, inp.dsv_uploads)
-    if len(inp.pool_y):
-        save_image_grid(normalize(inp.pool_x, inp.meta), inp.pool_y, run_dir / "images" / "safe_pool.png", inp.meta,
-                        title=f"safe pool T' ({pipc_label(inp.scenario.pool_pipc)} per class)")
-    from server.privacy_report import write_privacy_reports  # audit, communication.md, privacy.md
-
-    write_privacy_reports(inp, cells)
 
 
 def run_pipeline(inp: PipelineInputs, progress: bool | None = None) -> list[CellResult]:
@@ -150,8 +118,6 @@ def load_reused(folder: str | Path, meta: DatasetMeta, scenario: Scenario) -> tu
     """theta* and T' from an earlier run folder, checked against this scenario."""
     folder = Path(folder).expanduser()
     if (folder / "global_model.pt").is_file():  # sha256 against the folder's manifest; no manifest: refused
-        from server.manifest import PHASE12_FILES, verify_files
-
         verify_files(folder, PHASE12_FILES, required=True)
     model = load_model_artifact(folder / "global_model.pt", dataset=meta.name)
     arch = dataclasses.asdict(scenario.model)
@@ -180,15 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("scenario", help="scenario YAML")
     parser.add_argument("--reuse", help="run folder with global_model.pt + safe_pool.pt (default: reuse_artifacts)")
     args = parser.parse_args(argv)
-    from common.threads import apply_thread_policy
-
     apply_thread_policy("server")  # an entry point: the same thread policy as the ServerApp (common/threads.py)
     overrides = {"reuse_artifacts": args.reuse} if args.reuse else None
     scenario = load_scenario(args.scenario, overrides=overrides)
     if not scenario.reuse_artifacts:
         parser.error("no artifacts to reuse: pass --reuse or set reuse_artifacts in the scenario")
-    from server.preflight import check_data_root
-
     check_data_root(scenario)  # data.root set but not a folder: stop before loading
     data = federation_train_set(scenario)
     state, pool_x, pool_y, _ = load_reused(scenario.reuse_artifacts, data.meta, scenario)

@@ -24,7 +24,7 @@ import yaml
 
 from common.partition import partition_indices
 from common.records import ImageSet
-from server.collect import CollectError, SafeReply, plan_collection, pool_subset, spread_evenly
+from server.federation.collect import CollectError, SafeReply, plan_collection, pool_subset, spread_evenly
 
 NUM_CLIENTS = 3
 PIPC = [4, 2]
@@ -102,7 +102,7 @@ def test_every_artifact_exists(e2e_run: dict) -> None:
                 "images/safe_pool.png"]
     for method in ("dm", "dkkt_dm", "random_real"):
         for pipc in PIPC:
-            expected += [f"cells/{method}_ipc1_pipc{pipc}_seed3.{ext}" for ext in ("pt", "json")]  # server.sweep
+            expected += [f"cells/{method}_ipc1_pipc{pipc}_seed3.{ext}" for ext in ("pt", "json")]  # server.sweep.cells
             expected += [f"images/{method}_ipc1_pipc{pipc}_seed3.png"]
     missing = [name for name in expected if not (run_dir / name).is_file()]
     assert not missing, f"missing artifacts: {missing}"
@@ -116,7 +116,7 @@ def test_every_artifact_exists(e2e_run: dict) -> None:
 def test_safe_pool_counts_and_provenance(e2e_run: dict) -> None:
     from common.datasets import federation_train_set
     from common.records import image_keys
-    from server.artifacts import load_safe_artifact
+    from server.store.artifacts import load_safe_artifact
 
     scenario = e2e_run["scenario"]
     data = federation_train_set(scenario)

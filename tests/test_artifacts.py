@@ -1,4 +1,4 @@
-"""Tests for server/artifacts.py, server/images.py and the offline CLI (python -m server.distill)."""
+"""Tests for server/store/artifacts.py, server/reports/images.py and the offline CLI (python -m server.distill)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from common.datasets import DatasetError, get_meta, load_dataset
 from common.models import build_model
-from server.artifacts import (
+from server.store.artifacts import (
     ArtifactError,
     build_model_from_artifact,
     load_model_artifact,
@@ -22,7 +22,7 @@ from server.artifacts import (
 )
 from common.distill import SyntheticSet
 from server.distill.__main__ import main
-from server.images import save_image_grid
+from server.reports.images import save_image_grid
 
 
 

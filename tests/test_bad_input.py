@@ -12,7 +12,7 @@ import torch
 from common.datasets import get_meta
 from common.models import build_model
 from common.scenario import ScenarioError, load_scenario, scenario_from_dict
-from server.artifacts import ArtifactError, save_model_artifact, save_safe_artifact
+from server.store.artifacts import ArtifactError, save_model_artifact, save_safe_artifact
 
 
 def _yaml(tmp_path: Path, text: str) -> Path:
@@ -76,7 +76,7 @@ def test_min_clients_above_num_clients() -> None:
 
 
 def test_missing_data_folder_stops_before_federation(tmp_path: Path) -> None:
-    from server.app import run_scenario
+    from server.run import run_scenario
 
     s = scenario_from_dict({"data": {"root": str(tmp_path / "nope")}, "output_dir": str(tmp_path / "run")})
     # grid=None: the check must fire before anything talks to the federation
@@ -92,7 +92,7 @@ def test_missing_data_folder_stops_before_federation(tmp_path: Path) -> None:
 
 def test_pipc_larger_than_the_clients_hold() -> None:
     from common.records import ImageSet
-    from server.collect import CollectError, SafeReply, plan_collection
+    from server.federation.collect import CollectError, SafeReply, plan_collection
 
     def ask(requests):  # every client holds 2 images per class
         out = {}
@@ -117,7 +117,7 @@ def _reuse_dir(tmp_path: Path, width_trained: int = 8, arch_claimed: int = 8, sa
                         meta.name)
     x = safe_x if safe_x is not None else torch.zeros(20, 1, 28, 28, dtype=torch.uint8)
     torch.save({"x": x, "y": torch.arange(len(x)) % 10, "dataset": meta.name, "extra": {}}, d / "safe_pool.pt")
-    from server.manifest import record_files
+    from server.store.manifest import record_files
 
     record_files(d, ["global_model.pt", "safe_pool.pt"])  # a reused folder must have its manifest
     return d
@@ -166,7 +166,7 @@ def test_missing_reuse_folder(tmp_path: Path) -> None:
 
 
 def test_reused_folder_without_manifest_is_refused(tmp_path: Path) -> None:
-    from server.manifest import ManifestError
+    from server.store.manifest import ManifestError
 
     d = _reuse_dir(tmp_path)
     (d / "manifest.json").unlink()
@@ -175,7 +175,7 @@ def test_reused_folder_without_manifest_is_refused(tmp_path: Path) -> None:
 
 
 def test_reused_file_changed_since_its_manifest(tmp_path: Path) -> None:
-    from server.manifest import ManifestError, record_files, verify_files
+    from server.store.manifest import ManifestError, record_files, verify_files
 
     d = _reuse_dir(tmp_path)
     record_files(d, ["global_model.pt", "safe_pool.pt"])

@@ -22,14 +22,8 @@ from common.perf import cpu_allocator_tuned, reset_cpu_allocator, tune_cpu_alloc
 from common.distill.dkkt import dkkt_loss
 from common.distill.dm import dm_loss, pack_classes
 from common.distill.synthesize import DistillConfig, make_embed_factory, synthesize
-from common.evaluate import (
-    EvalConfig,
-    can_train_in_parallel,
-    derive_seeds,
-    evaluate_synthetic,
-    train_model,
-    train_models_parallel,
-)
+from common.evaluate import EvalConfig, derive_seeds, evaluate_synthetic, train_model
+from common.evaluate_parallel import can_train_in_parallel, train_models_parallel
 
 META = SimpleNamespace(channels=1, height=8, width=8, num_classes=3)
 ARCH = {"width": 8, "depth": 2}

@@ -1,5 +1,5 @@
 """Reliability without Flower running: injected client faults (edge_client/faults.py), the
-server's reply checks (server/validate.py), collection that drops failed clients and
+server's reply checks (server/federation/validate.py), collection that drops failed clients and
 rebalances, FedAvg that leaves rejected replies out, the manifest, and a NaN in one cell."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from common.records import KEY_ARRAYS, KEY_CLIENT, KEY_METRICS, KEY_SAFE, ImageSet, images_to_record, state_dict_to_record
 from common.scenario import ScenarioError, scenario_from_dict
 from edge_client.faults import QUERY_CORRUPTIONS, TRAIN_CORRUPTIONS, InjectedFault, before_handler, corrupt_reply, is_faulty
-from server.collect import CollectError, SafeReply, plan_collection
-from server.validate import FailureLog, ReplyRejected, check_eval_reply, check_safe_images, check_train_reply, weight_signature
+from server.federation.collect import CollectError, SafeReply, plan_collection
+from server.federation.validate import FailureLog, ReplyRejected, check_eval_reply, check_safe_images, check_train_reply, weight_signature
 
 
 class _Reply:
@@ -111,7 +111,7 @@ def _query_content(quota: list[int]) -> RecordDict:
 
 @pytest.mark.parametrize("kind", QUERY_CORRUPTIONS)
 def test_every_malformed_query_reply_is_rejected(kind: str) -> None:
-    from server.collect import _decode
+    from server.federation.collect import _decode
 
     s = _scenario(clients=[0], mode="malformed", phases=["query"])
     quota = [2, 1, 0]
@@ -199,7 +199,7 @@ def test_failure_log_writes_csv_and_results_section(tmp_path: Path) -> None:
 
 
 def test_fedavg_aggregates_only_valid_replies() -> None:
-    from server.federate import _TrackingFedAvg
+    from server.federation.federate import _TrackingFedAvg
 
     sig = weight_signature(STATE)
     good = {k: torch.ones_like(v) for k, v in STATE.items()}
@@ -216,7 +216,7 @@ def test_fedavg_aggregates_only_valid_replies() -> None:
     assert sorted((r["node_id"], r["reason"].split(":")[0]) for r in strat.failures.rows) == [
         (12, "malformed reply rejected"), (13, "no reply within federation.reply_timeout_s")]
     strict = _TrackingFedAvg(min_clients=2, signature=sig, expected_nodes=[11, 12], fraction_train=1.0)
-    from server.federate import FederationError
+    from server.federation.federate import FederationError
 
     with pytest.raises(FederationError, match="min_clients = 2"):
         strict.aggregate_train(1, replies)

@@ -1,4 +1,4 @@
-"""Tests for server/frequency.py (Fig. 3 spectra and band-energy ratios)."""
+"""Tests for server/reports/frequency.py (Fig. 3 spectra and band-energy ratios)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.frequency import band_energy_ratio, frequency_table, mean_log_spectrum, radial_frequency
+from server.reports.frequency import band_energy_ratio, frequency_table, mean_log_spectrum, radial_frequency
 
 
 def _checkerboard(n: int = 2, c: int = 3, size: int = 16) -> torch.Tensor:

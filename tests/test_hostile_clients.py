@@ -26,8 +26,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from common.records import KEY_ARRAYS, KEY_CLIENT, KEY_METRICS, KEY_SAFE, images_to_record, state_dict_to_record
-from server.collect import _decode
-from server.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
+from server.federation.collect import _decode
+from server.federation.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
                              weight_signature)
 from tests.test_app_e2e import _fake_fashion_mnist
 from tests.test_privacy_modes import RecordingGrid
@@ -133,7 +133,7 @@ def _run(tmp: Path, name: str, kind: str) -> tuple[Path, RecordingGrid]:
     from flwr.simulation import run_simulation
 
     from common.scenario import scenario_from_dict
-    from server.app import run_scenario
+    from server.run import run_scenario
 
     scenario = scenario_from_dict(_values(tmp, name, kind))
     holder: dict[str, RecordingGrid] = {}
@@ -143,7 +143,7 @@ def _run(tmp: Path, name: str, kind: str) -> tuple[Path, RecordingGrid]:
     def main(grid: Grid, context: Context) -> None:
         holder["grid"] = RecordingGrid(grid)
         if kind == "model":  # a greedy server first asks every client for 10**6 images per class
-            from server.federate import wait_for_nodes
+            from server.federation.federate import wait_for_nodes
 
             nodes = wait_for_nodes(grid, NUM_CLIENTS, NUM_CLIENTS)
             cfg = ConfigRecord({"scenario-json": scenario.to_json(), "quota": [10**6] * 10, "offset": [0] * 10})
@@ -179,7 +179,7 @@ def _failures(run_dir: Path) -> list[dict]:
 
 
 def _pool(run_dir: Path):  # noqa: ANN202
-    from server.artifacts import load_safe_artifact
+    from server.store.artifacts import load_safe_artifact
 
     return load_safe_artifact(run_dir / "safe_pool.pt")
 
@@ -199,7 +199,7 @@ def test_hostile_client_through_flower_model_mode(data_dir: Path) -> None:
     assert "shortfall" in query["reason"]
 
     # FedAvg of the last round = the weighted mean of the honest replies alone (the math says equal)
-    from server.artifacts import load_model_artifact
+    from server.store.artifacts import load_model_artifact
 
     last = [r for r in grid.replies if r.metadata.message_type == "train" and not r.has_error()
             and r.content.config_records[KEY_CLIENT]["partition-id"] != HOSTILE][-2:]
@@ -234,7 +234,7 @@ def test_hostile_client_through_flower_no_model_access(data_dir: Path) -> None:
     assert "NaN/Inf" in rows[0]["reason"]
     # the dropped client is not asked for safe images either: the pool comes from 0 and 1
     assert set(_pool(run_dir).extra["partition_ids"].tolist()) == {0, 1}
-    from server.artifacts import load_torch_file
+    from server.store.artifacts import load_torch_file
 
     dsvs = load_torch_file(run_dir / "client_dsvs.pt")
     assert dsvs["partition_ids"] == [0, 1]
@@ -342,7 +342,7 @@ def test_query_attacks_are_rejected_before_decoding() -> None:
 def test_no_model_access_dsv_replies_are_screened() -> None:
     from common.datasets import get_meta
     from common.records import dsvs_to_record
-    from server.modes import _screen_dsv_reply
+    from server.federation.modes import _screen_dsv_reply
 
     meta = get_meta("fashion-mnist")
     x, y = torch.zeros(10, 1, 28, 28), torch.arange(10)
@@ -364,7 +364,7 @@ def test_no_model_access_dsv_replies_are_screened() -> None:
 def test_dsv_collect_logs_failures_and_applies_the_timeout() -> None:
     from common.datasets import get_meta
     from common.scenario import scenario_from_dict
-    from server.modes import collect_client_dsvs
+    from server.federation.modes import collect_client_dsvs
 
     seen: dict = {}
 
@@ -376,11 +376,11 @@ def test_dsv_collect_logs_failures_and_applies_the_timeout() -> None:
     s = scenario_from_dict({"federation": {"num_clients": 2, "min_clients": 1, "reply_timeout_s": 7},
                             "distill": {"methods": ["dsv"]}, "privacy": {"mode": "no_model_access"}})
     failures = FailureLog()
-    import server.modes
-    from server.federate import FederationError
+    import server.federation.modes
+    from server.federation.federate import FederationError
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(server.modes, "Message", lambda **kw: kw)  # a real Message needs a running Flower task
+    mp.setattr(server.federation.modes, "Message", lambda **kw: kw)  # a real Message needs a running Flower task
     try:
         with pytest.raises(FederationError, match="only 0 of 2 clients sent DSVs"):
             collect_client_dsvs(_Grid(), [1, 2], s, get_meta("fashion-mnist"), timeout=7.0, failures=failures)
@@ -395,7 +395,7 @@ def test_shard_plan_matches_the_clients_shards(tmp_path: Path) -> None:
     from common.scenario import scenario_from_dict
     from common.datasets import federation_train_set
     from edge_client.data import load_client_shard
-    from server.validate import shard_plan
+    from server.federation.validate import shard_plan
 
     (tmp_path / "data").mkdir()
     _fake_fashion_mnist(tmp_path / "data", n_train=150, n_test=30)

@@ -1,4 +1,4 @@
-"""Tests for server/plots.py (report figures)."""
+"""Tests for server/reports/plots.py (report figures)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.datasets import DatasetMeta
-from server.plots import DPI, plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
+from server.reports.plots import DPI, plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
 
 RGB = DatasetMeta(name="toy-rgb", class_names=tuple(f"class{i}" for i in range(10)), channels=3,
                   height=8, width=8, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))

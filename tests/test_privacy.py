@@ -1,4 +1,4 @@
-"""Tests for server/privacy.py (nearest-private-neighbour audit of synthetic sets)."""
+"""Tests for server/reports/audit.py (nearest-private-neighbour audit of synthetic sets)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.datasets import DatasetMeta
-from server.privacy import (
+from server.reports.audit import (
     AuditReference,
     audit_synthetic,
     nearest_cosine,

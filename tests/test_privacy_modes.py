@@ -64,7 +64,7 @@ def _simulate(tmp_path: Path, values: dict) -> tuple[Path, RecordingGrid]:
 
     from common.scenario import load_scenario
     from edge_client.app import app as client_app
-    from server.app import run_scenario
+    from server.run import run_scenario
 
     file = tmp_path / f"{values['name']}.yaml"
     file.write_text(yaml.safe_dump(values))
@@ -140,7 +140,7 @@ def test_no_model_access_never_uploads_weights(no_model_run: tuple[Path, Recordi
     assert "safe_pool" in audit and len(audit) == 5 + NUM_CLIENTS
     assert {f"dsv_client{p}" for p in range(NUM_CLIENTS)} <= set(audit)
     assert all(int(audit[f"dsv_client{p}"]["n_synthetic"]) == 10 for p in range(NUM_CLIENTS))
-    from server.manifest import read_manifest
+    from server.store.manifest import read_manifest
 
     listed = read_manifest(run_dir)["files"]  # the DSVs and every cell record feed reported numbers
     assert {"client_dsvs.pt", "safe_pool.pt"} <= set(listed) and any(k.startswith("cells/") for k in listed)
@@ -152,7 +152,7 @@ def test_no_model_access_never_uploads_weights(no_model_run: tuple[Path, Recordi
 
 
 def test_combine_dsvs_average_and_select() -> None:
-    from server.modes import combine_dsvs
+    from server.federation.modes import combine_dsvs
 
     y = torch.arange(3).repeat_interleave(2)
     a, b = torch.zeros(6, 1, 2, 2), torch.ones(6, 1, 2, 2) * 2
@@ -203,7 +203,7 @@ def test_dp_wrap_picks_flower_wrapper() -> None:
     )
 
     from common.scenario import scenario_from_dict
-    from server.modes import dp_summary, dp_wrap
+    from server.federation.dp import dp_summary, dp_wrap
 
     inner = FedAvg()
     off = scenario_from_dict({})
@@ -222,7 +222,7 @@ def test_audit_pipeline_flags_planted_private_copy(data_dir: Path) -> None:
     from common.scenario import scenario_from_dict
     from common.datasets import federation_train_set
     from common.datasets import normalize
-    from server.privacy_report import audit_sets, private_bank
+    from server.reports.privacy_report import audit_sets, private_bank
 
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDPDD_CACHE", str(data_dir / "cache"))

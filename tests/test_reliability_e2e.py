@@ -67,7 +67,7 @@ def _failures(run_dir: Path) -> list[dict]:
 
 
 def _pool_partitions(run_dir: Path) -> set[int]:
-    from server.artifacts import load_safe_artifact
+    from server.store.artifacts import load_safe_artifact
 
     safe = load_safe_artifact(run_dir / "safe_pool.pt")
     counts = torch.bincount(safe.y, minlength=10)
@@ -97,7 +97,7 @@ def test_malformed_replies_are_rejected(data_dir: Path) -> None:
     assert all("malformed reply rejected" in r["reason"] for r in rows), rows
     assert _pool_partitions(run_dir) == {0, 1}
     assert {r["partition_id"] for r in rows} == {"2"}
-    from server.artifacts import load_model_artifact
+    from server.store.artifacts import load_model_artifact
 
     state = load_model_artifact(run_dir / "global_model.pt").state_dict
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

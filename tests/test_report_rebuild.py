@@ -11,14 +11,15 @@ import torch
 from common.datasets import federation_train_set
 from common.models import build_model
 from common.scenario import load_scenario, save_resolved
-from server.artifacts import save_model_artifact, save_safe_artifact
-from server.collect import pool_subset
-from server.pipeline import PipelineInputs, run_pipeline
+from server.store.artifacts import save_model_artifact, save_safe_artifact
+from server.federation.collect import pool_subset
+from server.pipeline import run_pipeline
+from server.sweep.inputs import PipelineInputs
 from server.report import main as report_main
-from server.validate import FailureLog
+from server.federation.validate import FailureLog
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-# Written by the run and rebuilt by server.report (artifacts, cells, manifest, timings are the inputs).
+# Written by the run and rebuilt by server.reports.tables (artifacts, cells, manifest, timings are the inputs).
 REBUILT = ["results.md", "results.csv", "results_long.csv", "rounds.csv", "rounds.png", "uploads.csv", "uploads.json",
            "failures.csv", "communication.csv", "communication.md", "privacy.md", "privacy_audit.csv",
            "frequency.csv", "images/safe_pool.png", "figures/accuracy_vs_pipc.png"]
@@ -38,7 +39,7 @@ def _tiny_run(run_dir: Path) -> Path:
     meta = data.meta
     arch = {"width": 8, "depth": 3, "norm": "instancenorm", "activation": "relu", "pooling": "avgpooling"}
     model = build_model(meta, arch, seed=0)
-    # phase 1-2 records as the federation stores them in the artifacts (server.manifest.load_history)
+    # phase 1-2 records as the federation stores them in the artifacts (server.store.manifest.load_history)
     rounds = [{"round": 0, "test_acc": 0.1, "test_loss": 2.3}, {"round": 1, "test_acc": 0.42, "test_loss": 1.7}]
     weight_uploads = [{"partition_id": p, "node_id": 10 + p, "round": 1, "bytes": 12345, "shard_bytes": 156800}
                       for p in range(2)]
@@ -56,7 +57,7 @@ def _tiny_run(run_dir: Path) -> Path:
                                 test_x=data.test_x, test_y=data.test_y, run_dir=run_dir, device=torch.device("cpu"),
                                 rounds=rounds, weight_uploads=weight_uploads, safe_uploads=safe_uploads),
                  progress=False)
-    FailureLog(rows=failures).write(run_dir)  # as server.app does after the pipeline
+    FailureLog(rows=failures).write(run_dir)  # as server.run does after the pipeline
     return run_dir
 
 

@@ -1,4 +1,4 @@
-"""Artifact integrity (server/manifest.py) and a NaN planted in one distillation cell.
+"""Artifact integrity (server/store/manifest.py) and a NaN planted in one distillation cell.
 
 The kill-and-restart run through Flower is in tests/test_reliability_e2e.py.
 """
@@ -15,8 +15,8 @@ import torch
 from common.datasets import get_meta
 from common.models import build_model
 from common.scenario import scenario_from_dict
-from server.artifacts import save_model_artifact, save_safe_artifact
-from server.manifest import ManifestError, fingerprint, read_manifest, record_files, verify_files
+from server.store.artifacts import save_model_artifact, save_safe_artifact
+from server.store.manifest import ManifestError, fingerprint, read_manifest, record_files, verify_files
 
 
 def _artifacts(run_dir: Path) -> None:
@@ -58,7 +58,8 @@ def test_fingerprint_covers_federation_not_distillation() -> None:
 
 def test_nan_in_one_cell_does_not_stop_the_sweep(tmp_path: Path) -> None:
     """theta* with a NaN: the DKKT cell fails at once (its S checkpointed), dm and random_real go on."""
-    from server.pipeline import PipelineInputs, run_grid
+    from server.pipeline import run_grid
+    from server.sweep.inputs import PipelineInputs
 
     meta = get_meta("fashion-mnist")
     s = scenario_from_dict({"name": "nan", "device": "cpu", "output_dir": str(tmp_path), "model": {"width": 8},

@@ -28,9 +28,9 @@ def _results(run_dir: Path) -> dict[str, tuple]:
 
 @pytest.mark.slow  # two Flower simulations (~35 s each on a loaded 2-core box)
 def test_killed_and_restarted_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
-    import server.app
+    import server.run
     from common.scenario import scenario_from_dict
-    from server.manifest import read_manifest
+    from server.store.manifest import read_manifest
 
     (tmp_path / "data").mkdir()
     _fake_fashion_mnist(tmp_path / "data")
@@ -43,7 +43,7 @@ def test_killed_and_restarted_run_matches_an_uninterrupted_one(tmp_path: Path) -
     def kill(*args, **kwargs):
         raise _Killed("simulated kill after phase 2")
 
-    mp.setattr(server.app, "run_pipeline", kill)
+    mp.setattr(server.run, "run_pipeline", kill)
     killed = scenario_from_dict(values).run_dir
     try:
         _simulate(tmp_path, values)
@@ -55,7 +55,7 @@ def test_killed_and_restarted_run_matches_an_uninterrupted_one(tmp_path: Path) -
     assert set(read_manifest(killed)["files"]) >= {"global_model.pt", "safe_pool.pt"}
 
     # restart: no grid at all, so any attempt to federate again would fail
-    server.app.run_scenario(None, scenario_from_dict(values))  # type: ignore[arg-type]
+    server.run.run_scenario(None, scenario_from_dict(values))  # type: ignore[arg-type]
     timings = json.loads((killed / "timings.json").read_text())
     assert "federate" not in timings and "collect" not in timings
 

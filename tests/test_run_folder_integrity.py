@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from common.scenario import scenario_from_dict
-from server.artifacts import ArtifactError, load_safe_artifact, save_synthetic_artifact
+from server.store.artifacts import ArtifactError, load_safe_artifact, save_synthetic_artifact
 from common.distill.synthesize import SyntheticSet
-from server.manifest import ManifestError, record_files
-from server.sweep import CELLS_DIR, CellRecordError, _resumable, cell_specs, read_cells
+from server.store.manifest import ManifestError, record_files
+from server.sweep.cells import CELLS_DIR, CellRecordError, _resumable, cell_specs, read_cells
 
 ROOT = Path(__file__).resolve().parents[1]
-# The one module allowed to call torch.load (server.artifacts.load_torch_file), and the one that
+# The one module allowed to call torch.load (server.store.artifacts.load_torch_file), and the one that
 # may unpickle (common.datasets' restricted CIFAR unpickler). Stand-alone experiment scripts may
 # call torch.load on files they wrote, with weights_only=True spelled out.
-TORCH_LOAD_OK = {"server/artifacts.py"}
+TORCH_LOAD_OK = {"server/store/artifacts.py"}
 SCRIPTS_OK: set[str] = set()  # none left; scenarios/core_result.py saves with torch.save only
 PICKLE_OK = {"common/datasets.py"}
 
@@ -50,7 +50,7 @@ def test_no_load_bypasses_the_checked_loaders() -> None:
                     if _kw(node, "weights_only") is not True:
                         bad.append(f"{where}: torch.load without weights_only=True")
                     elif rel not in TORCH_LOAD_OK | SCRIPTS_OK:
-                        bad.append(f"{where}: torch.load outside server.artifacts.load_torch_file")
+                        bad.append(f"{where}: torch.load outside server.store.artifacts.load_torch_file")
                 if mod == "pickle" and attr in ("load", "loads", "Unpickler") and rel not in PICKLE_OK:
                     bad.append(f"{where}: pickle.{attr}")
                 if mod in ("np", "numpy") and attr == "load" and _kw(node, "allow_pickle") not in (None, False):
@@ -184,7 +184,7 @@ def test_audit_uses_the_pool_the_run_used_not_a_file_left_in_the_folder(tmp_path
 
     from common.records import image_keys
     from common.datasets import federation_train_set
-    from server.privacy_report import _run_audit
+    from server.reports.privacy_report import _run_audit
     from tests.test_app_e2e import _fake_fashion_mnist
 
     (tmp_path / "data").mkdir()

@@ -72,7 +72,7 @@ def test_a_long_grid_gets_a_time_warning() -> None:
 
 
 def test_refused_before_the_run_folder_exists(tmp_path: Path) -> None:
-    from server.app import run_scenario
+    from server.run import run_scenario
 
     s = scenario_from_dict({"output_dir": str(tmp_path / "out"), "distill": {"ipc": [100000], "methods": ["dm"]}})
     import common.scenario

@@ -1,4 +1,4 @@
-"""Tests for server/stats.py (pooled mean/std, paired difference and its t-interval)."""
+"""Tests for server/reports/stats.py (pooled mean/std, paired difference and its t-interval)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from server.stats import paired_difference, pooled, t_quantile_975
+from server.reports.stats import paired_difference, pooled, t_quantile_975
 
 
 def test_pooled_is_over_every_model_of_every_seed() -> None:
@@ -46,7 +46,8 @@ def test_t_quantiles() -> None:
 
 
 def test_results_markdown_reports_the_paired_difference_over_seeds() -> None:
-    from server.report import CellResult, results_markdown
+    from server.reports.tables import results_markdown
+    from server.sweep.result import CellResult
 
     cells = [CellResult(method=m, ipc=1, pipc=10, seed=s, accuracies=[a, a], mean=a, std=0.0)
              for s, (d, k) in enumerate([(0.60, 0.63), (0.61, 0.65), (0.62, 0.66)])

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import server.cell_pool as cell_pool
-import server.sweep as sweep
+import server.sweep.cell_pool as cell_pool
+import server.sweep.cells as sweep
 from common.datasets import get_meta
 from common.models import build_model
 from common.scenario import ScenarioError, save_resolved, scenario_from_dict
-from server.collect import pool_subset
-from server.pipeline import PipelineInputs, run_pipeline
+from server.federation.collect import pool_subset
+from server.pipeline import run_pipeline
+from server.sweep.inputs import PipelineInputs
 
 META = get_meta("fashion-mnist")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +49,11 @@ class SimulatedInterrupt(RuntimeError):
 
 def _tables_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the PNGs (matplotlib dominates these tests' time); test_2x2 covers the figures."""
-    import server.figures
+    import server.reports.figures
     import server.pipeline
 
     monkeypatch.setattr(server.pipeline, "rebuild_report",
-                        lambda run_dir, **kw: server.figures.rebuild_report(run_dir, figures=False))
+                        lambda run_dir, **kw: server.reports.figures.rebuild_report(run_dir, figures=False))
 
 
 def _count_synth(monkeypatch: pytest.MonkeyPatch, fail_on: str | None = None) -> list[str]:
@@ -210,7 +211,7 @@ def test_cells_in_two_worker_processes_match_one_process(tmp_path, monkeypatch):
     log lines reach this process, and every result and synthetic set equals the one-process run."""
     import logging
 
-    from server.artifacts import load_synthetic_artifact
+    from server.store.artifacts import load_synthetic_artifact
     from server.pipeline import run_grid
 
     grid = {"methods": ["dm", "dkkt_dm", "random_real"], "ipc": [1], "pipc": [3], "seeds": [0, 1]}
@@ -238,7 +239,7 @@ def test_cells_in_two_worker_processes_match_one_process(tmp_path, monkeypatch):
 
 
 def test_resolve_workers_defaults():
-    from server.cell_pool import resolve_workers
+    from server.sweep.cell_pool import resolve_workers
 
     assert resolve_workers(0, torch.device("cuda"), 9) == 1  # one process drives the GPU
     assert resolve_workers(3, torch.device("cpu"), 9) == 3

@@ -26,7 +26,7 @@ that compare methods set one optimizer for all). lambda = exp(rho) with its own 
 (lr_lambda), see common/distill/dkkt.py for the formulation and its evidence. Every
 ``log_every`` iterations the loss history records each term, L_stat / D(target, 0),
 lambda's min / mean / max / count at 0 and each weighted term's share of the image
-gradient (server/loss_trace.py draws them).
+gradient (server/sweep/loss_trace.py draws them).
 Every iteration draws a fresh random embedding network psi (``embed_factory``), a real
 batch of up to ``real_batch`` safe images per class and one DSA draw per class (shared
 by the real and synthetic images of that class), all from one CPU ``torch.Generator``
@@ -87,7 +87,7 @@ class DistillationError(RuntimeError):
         self.terms = terms
         self.checkpoint = checkpoint
 
-    def __reduce__(self) -> tuple:  # survives pickling, e.g. back from a sweep worker process (server/cell_pool.py)
+    def __reduce__(self) -> tuple:  # survives pickling, e.g. back from a sweep worker process (server/sweep/cell_pool.py)
         return (type(self), (str(self), self.iteration, self.terms, self.checkpoint))
 
 

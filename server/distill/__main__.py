@@ -5,7 +5,7 @@
         --out runs/offline [--data-root DIR] [--device auto] [--seed 0]
 
 MODEL.pt: ``{"state_dict", "arch", "dataset"}``; SAFE.pt: ``{"x": uint8 N×C×H×W,
-"y": int64 N, "dataset"}`` (see ``server/artifacts.py``). Writes into ``--out``:
+"y": int64 N, "dataset"}`` (see ``server/store/artifacts.py``). Writes into ``--out``:
 ``synthetic_<method>_ipc<k>_pipc<p>.pt`` (+ ``.png`` grid) and appends one row to
 ``results.json`` (a list) and ``results.csv``. ``--eval-epochs 0`` skips evaluation.
 Exit status: 0 ok, 1 distillation diverged (NaN/Inf), 2 bad arguments or input files.
@@ -26,6 +26,18 @@ import torch
 
 from common.methods import METHODS, spec
 from common.distill.synthesize import DistillationError, DistillConfig, synthesize
+from common.scenario import load_scenario
+from common.datasets import get_meta, load_dataset, normalize
+from common.device import pick_device
+from common.models import build_model
+from server.store.artifacts import (
+    build_model_from_artifact, load_model_artifact, load_safe_artifact,
+    load_synthetic_artifact, save_synthetic_artifact,
+    )
+from common.distill.synthesize import make_embed_factory
+from common.evaluate import EvalConfig, evaluate_synthetic
+from server.reports.images import save_image_grid
+from common.threads import apply_thread_policy
 
 RESULT_COLUMNS = (
     "timestamp", "dataset", "method", "ipc", "pipc", "seed", "iterations", "iterations_done",
@@ -110,8 +122,6 @@ def _init_seed(args: argparse.Namespace) -> int:
         return int(args.init_seed)
     resolved = Path(args.model).with_name("scenario.resolved.yaml")
     if resolved.is_file():
-        from common.scenario import load_scenario
-
         return int(load_scenario(resolved).seed)
     raise ValueError(f"--stat-target update needs theta_0's seed: pass --init-seed (the scenario seed of the run "
                      f"that trained {args.model}), or --stat-target theta")
@@ -146,17 +156,6 @@ def append_results(out_dir: Path, row: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from common.datasets import get_meta, load_dataset, normalize
-    from common.device import pick_device
-    from common.models import build_model
-    from server.artifacts import (
-        build_model_from_artifact, load_model_artifact, load_safe_artifact,
-        load_synthetic_artifact, save_synthetic_artifact,
-    )
-    from common.distill.synthesize import make_embed_factory
-    from common.evaluate import EvalConfig, evaluate_synthetic
-    from server.images import save_image_grid
-
     meta = get_meta(args.dataset)
     device = pick_device(args.device)
     model = None
@@ -237,8 +236,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from common.threads import apply_thread_policy
-
     apply_thread_policy("server")  # an entry point: the ServerApp's thread policy (common/threads.py)
     try:
         row = run(args)

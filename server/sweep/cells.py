@@ -3,7 +3,7 @@
 A scenario's grid is ``distill.pipc x distill.ipc x distill.seeds x distill.methods``. The
 federated phases run once; every cell reuses theta* and the safe pool T' (a cell with pipc p
 distills from the first p images per class of T', so smaller pools are nested subsets of
-larger ones, ``server.collect.pool_subset``).
+larger ones, ``server.federation.collect.pool_subset``).
 
 Each finished cell is written to ``<run>/cells/<method>_ipc<k>_pipc<p>_seed<s>``: first the
 synthetic set (``.pt``), then the record (``.json``, written via a temp file + rename, so a
@@ -39,20 +39,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.datasets import normalize
 from common.grid import PIPC_ALL, pipc_label, real_init_methods, static_skip_reason
 from common.scenario import Scenario
-from server.loss_trace import has_dkkt_trace, write_cell_trace
-from server.artifacts import load_synthetic_artifact, save_synthetic_artifact
-from server.collect import pool_subset
+from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
+from server.store.artifacts import load_synthetic_artifact, save_synthetic_artifact
+from server.federation.collect import pool_subset
 from common.distill.synthesize import DistillConfig, SyntheticSet
 from common.methods import uses_dsvs
-from server.faults import record_failed_cell
-from server.manifest import MANIFEST, ManifestError, read_manifest, record_files, verify_files
+from server.sweep.faults import record_failed_cell
+from server.store.manifest import MANIFEST, ManifestError, federation_stamp, read_manifest, record_files, verify_files
 from common.evaluate import EvalConfig
-from server.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
-from server.report import CellResult
+from server.sweep.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
+from server.sweep.result import CellResult
 
 __all__ = [
     "CELLS_DIR", "CellSpec", "CellRecordError", "seeds_of", "cell_specs", "tensor_digest", "run_cells", "read_cells",
-    "federation_stamp", "write_federation_stamp", "resumable_federation", "pool_quota",
+    "write_federation_stamp", "resumable_federation", "pool_quota",
 ]
 
 CELLS_DIR = "cells"
@@ -137,7 +137,7 @@ class _CellResult(BaseModel):
 
 
 class _CellRecord(BaseModel):
-    """The schema of cells/<cell>.json (written by :func:`run_cells` / server.faults)."""
+    """The schema of cells/<cell>.json (written by :func:`run_cells` / server.sweep.faults)."""
 
     model_config = ConfigDict(extra="allow")
     format: int = FORMAT
@@ -275,14 +275,14 @@ def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[
     """Distill + evaluate every cell of ``inp.scenario`` (a ``server.pipeline.PipelineInputs``), resuming.
 
     This process plans (skip, resume) and writes every record; the cells to compute run in
-    ``distill.workers`` processes (server/cell_pool.py). The factories must be picklable when
+    ``distill.workers`` processes (server/sweep/cell_pool.py). The factories must be picklable when
     more than one worker runs (``common.models.ModelFactory``, ``make_embed_factory``).
     """
     s, meta, dev, run_dir = inp.scenario, inp.meta, inp.device, Path(inp.run_dir)
     cells_dir = run_dir / CELLS_DIR
     cells_dir.mkdir(parents=True, exist_ok=True)
     state = list(inp.model_state.values()) if inp.model_state is not None else []
-    client_dsvs = getattr(inp, "client_dsvs", None)  # privacy.mode no_model_access (server.modes): no theta*
+    client_dsvs = getattr(inp, "client_dsvs", None)  # privacy.mode no_model_access (server.federation.modes): no theta*
     if client_dsvs is not None:
         state = list(client_dsvs.x)
     base_digest = {"model": tensor_digest(*state), "test": tensor_digest(inp.test_x, inp.test_y)}
@@ -359,7 +359,7 @@ def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[
         group = (spec.pipc, spec.ipc, spec.seed)
         if uses_dsvs(spec.method) and group in computed_dsv:  # the input it took, known once the dsv ran
             config = configs[spec] = _plain({**config, "inputs": {**config["inputs"], "dsv": computed_dsv[group]}})
-        if out.error is not None:  # NaN/Inf in this cell: record it, go on (server/faults.py)
+        if out.error is not None:  # NaN/Inf in this cell: record it, go on (server/sweep/faults.py)
             done[spec] = record_failed_cell(spec, out.error, run_dir, config, CELLS_DIR, FORMAT)
             _record_cell_files(run_dir, spec, with_set=False)
             return
@@ -416,14 +416,6 @@ def pool_quota(scenario: Scenario, train_y: torch.Tensor, num_classes: int) -> t
 
 
 _STAMP = "federation.json"
-
-
-def federation_stamp(s: Scenario) -> dict:
-    """Everything that decides theta* and T': the scenario minus the grid and where/how it runs."""
-    d = s.to_dict()
-    for key in ("distill", "evaluation", "name", "output_dir", "reuse_artifacts", "device"):
-        d.pop(key, None)
-    return _plain({**d, "pool_pipc": s.pool_pipc})
 
 
 def write_federation_stamp(s: Scenario) -> Path:

@@ -22,7 +22,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.records import CFG_SCENARIO, KEY_ARRAYS, KEY_CLIENT, record_bytes, record_to_state_dict, state_dict_to_record
 from common.scenario import Scenario
-from server.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
+from server.federation.dp import dp_wrap
+from server.federation.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
                              weight_signature)
 
 __all__ = ["FederationError", "FederationResult", "wait_for_nodes", "run_federation"]
@@ -74,7 +75,7 @@ class _TrackingFedAvg(FedAvg):
                  signature: dict | None = None, expected_nodes: list[int] | None = None,
                  plan: ShardPlan | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.plan = plan  # shard sizes: bounds num-examples and partition ids (server/validate.py)
+        self.plan = plan  # shard sizes: bounds num-examples and partition ids (server/federation/validate.py)
         self.min_clients = min_clients
         # reliability: failed / malformed / missing replies are logged and left out of the average
         self.failures = failures if failures is not None else FailureLog()
@@ -113,7 +114,7 @@ class _TrackingFedAvg(FedAvg):
         return arrays, metrics
 
     def _screen(self, server_round: int, phase: str, replies: list[Message]) -> list[Message]:
-        """Replies that carry no error and pass server/validate.py; the rest go to the failure log."""
+        """Replies that carry no error and pass server/federation/validate.py; the rest go to the failure log."""
         good: list[Message] = []
         seen: set[int] = set()
         accepted: dict[int, int] = {}  # node -> partition id of the replies accepted this round
@@ -199,7 +200,7 @@ def run_federation(
 
     scenario_json = scenario.to_json()
     train_config = ConfigRecord({CFG_SCENARIO: scenario_json, "lr": float(f.lr), "local-epochs": int(f.local_epochs)})
-    from server.modes import dp_wrap  # privacy.dp: Flower's fixed-clipping DP wrapper (no-op when off)
+    # privacy.dp: Flower's fixed-clipping DP wrapper (no-op when off)
 
     outer = dp_wrap(strategy, scenario, n)
     if outer is not strategy:

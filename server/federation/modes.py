@@ -20,11 +20,7 @@ Combining N clients' DSVs into ipc per class (``privacy.dsv_combine``):
 * ``select``: slot j of class c = client (j mod N)'s DSV number (j div N), clients in
   partition order: the DSVs stay intact and are spread over the clients.
 
-``privacy.dp`` (mode ``model``): FedAvg wrapped in Flower's
-``DifferentialPrivacyServerSideFixedClipping`` (the server clips each update to
-``clipping_norm`` and adds Gaussian noise of stdev ``noise_multiplier * clipping_norm / N``
-to the average) or ``DifferentialPrivacyClientSideFixedClipping`` (clients clip with
-``fixedclipping_mod``, see edge_client/dsv.py; the server adds the noise).
+``privacy.dp`` (mode ``model``): server/federation/dp.py.
 """
 
 from __future__ import annotations
@@ -38,57 +34,24 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    Strategy,
-)
 
 from common.datasets import DatasetMeta
 from common.records import (CFG_SCENARIO, DSV_ACTION, KEY_CLIENT, KEY_CONFIG, KEY_DSV, KEY_METRICS, record_bytes,
                             record_to_dsvs)
 from common.scenario import Scenario
 from common.atomic import atomic_torch_save
-from server.artifacts import save_safe_artifact
-from server.collect import SafePool, collect_safe_pool
-from server.federate import FederationError, wait_for_nodes
-from server.manifest import fingerprint, record_files
-from server.validate import (DSV_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count,
+from server.store.artifacts import save_safe_artifact
+from server.federation.collect import SafePool, collect_safe_pool
+from server.federation.federate import FederationError, wait_for_nodes
+from server.store.manifest import fingerprint, record_files
+from server.federation.validate import (DSV_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count,
                              check_client_record, check_metric_keys, check_record_names, claimed_partition,
                              shard_plan)
 
-__all__ = ["ClientDSVs", "NoModelResult", "DSV_MESSAGE_TYPE", "dp_wrap", "dp_summary", "combine_dsvs",
+__all__ = ["ClientDSVs", "NoModelResult", "DSV_MESSAGE_TYPE", "combine_dsvs",
            "collect_client_dsvs", "federate_without_model"]
 
 DSV_MESSAGE_TYPE = f"{MessageType.QUERY}.{DSV_ACTION}"  # "query.dsv"
-
-
-# ---------------------------------------------------------------- DP-FedAvg
-
-
-def dp_wrap(strategy: Strategy, scenario: Scenario, num_clients: int) -> Strategy:
-    """``strategy`` wrapped in Flower's fixed-clipping DP wrapper when ``privacy.dp.enabled``."""
-    dp = scenario.privacy.dp
-    if not dp.enabled:
-        return strategy
-    cls = DifferentialPrivacyServerSideFixedClipping if dp.side == "server" else DifferentialPrivacyClientSideFixedClipping
-    log(INFO, "federate: DP-FedAvg (%s-side fixed clipping, clipping norm %g, noise multiplier %g, %d clients)",
-        dp.side, dp.clipping_norm, dp.noise_multiplier, num_clients)
-    return cls(strategy, noise_multiplier=float(dp.noise_multiplier), clipping_norm=float(dp.clipping_norm),
-               num_sampled_clients=int(num_clients))
-
-
-def dp_summary(scenario: Scenario, num_clients: int | None) -> dict:
-    """What the run's report says about DP (empty dict when DP is off)."""
-    dp = scenario.privacy.dp
-    if not dp.enabled:
-        return {}
-    n = num_clients or scenario.federation.num_clients
-    stdev = dp.noise_multiplier * dp.clipping_norm / n if n else None
-    return {"side": dp.side, "clipping_norm": dp.clipping_norm, "noise_multiplier": dp.noise_multiplier,
-            "num_clients": n, "noise_stdev": stdev, "rounds": scenario.federation.rounds,
-            "wrapper": ("DifferentialPrivacyServerSideFixedClipping" if dp.side == "server"
-                        else "DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod")}
 
 
 # ---------------------------------------------------------------- no model access
@@ -145,7 +108,7 @@ def dsv_per_client(scenario: Scenario, num_clients: int) -> int:
 
 def _screen_dsv_reply(reply: Message, meta: DatasetMeta, ipc: int, plan: ShardPlan | None,
                       claimed: dict[int, int]) -> tuple[int, torch.Tensor, torch.Tensor, dict]:
-    """One DSV reply, checked like every other reply (server/validate.py) before it is decoded."""
+    """One DSV reply, checked like every other reply (server/federation/validate.py) before it is decoded."""
     content = reply.content
     node = reply.metadata.src_node_id
     check_record_names(content, {KEY_DSV}, {KEY_METRICS}, {KEY_CLIENT})

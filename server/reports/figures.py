@@ -1,20 +1,20 @@
 """Rebuild a run folder's tables and figures from its stored cells (``python -m server.report RUN_DIR``).
 
 Reads only: ``scenario.resolved.yaml`` (the grid and the dataset), ``cells/*.json`` + ``.pt``
-(server.sweep), ``rounds.csv`` and ``safe_pool.pt`` when present. Writes:
+(server.sweep.cells), ``rounds.csv`` and ``safe_pool.pt`` when present. Writes:
 
-- ``results.md`` / ``results.csv`` / ``results_long.csv`` (server.report; Table 1 layout);
-- ``images/<cell>.png``: each synthetic set as a grid with class names (server.images);
+- ``results.md`` / ``results.csv`` / ``results_long.csv`` (server.reports.tables; Table 1 layout);
+- ``images/<cell>.png``: each synthetic set as a grid with class names (server.reports.images);
 - ``frequency.csv`` + ``figures/spectra_ipc<k>_pipc<p>.png``: paper Fig. 3, the mean log-magnitude
   FFT spectra of the dsv / dsv_real / dm / dkkt_dm / blend sets of one (ipc, pipc), first seed,
   next to the real safe images, and the low/high-frequency energy split of every set
-  (server.frequency; per-image mean removed, cutoff 0.25 x Nyquist, so brightness is ignored);
+  (server.reports.frequency; per-image mean removed, cutoff 0.25 x Nyquist, so brightness is ignored);
 - ``figures/accuracy_vs_pipc.png``: accuracy against pipc per method, one panel per ipc;
 - ``rounds.png``: the federated learning curve from ``rounds.csv``;
-- ``traces/<cell>.csv`` + ``.png``: the loss-term traces of each DKKT cell (server.loss_trace).
+- ``traces/<cell>.csv`` + ``.png``: the loss-term traces of each DKKT cell (server.sweep.loss_trace).
 
-``rebuild_run_files`` / ``rebuild_all`` also rewrite what phase 5 derives from the artifacts and
-records (``python -m server.report``).
+``server.reports.run_files.rebuild_all`` (``python -m server.report``) also rewrites what phase 5
+derives from the artifacts and records.
 
 results.md is a pure function of the cell records, so a rebuild reproduces it byte for byte.
 """
@@ -22,24 +22,27 @@ results.md is a pure function of the cell records, so a rebuild reproduces it by
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import yaml
 
-from common.datasets import federation_train_set, get_meta, normalize
+from common.datasets import get_meta, normalize
 from common.grid import pipc_label
 from common.scenario import Scenario, scenario_from_dict
-from server.artifacts import load_safe_artifact, load_synthetic_artifact
-from server.collect import pool_subset
-from server.frequency import frequency_table, mean_log_spectrum
-from server.images import save_image_grid
-from server.plots import plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
-from server.report import aggregate_seeds, write_results
-from server.sweep import read_cells
+from server.store.artifacts import load_safe_artifact, load_synthetic_artifact
+from server.federation.collect import pool_subset
+from server.reports.frequency import frequency_table, mean_log_spectrum
+from server.reports.images import save_image_grid
+from server.reports.plots import plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
+from server.reports.tables import aggregate_seeds, write_results
+from server.sweep.cells import read_cells
+from server.federation.validate import FailureLog
+from server.reports.privacy_report import results_note
+from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
 
-__all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report", "rebuild_run_files",
-           "rebuild_all"]
+__all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report"]
 
 SPECTRUM_METHODS = ("dsv", "dsv_real", "dm", "dkkt_dm", "blend")
 FREQ_CUTOFF = 0.25  # units of Nyquist
@@ -55,21 +58,9 @@ def load_run_scenario(run_dir: str | Path) -> Scenario:
     return scenario_from_dict(values, source=str(path))
 
 
-def _privacy_note(scenario: Scenario, run_dir: Path) -> str:
-    try:  # the privacy modes' note (server.privacy_report), when that module is present
-        from server.privacy_report import results_note
-    except ImportError:
-        return ""
-    return results_note(scenario, run_dir)
-
-
 def _append_failures(results_md: Path, run_dir: Path) -> None:
-    """The 'Client failures' section, as server.validate.FailureLog.write appends it after a run."""
+    """The 'Client failures' section, as server.federation.validate.FailureLog.write appends it after a run."""
     path = run_dir / "failures.csv"
-    try:
-        from server.validate import FailureLog
-    except ImportError:
-        return
     if not path.is_file():
         return
     with path.open(newline="") as fh:
@@ -85,12 +76,8 @@ def results_title(scenario: Scenario) -> str:
 
 
 def _rebuild_traces(run_dir: Path, cells: list, only_stale: bool = False) -> dict[str, Path]:
-    """traces/<cell>.csv + .png from each DKKT cell record's loss history (server.loss_trace's writer,
-    as server.sweep uses it). ``only_stale`` (the pipeline): skip a trace newer than its record."""
-    import json
-
-    from server.loss_trace import has_dkkt_trace, write_cell_trace
-
+    """traces/<cell>.csv + .png from each DKKT cell record's loss history (server.sweep.loss_trace's writer,
+    as server.sweep.cells uses it). ``only_stale`` (the pipeline): skip a trace newer than its record."""
     written: dict[str, Path] = {}
     for c in cells:
         syn = c.files.get("synthetic")
@@ -124,7 +111,7 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
     if not cells:
         raise FileNotFoundError(f"{run_dir / 'cells'} holds no cell records of this scenario's grid: nothing to report")
     written.update({f"results_{k}": v for k, v in write_results(cells, run_dir, title=results_title(scenario)).items()})
-    note = _privacy_note(scenario, run_dir)
+    note = results_note(scenario, run_dir)  # the privacy modes' note (server.reports.privacy_report)
     if note:
         written["results_md"].write_text(written["results_md"].read_text() + note)
     _append_failures(written["results_md"], run_dir)
@@ -144,7 +131,7 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
                         title=f"{c.method} ipc={c.ipc} pipc={pipc_label(c.pipc)} seed={c.seed}")
     if sets:
         written["image_grids"] = run_dir / "images"
-    if figures:  # loss-term traces of the DKKT cells, as server.sweep writes them after a cell
+    if figures:  # loss-term traces of the DKKT cells, as server.sweep.cells writes them after a cell
         written.update(_rebuild_traces(run_dir, ran, only_stale=not all_grids))
 
     # Fig. 3: spectra per (ipc, pipc) at the first seed, plus the real safe images as reference.
@@ -199,66 +186,4 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
         if rr:
             written["rounds"] = plot_federated_curve([int(r["round"]) for r in rr], [float(r["test_acc"]) for r in rr],
                                                      run_dir / "rounds.png")
-    return written
-
-
-def rebuild_run_files(run_dir: str | Path, audit: bool = True) -> dict[str, Path]:
-    """Rewrite the files phase 5 derives from the federation records and artifacts, not only from the cells.
-
-    From ``global_model.pt`` / ``safe_pool.pt`` (their stored rounds, uploads and client
-    failures, server.manifest.load_history), the cells and the dataset's test split:
-    ``rounds.csv``, ``uploads.csv``/``.json``, ``failures.csv``, ``images/safe_pool.png``,
-    ``communication.csv``/``.md``, ``privacy.md`` and, with ``audit``, ``privacy_audit.csv`` +
-    ``privacy/closest_*.png`` (the audit is recomputed: it reloads the training images). The
-    same code as the run (server.pipeline.write_run_files), so the files come out identical.
-    """
-    import torch
-    from flwr.common.logger import log
-    from logging import INFO
-
-    from server.artifacts import load_model_artifact
-    from server.manifest import load_history
-    from server.pipeline import PipelineInputs, write_run_files
-
-    run_dir = Path(run_dir).resolve()
-    scenario = load_run_scenario(run_dir)
-    if not audit:
-        scenario.privacy.audit = False
-    data = federation_train_set(scenario)  # the test split (and the audit's private bank) as the run saw it
-    meta = data.meta
-    model_file, pool_file = run_dir / "global_model.pt", run_dir / "safe_pool.pt"
-    state = None
-    if model_file.is_file():
-        state = load_model_artifact(model_file, dataset=meta.name).state_dict
-    if pool_file.is_file():
-        pool = load_safe_artifact(pool_file, meta=meta)
-        pool_x, pool_y = pool.x, pool.y
-    else:
-        pool_x = torch.zeros(0, *meta.image_shape, dtype=torch.uint8)
-        pool_y = torch.zeros(0, dtype=torch.int64)
-    history = load_history(run_dir, meta.name) if model_file.is_file() and pool_file.is_file() else {}
-    failures = history.pop("failures", [])
-    inp = PipelineInputs(scenario=scenario, meta=meta, model_state=state, pool_x=pool_x, pool_y=pool_y,
-                         test_x=data.test_x, test_y=data.test_y, run_dir=run_dir, device=torch.device("cpu"),
-                         **history)
-    del data
-    log(INFO, "report: rebuilding the run files of %s (audit %s)", run_dir, "on" if scenario.privacy.audit else "off")
-    write_run_files(inp, read_cells(run_dir, scenario))
-    written = {"rounds": run_dir / "rounds.csv", "communication": run_dir / "communication.md",
-               "privacy": run_dir / "privacy.md"}
-    if failures or (run_dir / "failures.csv").is_file() or history:
-        from server.validate import FailureLog
-
-        written["failures"] = FailureLog(rows=failures).write(run_dir)
-    if len(pool_y):
-        written["safe_pool_grid"] = run_dir / "images" / "safe_pool.png"
-    if scenario.privacy.audit:
-        written["privacy_audit"] = run_dir / "privacy_audit.csv"
-    return {k: v for k, v in written.items() if v is not None and v.exists()}
-
-
-def rebuild_all(run_dir: str | Path, audit: bool = True) -> dict[str, Path]:
-    """Every file a run writes, except the artifacts, cells and timings.json: run files, then tables + figures."""
-    written = rebuild_run_files(run_dir, audit=audit)
-    written.update(rebuild_report(run_dir))
     return written

@@ -2,7 +2,7 @@
 
 ``common.distill.synthesize`` raises ``DistillationError`` the moment a loss term, a
 gradient or S turns NaN/Inf, after saving the last good S to the cell's checkpoint. The
-sweep (server/sweep.py) catches it per cell and calls :func:`record_failed_cell`: the cell
+sweep (server/sweep/cells.py) catches it per cell and calls :func:`record_failed_cell`: the cell
 is recorded as failed with the message (``cells/<cell>.json``, ``"skipped": "failed: ..."``,
 so a restarted sweep retries it and the report shows the reason), and the sweep goes on
 with the next cell.
@@ -20,7 +20,7 @@ from typing import Any
 from flwr.common.logger import log
 
 from common.grid import pipc_label
-from server.report import CellResult
+from server.sweep.result import CellResult
 
 __all__ = ["record_failed_cell"]
 

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from common.atomic import atomic_torch_save
+from common.datasets import get_meta
+from common.models import build_model
 
 __all__ = [
     "ArtifactError",
@@ -80,8 +82,6 @@ def _check_dataset(obj: Mapping[str, Any], path: Path, what: str, dataset: str |
 
 def _canon(name: str) -> str:
     try:
-        from common.datasets import get_meta
-
         return get_meta(name).name
     except Exception:  # unknown names compare verbatim
         return name.strip().lower()
@@ -135,8 +135,6 @@ def build_model_from_artifact(artifact: ModelArtifact, meta: Any) -> nn.Module:
     Shape / key mismatches (wrong architecture or dataset) raise ``ArtifactError``
     naming the file.
     """
-    from common.models import build_model
-
     where = artifact.path if artifact.path is not None else "<in-memory model artifact>"
     try:
         model = build_model(meta, artifact.arch)

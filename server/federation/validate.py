@@ -31,6 +31,7 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 
 from common.records import KEY_ARRAYS, KEY_CLIENT, KEY_METRICS
+from common.partition import partition_indices
 
 __all__ = ["ReplyRejected", "FailureLog", "ShardPlan", "shard_plan", "weight_signature", "check_train_reply",
            "check_safe_images", "check_eval_reply", "check_record_names", "check_metric_keys", "check_client_record"]
@@ -75,8 +76,6 @@ class ShardPlan:
 
 def shard_plan(scenario: object, train_y: torch.Tensor, num_partitions: int, num_classes: int) -> ShardPlan:
     """The shard sizes ``edge_client.data`` builds for ``num_partitions`` clients (same formula)."""
-    from common.partition import partition_indices
-
     f = scenario.federation  # type: ignore[attr-defined]
     parts = partition_indices(train_y, num_partitions, scheme=f.partition, seed=scenario.seed,  # type: ignore[attr-defined]
                               alpha=f.dirichlet_alpha, shards_per_client=f.shards_per_client)

@@ -72,7 +72,7 @@ class SharedInputs:
 
 @dataclass
 class CellTask:
-    spec: Any  # server.sweep.CellSpec
+    spec: Any  # server.sweep.cells.CellSpec
     checkpoint_path: Path
     client_dsv: tuple[torch.Tensor, torch.Tensor, str] | None = None  # no_model_access: (x, y, combine) for ipc
 

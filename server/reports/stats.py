@@ -88,7 +88,7 @@ REPORT_PAIRS: tuple[tuple[str, str], ...] = (("dkkt_dm", "dm"), ("dkkt_dm", "dsv
 def paired_markdown(cells: Sequence[object], label: Callable[[int], str] = str) -> list[str]:
     """Markdown lines: per (ipc, pipc) and method pair of ``REPORT_PAIRS``, the per-seed paired
     difference of the mean accuracy, its mean and 95 % interval. ``cells`` are objects with
-    method, ipc, pipc, seed, accuracies, skipped (``server.report.CellResult``); empty list
+    method, ipc, pipc, seed, accuracies, skipped (``server.sweep.result.CellResult``); empty list
     when no pair has two seeds."""
     acc: dict[tuple[str, int, int], dict[int, list[float]]] = {}
     for c in cells:

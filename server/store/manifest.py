@@ -10,10 +10,10 @@ Every run folder gets a ``manifest.json``::
   safe policy, faults, pool size). Output folder, distillation and evaluation settings are
   left out: changing them must not force a new federation.
 * :func:`record_files` is called right after an artifact was written atomically (temp +
-  rename, ``server.artifacts.atomic_torch_save``); the manifest itself is written the same way.
+  rename, ``server.store.artifacts.atomic_torch_save``); the manifest itself is written the same way.
 * :func:`verify_files` recomputes the hashes; a mismatch raises :class:`ManifestError`
   naming the file (a truncated copy, a manual edit, a different run's file).
-* :func:`load_history` gives a resumed run (``server.sweep.resumable_federation`` decides
+* :func:`load_history` gives a resumed run (``server.sweep.cells.resumable_federation`` decides
   whether phases 1-2 are skipped) the rounds, uploads and client failures of the run that
   made the artifacts, so its report equals that of an uninterrupted run.
 """
@@ -31,8 +31,10 @@ from typing import Any
 import torch
 
 from common.scenario import Scenario
+from server.store.artifacts import load_torch_file
+from server.store.artifacts import load_model_artifact, load_safe_artifact
 
-__all__ = ["MANIFEST", "PHASE12_FILES", "ManifestError", "fingerprint", "read_manifest", "record_files",
+__all__ = ["MANIFEST", "PHASE12_FILES", "ManifestError", "federation_stamp", "fingerprint", "read_manifest", "record_files",
            "verify_files", "load_history"]
 
 MANIFEST = "manifest.json"
@@ -43,13 +45,19 @@ class ManifestError(ValueError):
     """An artifact does not match its manifest entry (or the manifest is unreadable)."""
 
 
+def federation_stamp(s: Scenario) -> dict:
+    """Everything that decides theta* and T': the scenario minus the grid and where/how it runs."""
+    d = s.to_dict()
+    for key in ("distill", "evaluation", "name", "output_dir", "reuse_artifacts", "device"):
+        d.pop(key, None)
+    return json.loads(json.dumps({**d, "pool_pipc": s.pool_pipc}, default=str))  # plain JSON values
+
+
 def fingerprint(scenario: Scenario) -> str:
     """sha256 of the scenario parts that decide phases 1-2 (theta* and the safe pool T').
 
-    The same parts as ``server.sweep.federation_stamp`` (which gates the resume), hashed.
+    The parts of ``federation_stamp`` (which gates the resume, ``server.sweep.cells.resumable_federation``), hashed.
     """
-    from server.sweep import federation_stamp
-
     return hashlib.sha256(json.dumps(federation_stamp(scenario), sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -103,8 +111,6 @@ def _write_manifest(run_dir: Path, data: dict[str, Any]) -> Path:
 
 def record_files(run_dir: str | os.PathLike[str], names: Iterable[str], fp: str | None = None) -> Path:
     """Add (or refresh) the manifest entries of ``names`` (paths relative to ``run_dir``)."""
-    from server.artifacts import load_torch_file
-
     run_dir = Path(run_dir)
     data = read_manifest(run_dir) or {"files": {}}
     if fp is not None:
@@ -134,7 +140,7 @@ def verify_files(run_dir: str | os.PathLike[str], names: Iterable[str], required
         raise ManifestError(
             f"{run_dir} holds {', '.join(n for n in names if (run_dir / n).exists())} but no {MANIFEST}: "
             "these files cannot be checked, so they are not used. Rerun the run that made them (or delete "
-            "them); if you made them yourself, record them with server.manifest.record_files first"
+            "them); if you made them yourself, record them with server.store.manifest.record_files first"
         )
     for name in names:
         entry = (data or {}).get("files", {}).get(name)
@@ -157,8 +163,6 @@ def verify_files(run_dir: str | os.PathLike[str], names: Iterable[str], required
 
 def load_history(run_dir: str | os.PathLike[str], dataset: str) -> dict[str, list]:
     """The phase 1-2 records stored inside the artifacts (rounds, uploads, client failures)."""
-    from server.artifacts import load_model_artifact, load_safe_artifact
-
     run_dir = Path(run_dir)
     model_extra = load_model_artifact(run_dir / "global_model.pt", dataset=dataset).extra
     safe_extra = load_safe_artifact(run_dir / "safe_pool.pt", dataset=dataset).extra

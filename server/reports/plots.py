@@ -1,4 +1,4 @@
-"""Report figures (PNG, dpi 150): accuracy vs pipc, federated learning curve, FFT spectra (image grids: server/images.py).
+"""Report figures (PNG, dpi 150): accuracy vs pipc, federated learning curve, FFT spectra (image grids: server/reports/images.py).
 
 Figures are built with the object-oriented API on an explicit Agg canvas
 (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``) instead of pyplot: no global

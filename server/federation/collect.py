@@ -28,7 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.records import CFG_SCENARIO, KEY_CLIENT, KEY_CONFIG, KEY_METRICS, KEY_SAFE, ImageSet, image_keys, record_bytes
-from server.validate import (QUERY_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count, _decoded,
+from server.federation.validate import (QUERY_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count, _decoded,
                              check_client_record, check_metric_keys, check_record_names, check_safe_images)
 
 __all__ = ["SafePool", "SafeReply", "CollectError", "empty_pool", "spread_evenly", "plan_collection", "collect_safe_pool", "pool_subset"]
@@ -82,7 +82,7 @@ def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: A
     ``node_ids`` order decides who gets the remainder of an uneven split: pass a stable order
     (by partition id) for a pool that is reproducible across runs (node ids are random).
     ``allow_short`` (pipc 'all'): a class that every client has exhausted counts as complete.
-    ``failures``: a client that fails (error, no reply, malformed reply; see server/validate.py)
+    ``failures``: a client that fails (error, no reply, malformed reply; see server/federation/validate.py)
     is logged there and dropped, its share rebalanced over the others, as long as at least
     ``min_clients`` remain; without it any failure raises :class:`CollectError`.
     """

@@ -2,7 +2,7 @@
 
 Files (in the run folder):
 
-* ``privacy_audit.csv``: one row per synthetic set (``server.privacy.AuditResult.row``) plus a
+* ``privacy_audit.csv``: one row per synthetic set (``server.reports.audit.AuditResult.row``) plus a
   sanity row ``safe_pool`` (the uploaded safe images against the private bank: real images that
   were never in that bank, so they should sit at the reference distance, unflagged);
   ``privacy/closest_<set>.png``: the 10 synthetic images closest to a private image, each above it.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from logging import INFO
@@ -38,7 +39,12 @@ from flwr.common.logger import log
 from common.datasets import federation_train_set, normalize
 from common.models import build_model
 from common.records import image_keys
-from server.report import CellResult, upload_summary
+from server.reports.tables import upload_summary
+from server.sweep.inputs import PipelineInputs
+from server.sweep.result import CellResult
+from server.reports.audit import AuditReference, save_closest_pairs_grid
+from server.store.artifacts import load_synthetic_artifact
+from server.federation.dp import dp_summary
 
 __all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank"]
 
@@ -96,8 +102,6 @@ def private_bank(scenario: Any, uploaded: torch.Tensor | None) -> tuple[torch.Te
     ``uploaded``: content keys (``common.records.image_keys``) of the uploaded images; a training
     image whose key is among them is left out of the bank.
     """
-    from common.records import image_keys
-
     data = federation_train_set(scenario)
     keep = torch.ones(data.train_y.shape[0], dtype=torch.bool)
     if uploaded is not None and uploaded.numel():
@@ -114,8 +118,6 @@ def audit_sets(sets: dict[str, torch.Tensor], private_x: torch.Tensor, reference
 
     ``labels`` (set name -> classes) and ``private_y`` put class names into the figures.
     """
-    from server.privacy import AuditReference, save_closest_pairs_grid
-
     ref = AuditReference.build(private_x, reference_x, model, device=device, n_reference=n_reference, seed=seed)
     rows = []
     for i, (name, x) in enumerate(sets.items()):
@@ -135,9 +137,7 @@ def _private_labels(scenario: Any, index: torch.Tensor) -> torch.Tensor:
     return federation_train_set(scenario).train_y[index].to(torch.int64)
 
 
-def _run_audit(inp: Any, cells: Sequence[CellResult]) -> tuple[list[dict], float]:
-    from server.artifacts import load_synthetic_artifact
-
+def _run_audit(inp: PipelineInputs, cells: Sequence[CellResult]) -> tuple[list[dict], float]:
     s, meta, run_dir = inp.scenario, inp.meta, Path(inp.run_dir)
     t0 = time.perf_counter()
     # the pool this run actually used (collected, or reused after its manifest check), keyed by content
@@ -183,10 +183,6 @@ def _fnum(v: Any, digits: int = 3) -> str:
 
 def results_note(s: Any, run_dir: Path) -> str:
     """The run's DP / mode settings, shown under the accuracies they produced (results.md)."""
-    import json
-
-    from server.modes import dp_summary
-
     uploads = Path(run_dir) / "uploads.json"
     try:  # a run-folder file: anything unreadable only loses the client count, never the report
         per_client = json.loads(uploads.read_text()).get("per_client", []) if uploads.is_file() else []
@@ -199,10 +195,8 @@ def results_note(s: Any, run_dir: Path) -> str:
         f"{dp['noise_multiplier']}" if dp else "DP off") + " (privacy.md).\n"
 
 
-def write_privacy_reports(inp: Any, cells: Sequence[CellResult]) -> dict[str, Path]:
+def write_privacy_reports(inp: PipelineInputs, cells: Sequence[CellResult]) -> dict[str, Path]:
     """communication.*, privacy_audit.csv (+ PNGs) and privacy.md for a finished grid (see module doc)."""
-    from server.modes import dp_summary
-
     s, run_dir = inp.scenario, Path(inp.run_dir)
     mode = s.privacy.mode
     comm = write_communication(inp.weight_uploads, inp.safe_uploads, getattr(inp, "dsv_uploads", []), run_dir, mode)
@@ -247,7 +241,7 @@ def write_privacy_reports(inp: Any, cells: Sequence[CellResult]) -> dict[str, Pa
                          f"{_fnum(r['cos_ref_p99'])} | {r['n_flagged_cos']} |")
     paths = {"privacy": run_dir / "privacy.md", "communication": run_dir / "communication.md"}
     paths["privacy"].write_text("\n".join(lines) + "\n")
-    # results.md's privacy note comes from results_note(), appended by server.figures.rebuild_report
+    # results.md's privacy note comes from results_note(), appended by server.reports.figures.rebuild_report
     # (so `python -m server.report` rebuilds results.md byte-identically).
     if audit_rows:
         paths["audit"] = run_dir / "privacy_audit.csv"
