@@ -46,10 +46,11 @@ _LOGGER = "flwr"  # every fedpdd line goes to this logger (flwr.common.logger.lo
 class PoolInputs:
     """One pipc's safe pool as synthesize takes it."""
 
-    safe_x: torch.Tensor | None  # normalized; None for pipc 0
+    safe_x: torch.Tensor | None  # uint8 (with safe_normalize) or normalized float; None for pipc 0
     safe_y: torch.Tensor | None
     eff_pipc: int  # the real pool size per class ('all' -> the smallest class count)
     dcfg: DistillConfig  # this pipc's distillation config (alpha resolved for 'all')
+    safe_normalize: Callable[[torch.Tensor], torch.Tensor] | None = None  # uint8 batch -> normalized (picklable)
 
 
 @dataclass
@@ -142,7 +143,8 @@ def _compute_chain(shared: SharedInputs, chain: Chain) -> Iterator[CellOutcome]:
         try:
             syn = dsv_set if (spec.method == "dsv" and task.client_dsv is not None) else synthesize(
                 spec.method, ipc=spec.ipc, num_classes=shared.num_classes, image_shape=shared.image_shape,
-                pipc=pool.eff_pipc, safe_x=pool.safe_x, safe_y=pool.safe_y, model=shared.model,
+                pipc=pool.eff_pipc, safe_x=pool.safe_x, safe_y=pool.safe_y, safe_normalize=pool.safe_normalize,
+                model=shared.model,
                 embed_factory=shared.embed_factory, config=pool.dcfg, seed=spec.seed, device=shared.device,
                 progress=shared.progress, checkpoint_path=task.checkpoint_path,
                 dsv_x=dsv_set.x if takes_dsvs else None, dsv_y=dsv_set.y if takes_dsvs else None,
