@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from common.config import EvalConfig
-from common.perf import tune_cpu_allocator
 from common.progress import make_progress
 from common.evaluate_parallel import can_train_in_parallel, train_models_parallel
 from common.sam import SAM
@@ -140,8 +139,6 @@ def evaluate_synthetic(
         raise ValueError(f"synthetic images {tuple(syn_x.shape[1:])} and test images "
                          f"{tuple(test_x.shape[1:])} differ in shape")
     device = torch.device(device)
-    if device.type == "cpu":
-        tune_cpu_allocator()  # large activations: reuse heap memory instead of page-faulting it in (common/perf.py)
     t0 = time.monotonic()
     seeds = derive_seeds(seed, config.num_models)
     accs: list[float] = []

@@ -50,7 +50,7 @@ from common.records import (
     state_dict_to_record,
 )
 from common.scenario import Scenario, scenario_from_dict
-from common.threads import apply_thread_policy
+from common.threads import setup_process
 from edge_client.data import ClientShard, load_client_shard
 from edge_client.dsv import dp_clipping_mod, dsv_seed, extract_dsvs, local_epochs
 from edge_client.faults import before_handler, corrupt_reply
@@ -75,7 +75,7 @@ def _config(msg: Message) -> ConfigRecord:
 
 
 def _setup(msg: Message, context: Context) -> tuple[Scenario, ClientShard, ConfigRecord]:
-    apply_thread_policy("client")  # every handler enters here: 1 thread per actor (common/threads.py)
+    setup_process("client")  # every handler enters here: 1 thread per actor (common/threads.py)
     cfg = _config(msg)
     if CFG_SCENARIO not in cfg:
         raise ValueError(f"message config lacks {CFG_SCENARIO!r} (the resolved scenario)")

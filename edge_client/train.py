@@ -13,7 +13,6 @@ from torch import nn
 
 from common.augment import DSA_STRATEGY
 from common.datasets import DatasetMeta, normalize
-from common.perf import tune_cpu_allocator
 from common.training import accuracy, fit
 
 __all__ = ["TrainStats", "train_local", "evaluate_local"]
@@ -62,8 +61,6 @@ def train_local(
     if x_uint8.shape[0] == 0:
         raise ValueError(f"{label}: no training images")
     start = time.perf_counter()
-    if device.type == "cpu":
-        tune_cpu_allocator()  # 1.45x faster client epochs on the CPU (bench/client_epoch.py); FEDPDD_MALLOC_TUNE=0 opts out
     model.to(device)
     x = normalize(x_uint8, meta)  # float32 on CPU; batches go to the device one at a time
     gen = torch.Generator().manual_seed(seed)  # shuffling and DSA draws: CPU generator

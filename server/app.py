@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.progress import install_scenario_filter, scenario_fingerprint
 from common.scenario import Scenario, load_scenario
-from common.threads import apply_thread_policy, cpu_cores
+from common.threads import cpu_cores, setup_process
 from server.check import resolve, write_status
 from server.run import run_scenario
 
@@ -43,7 +43,7 @@ def create_server_app(scenario: Scenario | str | Path | None = None) -> ServerAp
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        threads = apply_thread_policy("server")  # the entry point of the server process (common/threads.py)
+        threads = setup_process("server")  # the entry point of the server process (common/threads.py)
         resolved: Scenario | None = None
         try:
             if isinstance(scenario, Scenario):

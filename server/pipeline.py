@@ -46,7 +46,7 @@ from server.sweep.cells import run_cells
 from server.sweep.inputs import PipelineInputs
 from server.sweep.result import CellResult
 from server.store.manifest import PHASE12_FILES, verify_files
-from common.threads import apply_thread_policy
+from common.threads import setup_process
 from server.preflight import check_data_root
 
 __all__ = ["PipelineInputs", "run_grid", "run_pipeline", "write_run_files",
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("scenario", help="scenario YAML")
     parser.add_argument("--reuse", help="run folder with global_model.pt + safe_pool.pt (default: reuse_artifacts)")
     args = parser.parse_args(argv)
-    apply_thread_policy("server")  # an entry point: the same thread policy as the ServerApp (common/threads.py)
+    setup_process("server")  # an entry point: the same thread policy as the ServerApp (common/threads.py)
     overrides = {"reuse_artifacts": args.reuse} if args.reuse else None
     scenario = load_scenario(args.scenario, overrides=overrides)
     if not scenario.reuse_artifacts:

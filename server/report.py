@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.threads import apply_thread_policy
+from common.threads import setup_process
 from server.reports.figures import rebuild_report
 from server.reports.run_files import rebuild_all
 
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cells-only", action="store_true",
                         help="only what the cells give: results.*, frequency.csv, image grids and figures")
     args = parser.parse_args(argv)
-    apply_thread_policy("server")  # the audit embeds thousands of images: same policy as the ServerApp
+    setup_process("server")  # the audit embeds thousands of images: same policy as the ServerApp
     try:
         written = rebuild_report(args.run_dir) if args.cells_only else rebuild_all(args.run_dir, audit=not args.no_audit)
     except FileNotFoundError as err:  # not a run folder, or no cells: a one-line reason, exit 1

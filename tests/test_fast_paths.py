@@ -166,17 +166,24 @@ def _tiny_distill(method: str) -> torch.Tensor:
 
 
 def test_allocator_setting_changes_nothing_numerically(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.threads import setup_process
+
     was = cpu_allocator_tuned()
+    threads = torch.get_num_threads()
     try:
         monkeypatch.setenv("FEDPDD_MALLOC_TUNE", "0")
         reset_cpu_allocator()
+        setup_process("server")
+        assert not cpu_allocator_tuned()  # the opt-out is honoured by the entry points' runtime setup
         plain = _tiny_distill("dkkt_dm")
-        assert not cpu_allocator_tuned()  # the opt-out is honoured by synthesize
+        assert not cpu_allocator_tuned()  # and the engine never tunes the process itself
         monkeypatch.delenv("FEDPDD_MALLOC_TUNE")
+        setup_process("server")
         tuned = _tiny_distill("dkkt_dm")
         if tune_cpu_allocator():  # Linux/glibc: the setting was active for the second run
             assert cpu_allocator_tuned()
         assert torch.equal(plain, tuned)
     finally:
+        torch.set_num_threads(threads)
         if was:
             tune_cpu_allocator(force=True)

@@ -38,7 +38,7 @@ from server.store.artifacts import (
 from common.distill.synthesize import make_embed_factory
 from common.evaluate import evaluate_synthetic
 from server.reports.images import save_image_grid
-from common.threads import apply_thread_policy
+from common.threads import setup_process
 
 RESULT_COLUMNS = (
     "timestamp", "dataset", "method", "ipc", "pipc", "seed", "iterations", "iterations_done",
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    apply_thread_policy("server")  # an entry point: the ServerApp's thread policy (common/threads.py)
+    setup_process("server")  # an entry point: the ServerApp's thread policy (common/threads.py)
     try:
         row = run(args)
     except DistillationError as exc:
