@@ -305,7 +305,7 @@ class DistillConfig:
                                    sweep=True)
     resume: bool = knob(True, "reuse finished cells (and this folder's theta*/T') whose config matches", sweep=True)
     workers: int = knob(0, "processes computing cells side by side: 0 = one per core on the CPU, 1 on a GPU "
-                        "(server/cell_pool.py)", ge=0, limit=1024, sweep=True)
+                        "(server/sweep/cell_pool.py)", ge=0, limit=1024, sweep=True)
     # Knobs that were engine-only before the sections and the engine's configs became one model:
     dsa_strategy: str = knob(DSA_STRATEGY, "DSA ops of distillation, '_'-separated (none: no augmentation)",
                              check=parse_strategy)
