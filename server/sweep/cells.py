@@ -49,6 +49,7 @@ from server.sweep.faults import record_failed_cell
 from server.store.manifest import MANIFEST, ManifestError, federation_stamp, read_manifest, record_files, verify_files
 from common.evaluate import EvalConfig
 from server.sweep.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
+from server.sweep.inputs import PipelineInputs
 from server.sweep.result import CellResult
 
 __all__ = [
@@ -268,10 +269,10 @@ def _skipped(spec: CellSpec, reason: str, run_dir: Path, config: dict) -> CellRe
                       mean=float("nan"), std=float("nan"), skipped=reason)
 
 
-def run_cells(inp: Any, model: torch.nn.Module | None, embed_factory: Callable[[torch.Generator], torch.nn.Module],
+def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory: Callable[[torch.Generator], torch.nn.Module],
               dcfg: DistillConfig, ecfg: EvalConfig, model_factory: Callable[[int], torch.nn.Module], progress: bool,
               init_model: torch.nn.Module | None = None) -> list[CellResult]:
-    """Distill + evaluate every cell of ``inp.scenario`` (a ``server.pipeline.PipelineInputs``), resuming.
+    """Distill + evaluate every cell of ``inp.scenario``, resuming.
 
     This process plans (skip, resume) and writes every record; the cells to compute run in
     ``distill.workers`` processes (server/sweep/cell_pool.py). The factories must be picklable when
