@@ -12,17 +12,13 @@ N=${1:-2}; shift || true
 VENV=${VENV:-.venv}
 WAIT=${SUPERLINK_WAIT:-120}
 T_START=$(date +%s)
-export PATH="$(cd "$VENV" && pwd)/bin:$PATH"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# shellcheck source=run_config.sh
+source "$ROOT/scenarios/run_config.sh"
+use_checkout "$VENV"
 
 DEFAULT_CONFIG="clients=$N rounds=1 iterations=20 eval-epochs=5 num-models=2 methods='dm,random_real' output-dir='runs/deployment' overrides='data.train_limit=2000;data.test_limit=500;federation.min_clients=$N;privacy.audit_reference=100'"
 if [ "$#" -eq 0 ]; then set -- --run-config "$DEFAULT_CONFIG"; fi
-# shellcheck source=run_config.sh
-source "$ROOT/scenarios/run_config.sh"
-collect_run_config "$@"
-echo "[1/3] checking the scenario and run-config"
-python -m server.check --num-supernodes "$N" "${RUN_CONFIG[@]}"
+check_run "$N" "$@"
 
 # A private Flower home, so the user's ~/.flwr connections are untouched.
 FLWR_HOME=$(mktemp -d -t fedpdd-flwr-XXXXXX); export FLWR_HOME

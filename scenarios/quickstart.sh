@@ -42,16 +42,10 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${FEDPDD_DATA_ROOT:-}" ];
   echo "[setup] Fashion-MNIST not found: run '${SUDO}apt-get update && ${SUDO}apt-get install -y" \
        "dataset-fashion-mnist', or pass --run-config \"data-root='/path/to/idx/files'\"" >&2
 fi
-VENV_BIN=$(cd "$VENV" && pwd)/bin
-export PATH="$VENV_BIN:$PATH"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whatever the venv's editable install points at
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  # offline: no `uv sync` into ~/.flwr/runtime-envs
-
 # shellcheck source=run_config.sh
 source "$ROOT/scenarios/run_config.sh"
-collect_run_config "$@"
-echo "[1/3] checking the scenario and run-config"
-python -m server.check --num-supernodes "$CLIENTS" "${RUN_CONFIG[@]}"
+use_checkout "$VENV"
+check_run "$CLIENTS" "$@"
 
 FLWR_HOME=$(mktemp -d -t fedpdd-flwr-XXXXXX); export FLWR_HOME
 export FEDPDD_STATUS_FILE="$FLWR_HOME/status.json"
