@@ -63,12 +63,14 @@ def client_threads() -> int:
 
 
 def apply_thread_policy(role: str) -> int:
-    """Set torch's intra-op threads for ``role`` ('server' or 'client'); returns the count in use."""
+    """Set torch's intra-op threads for ``role`` ('server', 'client', or 'worker': a sweep worker process,
+    always 1 thread, since the workers together fill the cores, server/sweep/cell_pool.py); returns the
+    count in use."""
     import torch
 
-    if role not in ("server", "client"):
-        raise ValueError(f"role must be 'server' or 'client', got {role!r}")
-    n = server_threads() if role == "server" else client_threads()
+    if role not in ("server", "client", "worker"):
+        raise ValueError(f"role must be 'server', 'client' or 'worker', got {role!r}")
+    n = server_threads() if role == "server" else client_threads() if role == "client" else 1
     if n > 0 and torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return torch.get_num_threads()

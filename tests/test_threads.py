@@ -45,4 +45,15 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="FEDPDD_CLIENT_THREADS='-1'"):
         client_threads()
     with pytest.raises(ValueError, match="role"):
-        apply_thread_policy("worker")
+        apply_thread_policy("superlink")  # not a role ('worker' is one: a sweep worker process)
+
+
+def test_a_sweep_worker_takes_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("FEDPDD_THREADS", "2")  # the server's setting does not reach a worker
+    try:
+        assert apply_thread_policy("worker") == 1
+    finally:
+        torch.set_num_threads(before)

@@ -34,8 +34,7 @@ import torch
 from common import methods
 from common.distill.synthesize import DistillConfig, DistillationError, SyntheticSet, synthesize
 from common.evaluate import EvalConfig, EvalResult, evaluate_synthetic
-from common.perf import tune_cpu_allocator
-from common.threads import cpu_cores
+from common.threads import cpu_cores, setup_process
 
 __all__ = ["PoolInputs", "CellTask", "Chain", "CellOutcome", "SharedInputs", "resolve_workers", "chain_tasks",
            "run_chains"]
@@ -189,8 +188,7 @@ class _Relay:
 
 def _init_worker(shared: SharedInputs, log_queue: Any) -> None:
     global _SHARED
-    tune_cpu_allocator()  # the runtime setup of an entry point (common/threads.py), with one thread:
-    torch.set_num_threads(1)  # one core per worker (module docstring)
+    setup_process("worker")  # an entry point's runtime setup (common/threads.py): one thread, one core per worker
     logger = logging.getLogger(_LOGGER)
     handler = logging.handlers.QueueHandler(log_queue)
     handler.addFilter(_CellTag())
