@@ -276,13 +276,13 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
 
     This process plans (skip, resume) and writes every record; the cells to compute run in
     ``distill.workers`` processes (server/sweep/cell_pool.py). The factories must be picklable when
-    more than one worker runs (``common.models.ModelFactory``, ``make_embed_factory``).
+    more than one worker runs (``functools.partial(build_model, meta, arch)``, ``make_embed_factory``).
     """
     s, meta, dev, run_dir = inp.scenario, inp.meta, inp.device, Path(inp.run_dir)
     cells_dir = run_dir / CELLS_DIR
     cells_dir.mkdir(parents=True, exist_ok=True)
     state = list(inp.model_state.values()) if inp.model_state is not None else []
-    client_dsvs = getattr(inp, "client_dsvs", None)  # privacy.mode no_model_access (server.federation.modes): no theta*
+    client_dsvs = inp.client_dsvs  # privacy.mode no_model_access (server.federation.modes): no theta*
     if client_dsvs is not None:
         state = list(client_dsvs.x)
     base_digest = {"model": tensor_digest(*state), "test": tensor_digest(inp.test_x, inp.test_y)}
@@ -311,6 +311,9 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
         pools[pipc] = PoolInputs(safe_x=safe_x, safe_y=safe_y, eff_pipc=eff_pipc, dcfg=cell_dcfg,
                                  safe_normalize=functools.partial(normalize, meta=meta))
         for ipc in s.distill.ipc:
+            client_dsv = None  # no_model_access: the clients' uploaded DSVs, combined to ipc per class
+            if client_dsvs is not None:
+                client_dsv = (*client_dsvs.combined(ipc, meta.num_classes), client_dsvs.combine)
             for seed in seeds_of(s):
                 group_dsv: SyntheticSet | None = None  # a resumed dsv of this (pipc, ipc, seed)
                 group_computes_dsv = False
@@ -346,9 +349,6 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
                         continue
                     if method == "dsv":
                         group_computes_dsv = True
-                    client_dsv = None
-                    if client_dsvs is not None:  # the clients' uploaded DSVs, combined to ipc per class
-                        client_dsv = (*client_dsvs.combined(ipc, meta.num_classes), client_dsvs.combine)
                     # always a path: with checkpoint_every 0 it is only written on a NaN (last good S)
                     tasks.append(CellTask(spec, cells_dir / f"{spec.name}.ckpt.pt", client_dsv))
                 dsv_by_group[(pipc, ipc, seed)] = group_dsv
