@@ -146,9 +146,9 @@ class _SafePool:
             start += i.numel()
         return _SafePool(x=x, idx=out, counts=[i.numel() for i in idx], norm=norm)
 
-    def rows(self, index: Tensor) -> Tensor:
-        """Normalized float32 images at ``index``."""
-        x = self.x[index.to(self.x.device)]
+    def rows(self, index: Tensor | None = None) -> Tensor:
+        """Normalized float32 images at ``index`` (all of them for None)."""
+        x = self.x if index is None else self.x[index.to(self.x.device)]
         return x if self.norm is None else self.norm(x)
 
     def pick(self, ipc: int, generator: torch.Generator) -> Tensor:
@@ -247,8 +247,7 @@ def synthesize(
         counts = pool.counts
         y = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(counts)])
         info = base_info | {"class_counts": counts, "requested_ipc": ipc, "wall_s": time.monotonic() - t0}
-        x = pool.x if pool.norm is None else pool.norm(pool.x)
-        return SyntheticSet(x=x.cpu(), y=y, method=method, ipc=max(counts, default=0), info=info)
+        return SyntheticSet(x=pool.rows().cpu(), y=y, method=method, ipc=max(counts, default=0), info=info)
 
     if method == "random_real":
         assert pool is not None
