@@ -39,6 +39,9 @@ SEED_MAX = 2**32 - 1  # seeds: 0 .. 2**32-1 (torch.manual_seed, numpy's legacy R
 MAX_IPC = 100_000  # per class; the memory estimate (common.scenario.check_resources) is the real limit
 
 INITS: tuple[str, ...] = ("auto", "noise", "real")
+# The distill settings a comparison may tune per method (distill.method_settings): the image optimizer and
+# its step sizes. Budgets, loss weights and starts stay the same for every method of a grid.
+METHOD_SETTINGS: tuple[str, ...] = ("img_optimizer", "lr_img", "lr_img_adam", "momentum_img", "lr_lambda")
 OPTIMIZERS: tuple[str, ...] = ("sam", "sgd")
 STAT_DISTANCES: tuple[str, ...] = ("l1", "l2", "cosine")  # common/distill/dkkt.py implements them
 PRIMAL_MODES: tuple[str, ...] = ("ce", "hinge")  # common/distill/dkkt.py implements them
@@ -274,7 +277,11 @@ class DistillConfig:
                              "(clamp)", gt=0)
     alpha: float | None = knob(None, "None: appendix A rule by pipc (0.1 / 0.01 / 0.001)", ge=0)
     gamma: float | None = knob(None, "None: appendix A rule by ipc (0.01 for ipc 50, else 0.001)", ge=0)
-    init: str = knob("auto", "auto (noise for ipc 1, real otherwise) | noise | real", choices=INITS)
+    init: str = knob("auto", "auto (appendix A: noise for ipc 1, real otherwise, the same for every method of a "
+                     "grid; dsv, dsv_real and dm_reference fix their own) | noise | real", choices=INITS)
+    safe_draw: str = knob("random", "which pipc images per class of the pool a cell uses: random (a seeded draw per "
+                          "distillation seed, nested across pipc) | first (stored order, every seed)",
+                          choices=("random", "first"))
     real_batch: int = knob(256, "real safe images per class drawn per DM iteration", gt=0, limit=1_000_000)
     dm_max_batch: int = knob(256, "most images per DM forward (classes never split; 0 = all in one forward)", ge=0)
     # 256: small pools (pipc 10: 100 real images) still go in one forward, large ones class by class. Measured on
@@ -295,9 +302,9 @@ class DistillConfig:
     lambda_param: str = knob("log", "log (lambda = exp(rho), always > 0) | clamp (lambda, projected onto >= 0)",
                              choices=("log", "clamp"))
     lambda_autoscale: bool = knob(False, "start lambda at the least-squares scale of the target (l1 / l2)")
-    # Why Adam by default: the paper names no image optimizer; with SGD(lr 1.0) the gamma = 0.001 DM term barely
-    # moves noise-initialised images. Measured (docs/core-result.md, Fashion-MNIST, ipc 1, pipc 10, 300 iterations,
-    # 3 seeds x 5 SGD-evaluated models): dm is the same with either optimizer, dkkt_dm gains ~5 points with Adam.
+    # The paper names no image optimizer. A comparison tunes it per method on the validation split
+    # (data.validation_size, scenarios/tune.py) and sets the winners in method_settings; this default only
+    # has to be the same for every method of a grid.
     img_optimizer: str = knob("adam", "adam | sgd: one optimizer for every method | auto (SGD for dm, Adam for "
                               "DKKT; confounds loss and optimizer)", choices=("adam", "sgd", "auto"))
     lr_img_adam: float = knob(0.1, "image lr when the image optimizer is Adam", gt=0)
@@ -320,9 +327,38 @@ class DistillConfig:
     stat_candidates: int = knob(0, "stationarity sum over this many random candidates per iteration, scaled by "
                                 "N / m (0: every candidate, exact); the primal always covers all", ge=0)
 
+    method_settings: dict = knob(factory=dict, sweep=True,
+                                 help="per-method settings, e.g. {dm: {img_optimizer: sgd, lr_img: 1.0}}: each "
+                                      "method's own tuned image optimizer (keys: " + ", ".join(METHOD_SETTINGS)
+                                      + "); the rest of the section holds for every method")
+
     def check_combinations(self, prefix: str, source: str | None) -> None:
         if self.lambda_param == "log" and not self.lambda_init > 0:
             raise fail(source, f"{prefix}.lambda_init", f"must be > 0 when lambda_param is 'log', got {self.lambda_init}")
+        for method, settings in self.method_settings.items():
+            key = f"{prefix}.method_settings.{method}"
+            if method not in METHODS:
+                raise fail(source, f"{prefix}.method_settings", f"names {method!r}, not a method; valid: "
+                           f"{', '.join(METHODS)}")
+            if not isinstance(settings, dict):
+                raise fail(source, key, f"must be a mapping of settings, got {type(settings).__name__}")
+            bad = sorted(set(settings) - set(METHOD_SETTINGS))
+            if bad:
+                raise fail(source, f"{key}.{bad[0]}", f"cannot differ between methods; per-method keys: "
+                           f"{', '.join(METHOD_SETTINGS)}")
+            hints = get_type_hints(type(self))
+            fields = {f.name: f for f in _fields(type(self))}
+            for name, value in settings.items():
+                value = coerce(value, hints[name], f"{key}.{name}", source)
+                _check_value(value, fields[name].metadata, f"{key}.{name}", source)
+
+    def for_method(self, method: str) -> "DistillConfig":
+        """The settings ``method`` runs with: the section, with its ``method_settings`` entry applied."""
+        settings = self.method_settings.get(method) or {}
+        if not settings:
+            return self
+        hints = get_type_hints(type(self))
+        return dataclasses.replace(self, **{k: coerce(v, hints[k], k, None) for k, v in settings.items()})
 
     def validate(self) -> "DistillConfig":
         """Check a config built in Python (a scenario's is checked when loaded); errors say DistillConfig.<key>."""
@@ -352,6 +388,9 @@ class EvalConfig:
     weight_decay: float = knob(5e-4, "optimizer weight decay", ge=0)
     batch_size: int = knob(256, "training batch size", gt=0, limit=1_000_000)
     dsa: bool = knob(True, "DSA augmentation while training on S")
+    split: str = knob("test", "held-out images that score each cell: test (the final table, once) | validation "
+                      "(data.validation_size training images: tuning and every other choice)",
+                      choices=("test", "validation"))
     num_models: int = knob(3, "fresh networks trained on S per cell (mean ± std over them)", gt=0, limit=1_000,
                            cli_alias="num-models")
     width: int = knob(128, "evaluation ConvNet, the same for every method whatever theta*'s architecture", gt=0)

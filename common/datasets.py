@@ -87,16 +87,42 @@ class DatasetSplits:
     test_y: Tensor
     meta: DatasetMeta
     source: str = field(default="", compare=False)  # folder the files came from
+    # training images held out from every client (data.validation_size): they score hyperparameter choices
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
 
-    def limit(self, train_limit: int | None = None, test_limit: int | None = None, seed: int = 0) -> "DatasetSplits":
-        """A class-balanced, seeded subset of each split (``None`` or 0 keeps a split whole)."""
-        tr = balanced_subset_indices(self.train_y, train_limit, seed, what="data.train_limit")
+    def limit(self, train_limit: int | None = None, test_limit: int | None = None, seed: int = 0,
+              validation_size: int = 0) -> "DatasetSplits":
+        """A class-balanced, seeded subset of each split (``None`` or 0 keeps a split whole).
+
+        ``validation_size`` > 0 first takes that many class-balanced training images out as the
+        validation split; ``train_limit`` then draws from the rest, so no client ever holds one."""
+        train_x, train_y, val_x, val_y = self.train_x, self.train_y, None, None
+        if validation_size:
+            if validation_size >= len(train_y):
+                raise ValueError(f"data.validation_size: {validation_size} leaves no training images "
+                                 f"(the training split has {len(train_y)})")
+            va = balanced_subset_indices(train_y, validation_size, seed + 1, what="data.validation_size")
+            rest = torch.ones(len(train_y), dtype=torch.bool)
+            rest[va] = False
+            val_x, val_y = train_x[va], train_y[va]
+            train_x, train_y = train_x[rest], train_y[rest]
+        tr = balanced_subset_indices(train_y, train_limit, seed, what="data.train_limit")
         te = balanced_subset_indices(self.test_y, test_limit, seed, what="data.test_limit")
         return DatasetSplits(
-            train_x=self.train_x[tr], train_y=self.train_y[tr],
+            train_x=train_x[tr], train_y=train_y[tr],
             test_x=self.test_x[te], test_y=self.test_y[te],
-            meta=self.meta, source=self.source,
+            meta=self.meta, source=self.source, val_x=val_x, val_y=val_y,
         )
+
+    def scoring_split(self, split: str) -> tuple[Tensor, Tensor]:
+        """(images, labels) that score synthetic sets: ``test`` or ``validation`` (evaluation.split)."""
+        if split == "test":
+            return self.test_x, self.test_y
+        if split == "validation" and self.val_x is not None and self.val_y is not None:
+            return self.val_x, self.val_y
+        raise ValueError(f"evaluation.split {split!r}: this dataset view has no such split "
+                         "(data.validation_size is 0?)")
 
 
 def balanced_subset_indices(labels: np.ndarray | Tensor, n: int | None, seed: int = 0,
@@ -589,4 +615,4 @@ def federation_train_set(scenario: "Scenario") -> DatasetSplits:
     view (a client's shard indexes into it) and the server the same test split."""
     d = scenario.data
     splits = load_dataset(d.dataset, root=d.root, download=d.download)
-    return splits.limit(d.train_limit, d.test_limit, seed=scenario.seed)
+    return splits.limit(d.train_limit, d.test_limit, seed=scenario.seed, validation_size=d.validation_size)

@@ -41,7 +41,7 @@ def pipc_label(pipc: int) -> str:
 def real_init_methods(init: str) -> frozenset[str]:
     """Methods that copy ipc real images per class out of the pool with this ``distill.init``."""
     return frozenset(m for m, s in REGISTRY.items()
-                     if s.init == "real" or (s.init in ("config", "dm_reference") and not s.uses_dsvs and init == "real"))
+                     if s.init == "real" or (s.init == "config" and not s.uses_dsvs and init == "real"))
 
 
 def static_skip_reason(method: str, ipc: int, pipc: int, init: str) -> str | None:
@@ -53,5 +53,5 @@ def static_skip_reason(method: str, ipc: int, pipc: int, init: str) -> str | Non
         return f"method '{method}' needs safe images but pipc is 0 (only 'dsv' runs from the model alone)"
     if pipc != PIPC_ALL and method in real_init_methods(init) and ipc > pipc:
         return (f"method '{method}' takes {ipc} real images per class from a pool of pipc={pipc}"
-                + (" (distill.init is 'real')" if REGISTRY[method].init in ("config", "dm_reference") else ""))
+                + (" (distill.init is 'real')" if REGISTRY[method].init == "config" else ""))
     return None

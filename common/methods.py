@@ -20,11 +20,12 @@ class MethodSpec:
     summary: str
     terms: tuple[str, ...]  # subset of ("primal", "stat", "dm"); () = no optimisation
     dm_weight: str | None  # "one" (pure DM) | "gamma" (Eq. 5) | None (no DM term)
-    init: str  # "config" (distill.init, auto -> appendix A) | "dm_reference" (auto -> real)
+    init: str  # "config" (distill.init; auto -> appendix A, the same start for every such method of a grid)
     #            | "noise" | "real" (ipc safe images per class) | "dsvs" (the given/extracted DSVs)
     #            | "none" (the whole pool)
     needs_safe: bool  # reads the safe pool T'
     uses_dsvs: bool = False  # combines pre-extracted DSVs (given, or extracted from theta*)
+    img_optimizer: str | None = None  # a recipe that fixes its image optimizer (None: distill.img_optimizer)
 
     @property
     def needs_model(self) -> bool:
@@ -33,15 +34,18 @@ class MethodSpec:
 
 
 REGISTRY: dict[str, MethodSpec] = {m.name: m for m in (
-    MethodSpec("dm", "Distribution Matching alone (Eq. 2, weight 1)", ("dm",), "one", "dm_reference", True),
+    MethodSpec("dm", "Distribution Matching alone (Eq. 2, weight 1)", ("dm",), "one", "config", True),
     MethodSpec("dsv", "Deep-KKT alone (Eq. 4) from noise", ("primal", "stat"), None, "noise", False),
     MethodSpec("dsv_real", "Deep-KKT alone (Eq. 4) from real safe images", ("primal", "stat"), None, "real", True),
     MethodSpec("dkkt_dm", "the paper's Eq. 5: Deep-KKT + gamma DM", ("primal", "stat", "dm"), "gamma", "config", True),
-    MethodSpec("blend", "pixel average of DSVs and DM images (paper Fig. 3)", ("dm",), "one", "dm_reference", True,
+    MethodSpec("blend", "pixel average of DSVs and DM images (paper Fig. 3)", ("dm",), "one", "config", True,
                uses_dsvs=True),
     MethodSpec("dm_from_dsv", "DM started from the DSVs", ("dm",), "one", "dsvs", True, uses_dsvs=True),
     MethodSpec("random_real", "ipc random safe images per class", (), None, "real", True),
     MethodSpec("safe_all", "every safe image (pipc per class)", (), None, "none", True),
+    # The DM reference's own recipe (main_DM.py): real init, SGD lr_img / momentum_img (1.0 / 0.5), a control.
+    MethodSpec("dm_reference", "DM as the reference runs it: real init, SGD (lr_img, momentum_img)", ("dm",), "one",
+               "real", True, img_optimizer="sgd"),
 )}
 METHODS: tuple[str, ...] = tuple(REGISTRY)
 # Methods a server without theta* can run (privacy.mode no_model_access): those without DKKT terms,

@@ -43,6 +43,9 @@ class DataConfig:
     download: bool = knob(False, "allow a torchvision download when no local copy is found")
     train_limit: int | None = knob(None, "use only the first N training images (fast studies)", gt=0)
     test_limit: int | None = knob(None, "use only the first N test images", gt=0)
+    validation_size: int = knob(0, "class-balanced training images held out before train_limit: no client trains "
+                                "on or shares them; they score every hyperparameter choice (evaluation.split, "
+                                "federation.plateau_rounds); 0: none", ge=0, limit=10_000_000)
 
 
 @dataclass
@@ -52,7 +55,13 @@ class FederationConfig:
     dirichlet_alpha: float = knob(0.5, "concentration of the Dirichlet label split (partition dirichlet); "
                                   "small = skewed", gt=0)
     shards_per_client: int = knob(2, "label shards per client (partition shards)", gt=0, limit=100_000)
-    rounds: int = knob(2, "FedAvg rounds (0: theta* is the initial model)", ge=0, limit=100_000)
+    rounds: int = knob(2, "FedAvg rounds (0: theta* is the initial model); the most rounds with plateau_rounds",
+                       ge=0, limit=100_000)
+    plateau_rounds: int = knob(0, "stop FedAvg once the global model's validation accuracy has not risen by more "
+                               "than plateau_delta over this many rounds (0: always run `rounds`; needs "
+                               "data.validation_size)", ge=0, limit=100_000)
+    plateau_delta: float = knob(0.3, "accuracy points the best validation accuracy must gain within plateau_rounds",
+                                ge=0)
     local_epochs: int = knob(1, "local SGD epochs per round on each client", gt=0, limit=100_000)
     batch_size: int = knob(64, "local training batch size", gt=0, limit=1_000_000)
     lr: float = knob(0.01, "local SGD learning rate", gt=0)
@@ -200,7 +209,20 @@ def validate(s: Scenario) -> Scenario:
             )
     _validate_reliability(s)
     _validate_privacy(s)
+    _validate_validation_split(s)
     return s
+
+
+def _validate_validation_split(s: Scenario) -> None:
+    """Choices scored on held-out training images need those images (data.validation_size)."""
+    if s.data.validation_size:
+        return
+    if s.evaluation.split == "validation":
+        raise fail(s.source, "evaluation.split", "is 'validation' but data.validation_size is 0: hold out "
+                   "training images (e.g. data.validation_size: 5000)")
+    if s.federation.plateau_rounds:
+        raise fail(s.source, "federation.plateau_rounds", f"is {s.federation.plateau_rounds} but "
+                   "data.validation_size is 0: the plateau is judged on validation images, never on the test split")
 
 
 def _validate_privacy(s: Scenario) -> None:

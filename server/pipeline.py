@@ -141,10 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_data_root(scenario)  # data.root set but not a folder: stop before loading
     data = federation_train_set(scenario)
     state, pool_x, pool_y, _ = load_reused(scenario.reuse_artifacts, data.meta, scenario)
+    score_x, score_y = data.scoring_split(scenario.evaluation.split)  # test, or validation while tuning
     run_dir = scenario.run_dir
     save_resolved(scenario, run_dir)
     run_pipeline(PipelineInputs(scenario=scenario, meta=data.meta, model_state=state, pool_x=pool_x, pool_y=pool_y,
-                                test_x=data.test_x, test_y=data.test_y, run_dir=run_dir,
+                                test_x=score_x, test_y=score_y, run_dir=run_dir,
                                 device=pick_device(scenario.device)))
     return 0
 

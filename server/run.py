@@ -84,7 +84,8 @@ class _Federated:
 def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, test_x: torch.Tensor,
                           test_y: torch.Tensor, device: torch.device, timings: dict[str, float],
                           quota: tuple[int, bool] | None = None, failures: FailureLog | None = None,
-                          train_y: torch.Tensor | None = None) -> _Federated:
+                          train_y: torch.Tensor | None = None,
+                          val: tuple[torch.Tensor, torch.Tensor] | None = None) -> _Federated:
     """Phases 1 (FedAvg) and 2 (safe pool); saves global_model.pt and safe_pool.pt."""
     f, run_dir = scenario.federation, scenario.run_dir
     arch = dataclasses.asdict(scenario.model)
@@ -101,7 +102,16 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
             eval_model.load_state_dict(state)
             return test_accuracy(eval_model, test_norm, test_y, device)
 
-        fed = run_federation(grid, scenario, initial, nodes, central_eval, failures=failures, plan=plan)
+        val_eval = None
+        if val is not None:
+            val_norm, val_y = normalize(val[0], meta), val[1]
+
+            def val_eval(state: dict[str, torch.Tensor]) -> float:
+                eval_model.load_state_dict(state)
+                return test_accuracy(eval_model, val_norm, val_y, device)[0]
+
+        fed = run_federation(grid, scenario, initial, nodes, central_eval, failures=failures, plan=plan,
+                             val_eval=val_eval)
         save_model_artifact(run_dir / "global_model.pt", fed.state_dict, arch, meta.name,
                             extra={"rounds": fed.rounds, "scenario": scenario.name, "weight_uploads": fed.uploads})
         record_files(run_dir, ["global_model.pt"], fingerprint(scenario))  # sha256 + shapes, checked on reuse
@@ -137,9 +147,11 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     data = federation_train_set(scenario)
     check_data_size(scenario, int(data.train_y.shape[0]))
     meta, test_x, test_y = data.meta, data.test_x, data.test_y
+    score_x, score_y = data.scoring_split(scenario.evaluation.split)  # the cells' split: test, or validation
+    val = (data.val_x, data.val_y) if data.val_x is not None else None  # judges the plateau of FedAvg
     quota = pool_quota(scenario, data.train_y, meta.num_classes)  # only class counts, for pipc 'all'
     train_y = data.train_y  # labels only: the shard plan that bounds client replies
-    del data  # the server keeps the test split only; training images live on the clients
+    del data  # the server keeps the held-out splits only; training images live on the clients
 
     resume_src = run_dir if resumable_federation(scenario) else None  # same federation settings: reuse them
     if scenario.reuse_artifacts or resume_src:
@@ -163,14 +175,14 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     else:
         try:
             done = _federate_and_collect(grid, scenario, meta, test_x, test_y, device, timings, quota, failures,
-                                         train_y)
+                                         train_y, val)
         finally:  # also when too few clients answered: say who failed, keep what was written
             failures.write(run_dir)
         write_federation_stamp(scenario)  # lets an interrupted sweep resume without re-federating
 
     run_pipeline(PipelineInputs(
         scenario=scenario, meta=meta, model_state=done.model_state, pool_x=done.pool_x, pool_y=done.pool_y,
-        test_x=test_x, test_y=test_y, run_dir=run_dir, device=device, rounds=done.rounds,
+        test_x=score_x, test_y=score_y, run_dir=run_dir, device=device, rounds=done.rounds,
         weight_uploads=done.weight_uploads, safe_uploads=done.safe_uploads, timings=timings,
         client_dsvs=done.client_dsvs, dsv_uploads=done.dsv_uploads,
     ))

@@ -30,7 +30,11 @@ NEWLY_REACHABLE = {"distill": {"dsa_strategy", "log_every", "lambda_optimizer", 
                    "evaluation": {"lr_decay_at_half", "dsa_strategy", "parallel_models"}}
 # Engine knobs added after the fixtures were written (issue 15's DKKT approximations), at their defaults
 # the engine behaves as before; they must come out at those defaults.
-ADDED_AFTER = {"aug_passes": "both", "stat_candidates": 0}
+ADDED_AFTER = {"aug_passes": "both", "stat_candidates": 0, "safe_draw": "random"}
+# Scenario keys added after the fixtures (validation split, FedAvg plateau, per-method settings, the scored
+# split); at these defaults a run does what it did before, except safe_draw (random per seed, was first).
+ADDED_AFTER_RESOLVED = {"data": {"validation_size": 0}, "federation": {"plateau_rounds": 0, "plateau_delta": 0.3},
+                        "distill": {"safe_draw": "random", "method_settings": {}}, "evaluation": {"split": "test"}}
 
 
 def _engine_before(cfg: DistillConfig) -> dict:
@@ -51,11 +55,14 @@ def test_bundled_scenarios_resolve_to_the_same_engine_configs(name: str) -> None
     # what synthesize and evaluate_synthetic receive: exactly the old engine configs
     assert _engine_before(s.distill) == before["distill_engine"]
     evaluation = _plain(dataclasses.asdict(s.evaluation))
+    assert evaluation.pop("split") == "test"
     assert {k: v for k, v in evaluation.items() if k not in ("width", "depth")} == before["eval_engine"]
     assert (evaluation["width"], evaluation["depth"]) == (before["resolved"]["evaluation"]["width"],
                                                           before["resolved"]["evaluation"]["depth"])
     # the saved resolved scenario keeps every key and value; the only new keys are the newly reachable knobs
     resolved = _plain(s.to_dict())
+    for section, added in ADDED_AFTER_RESOLVED.items():
+        assert {k: resolved[section].pop(k) for k in added} == added
     for section in ("distill", "evaluation"):
         new = set(resolved[section]) - set(before["resolved"][section])
         assert new == NEWLY_REACHABLE[section]
@@ -71,6 +78,7 @@ def test_cli_flags_build_the_same_configs(case: dict) -> None:
     args = build_parser().parse_args(case["argv"])
     assert _engine_before(from_arguments(DistillConfig, args)) == case["distill"]
     ecfg = _plain(dataclasses.asdict(from_arguments(EvalConfig, args, prefix="eval-")))
+    assert ecfg.pop("split") == "test"
     assert ecfg["epochs"] == case["other"]["eval_epochs"]
     assert (ecfg.pop("width"), ecfg.pop("depth")) == (case["other"]["eval_width"], case["other"]["eval_depth"])
     assert ecfg == case["evaluation"]

@@ -58,13 +58,31 @@ def test_every_method_runs_and_returns_class_major_set(method: str) -> None:
         assert out.info["iterations_done"] == 3 and len(out.info["loss_history"]) == 3
 
 
-def test_safe_all_uses_first_pipc_per_class() -> None:
+def test_safe_all_uses_first_pipc_per_class_with_safe_draw_first() -> None:
     sx, sy = _safe(per_class=5)
-    out = _run("safe_all", pipc=3)
+    out = _run("safe_all", pipc=3, cfg=DistillConfig(iterations=3, real_batch=4, log_every=1, safe_draw="first"))
     assert out.x.shape == (3 * C, *SHAPE) and out.y.tolist() == [0] * 3 + [1] * 3 + [2] * 3
     first3_class1 = sx[sy == 1][:3]
     assert torch.equal(out.x[3:6], first3_class1)
     assert out.info["class_counts"] == [3, 3, 3]
+
+
+def _drawn(seed: int, pipc: int) -> list[set[int]]:
+    """Per class, which of the 5 safe images (their index within the class) a cell drew."""
+    sx, sy = _safe(per_class=5)
+    out = _run("safe_all", pipc=pipc, seed=seed)
+    own = [sx[sy == c] for c in range(C)]
+    return [{next(i for i, s in enumerate(own[c]) if torch.equal(img, s)) for img in out.x[out.y == c]}
+            for c in range(C)]
+
+
+def test_safe_draw_random_varies_with_the_seed_and_nests_across_pipc() -> None:
+    draws = {seed: _drawn(seed, 3) for seed in range(6)}
+    assert draws[0] == _drawn(0, 3)  # seeded: the same seed draws the same images
+    assert len({tuple(frozenset(d) for d in draw) for draw in draws.values()}) > 1  # seeds draw different images
+    for seed in range(3):  # a smaller pipc is a subset of a larger one for the same seed
+        small, large = _drawn(seed, 2), _drawn(seed, 4)
+        assert all(a < b for a, b in zip(small, large))
 
 
 def test_random_real_picks_safe_images_of_the_right_class() -> None:

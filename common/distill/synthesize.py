@@ -16,8 +16,11 @@ its start and DM weight); this module asks it.
 Defaults from the paper's appendix A (resolved in ``common/config.py``), each overridable in ``DistillConfig``:
 alpha = 0.1 / 0.01 / 0.001 for pipc <= 10 / <= 50 / more (``default_alpha``);
 gamma = 0.01 for ipc >= 50, else 0.001 (``default_gamma``); init noise for ipc 1, real
-safe images otherwise (``default_init``). With ``init="auto"``, ``dm`` starts from real
-images like the DM reference (main_DM.py), ``dsv`` from noise, ``dsv_real`` from real.
+safe images otherwise (``default_init``). With ``init="auto"`` every method of a grid that
+takes its start from the config (dm, dkkt_dm, blend) starts from the same images (appendix
+A's rule by ipc), so a comparison between them differs in the loss alone; ``dsv`` starts from
+noise, ``dsv_real`` from real images, ``dm_reference`` (the DM reference recipe, main_DM.py)
+from real images with SGD(lr_img, momentum_img).
 
 The loop: S (and lambda) are the only trainable tensors. Images: ``img_optimizer`` (SGD
 (lr_img, momentum_img) or Adam(lr_img_adam); "auto" keeps the first landing's rule, SGD for
@@ -34,8 +37,10 @@ seeded with ``seed`` (no global RNG). Non-finite loss terms or gradients raise
 ``DistillationError`` (iteration + term names) BEFORE the step, so S stays the last
 good state; that state is checkpointed when a checkpoint path is given.
 
-pipc: if T' holds more than ``pipc`` images of a class, only the first ``pipc`` of them
-(in stored order, so smaller pipc gives nested subsets) are used.
+pipc: if T' holds more than ``pipc`` images of a class, ``safe_draw`` picks which: ``random``
+(default) a seeded random draw per distillation seed, so seeds vary the safe images a user
+cannot choose (one permutation per class and seed, so a smaller pipc is a subset of a larger
+one for the same seed); ``first`` the first ``pipc`` in stored order for every seed.
 """
 
 from __future__ import annotations
@@ -121,7 +126,8 @@ class _SafePool:
     @staticmethod
     def build(safe_x: Tensor, safe_y: Tensor, num_classes: int, image_shape: tuple[int, int, int],
               pipc: int, device: torch.device,
-              norm: Callable[[Tensor], Tensor] | None = None) -> "_SafePool":
+              norm: Callable[[Tensor], Tensor] | None = None,
+              draw: torch.Generator | None = None) -> "_SafePool":
         if not isinstance(safe_x, Tensor) or not isinstance(safe_y, Tensor):
             raise ValueError("safe_x and safe_y must be tensors")
         if safe_x.dtype == torch.uint8 and norm is None:
@@ -136,7 +142,10 @@ class _SafePool:
             raise ValueError(f"safe_y must be int64 of shape ({safe_x.shape[0]},), got {safe_y.dtype} {tuple(safe_y.shape)}")
         if safe_y.numel() and (int(safe_y.min()) < 0 or int(safe_y.max()) >= num_classes):
             raise ValueError(f"safe_y labels must lie in [0, {num_classes}), got [{int(safe_y.min())}, {int(safe_y.max())}]")
-        idx = [i[:pipc] for i in class_indices(safe_y, num_classes)]  # first pipc per class
+        per_class = class_indices(safe_y, num_classes)
+        if draw is not None:  # a seeded draw of pipc per class (a prefix of one permutation: nested in pipc)
+            per_class = [i[torch.randperm(i.numel(), generator=draw)] for i in per_class]
+        idx = [i[:pipc] for i in per_class]
         keep = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
         x = safe_x[keep].to(device=device, dtype=torch.uint8 if norm is not None else torch.float32)
         # re-index into the compacted tensor
@@ -158,6 +167,11 @@ class _SafePool:
 
     def short_classes(self, ipc: int) -> list[int]:
         return [c for c, n in enumerate(self.counts) if n < ipc]
+
+
+def safe_draw_seed(seed: int) -> int:
+    """Seed of a cell's safe-image draw: its own stream, independent of the loop's generator."""
+    return (int(seed) * 1_000_003 + 0x5AFE) % (2**63)
 
 
 def total_loss(parts: Mapping[str, Tensor]) -> Tensor:
@@ -238,9 +252,11 @@ def synthesize(
     gen = torch.Generator().manual_seed(int(seed))
     pool = None
     if safe_x is not None and safe_y is not None and ms.needs_safe:
-        pool = _SafePool.build(safe_x, safe_y, num_classes, image_shape, pipc, device, norm=safe_normalize)
+        draw = torch.Generator().manual_seed(safe_draw_seed(seed)) if config.safe_draw == "random" else None
+        pool = _SafePool.build(safe_x, safe_y, num_classes, image_shape, pipc, device, norm=safe_normalize,
+                               draw=draw)
     base_info: dict[str, Any] = {"seed": int(seed), "pipc": pipc, "config": config.engine_dict(),
-                                 "safe_per_class": pool.counts if pool else []}
+                                 "safe_per_class": pool.counts if pool else [], "safe_draw": config.safe_draw}
 
     if method == "safe_all":
         assert pool is not None
@@ -351,7 +367,9 @@ class _Run:
     # -- setup helpers ------------------------------------------------------------
     def _resolve_init(self, method: str) -> tuple[str, str]:
         cfg_init, fixed = self.cfg.init, REGISTRY[method].init
-        if fixed in ("noise", "real"):  # dsv / dsv_real: the method name fixes the start
+        if fixed in ("noise", "real"):  # dsv / dsv_real / dm_reference: the method name fixes the start
+            if REGISTRY[method].img_optimizer is not None:  # a reference recipe keeps its own start
+                return fixed, f"method {method}"
             if cfg_init not in ("auto", fixed):
                 other = "dsv_real" if fixed == "noise" else "dsv"
                 raise ValueError(f"method {method!r} always starts from {fixed} images; use method {other!r} "
@@ -359,8 +377,6 @@ class _Run:
             return fixed, f"method {method}"
         if cfg_init != "auto":
             return cfg_init, "config"
-        if fixed == "dm_reference":
-            return "real", "auto (DM reference)"
         return default_init(self.ipc), "auto (appendix A)"
 
     def _init_images(self, method: str, gen: torch.Generator) -> tuple[Tensor, str]:
@@ -410,7 +426,8 @@ class _Run:
         x0, init_desc = self._init_images(method, gen)
         y = _labels(C, ipc).to(self.device)
         x_syn = x0.requires_grad_(True)
-        img_opt = cfg.img_optimizer if cfg.img_optimizer != "auto" else ("adam" if use_dkkt else "sgd")
+        img_opt = ms.img_optimizer or (cfg.img_optimizer if cfg.img_optimizer != "auto" else
+                                       ("adam" if use_dkkt else "sgd"))
         opt_img: torch.optim.Optimizer = (
             torch.optim.Adam([x_syn], lr=cfg.lr_img_adam) if img_opt == "adam"
             else torch.optim.SGD([x_syn], lr=cfg.lr_img, momentum=cfg.momentum_img))

@@ -26,7 +26,7 @@ from server.federation.dp import dp_wrap
 from server.federation.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
                              weight_signature)
 
-__all__ = ["FederationError", "FederationResult", "wait_for_nodes", "run_federation"]
+__all__ = ["FederationError", "FederationResult", "plateau_stop", "wait_for_nodes", "run_federation"]
 
 
 class FederationError(RuntimeError):
@@ -66,6 +66,18 @@ def wait_for_nodes(grid: Grid, expected: int | None, minimum: int, timeout: floa
         if time.monotonic() - start > timeout:
             raise FederationError(f"only {len(nodes)} of the {need} required nodes connected within {timeout:.0f}s")
         time.sleep(0.2)
+
+
+class _Plateau(Exception):
+    """evaluate_fn's way out of Strategy.start once the validation accuracy has plateaued."""
+
+
+def plateau_stop(accuracies: list[float], window: int, delta: float) -> bool:
+    """True once the best accuracy of the last ``window`` rounds is at most ``delta`` above the best
+    before them (accuracies per round from round 0, fractions; ``delta`` a fraction too)."""
+    if window <= 0 or len(accuracies) <= window:
+        return False
+    return max(accuracies[-window:]) <= max(accuracies[:-window]) + delta
 
 
 class _TrackingFedAvg(FedAvg):
@@ -170,8 +182,13 @@ def run_federation(
     central_eval: Callable[[OrderedDict[str, torch.Tensor]], tuple[float, float]],
     failures: FailureLog | None = None,
     plan: ShardPlan | None = None,
+    val_eval: Callable[[OrderedDict[str, torch.Tensor]], float] | None = None,
 ) -> FederationResult:
-    """FedAvg for ``federation.rounds`` rounds; ``central_eval(state) -> (acc, loss)`` on the test set."""
+    """FedAvg for ``federation.rounds`` rounds; ``central_eval(state) -> (acc, loss)`` on the test set.
+
+    ``val_eval(state) -> acc`` on the validation split, recorded per round; with
+    ``federation.plateau_rounds`` it stops FedAvg at the plateau (``plateau_stop``) and theta* is
+    the model of the last round run."""
     f = scenario.federation
     start = time.perf_counter()
     n = len(node_ids)
@@ -191,12 +208,25 @@ def run_federation(
         min_available_nodes=n,
     )
     central: dict[int, tuple[float, float]] = {}
+    val_acc: dict[int, float] = {}
+    last: dict[str, ArrayRecord] = {}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        acc, loss = central_eval(record_to_state_dict(arrays))
+        state = record_to_state_dict(arrays)
+        acc, loss = central_eval(state)
         central[server_round] = (acc, loss)
-        log(INFO, "federate: round %d, global model test accuracy %.4f (loss %.4f)", server_round, acc, loss)
-        return MetricRecord({"test-acc": acc, "test-loss": loss})
+        metrics = {"test-acc": acc, "test-loss": loss}
+        if val_eval is not None:
+            val_acc[server_round] = metrics["val-acc"] = val_eval(state)
+        log(INFO, "federate: round %d, global model test accuracy %.4f (loss %.4f)%s", server_round, acc, loss,
+            f", validation {val_acc[server_round]:.4f}" if server_round in val_acc else "")
+        last["arrays"] = arrays
+        if f.plateau_rounds and server_round > 0 and plateau_stop(
+                [val_acc[r] for r in sorted(val_acc)], f.plateau_rounds, f.plateau_delta / 100.0):
+            log(INFO, "federate: validation accuracy gained <= %.2f points over the last %d rounds: "
+                "plateau after round %d", f.plateau_delta, f.plateau_rounds, server_round)
+            raise _Plateau(server_round)
+        return MetricRecord(metrics)
 
     scenario_json = scenario.to_json()
     train_config = ConfigRecord({CFG_SCENARIO: scenario_json, "lr": float(f.lr), "local-epochs": int(f.local_epochs)})
@@ -214,21 +244,27 @@ def run_federation(
             return wrapped_aggregate(server_round, good)
 
         outer.aggregate_train = screened_aggregate  # type: ignore[method-assign]
-    result = outer.start(
-        grid=grid,
-        initial_arrays=state_dict_to_record(initial_state),
-        num_rounds=f.rounds,
-        timeout=f.reply_timeout_s,
-        train_config=train_config,
-        evaluate_config=ConfigRecord({CFG_SCENARIO: scenario_json}),
-        evaluate_fn=evaluate_fn,
-    )
-    final = record_to_state_dict(result.arrays) if f.rounds > 0 and len(result.arrays) else initial_state
+    try:
+        result = outer.start(
+            grid=grid,
+            initial_arrays=state_dict_to_record(initial_state),
+            num_rounds=f.rounds,
+            timeout=f.reply_timeout_s,
+            train_config=train_config,
+            evaluate_config=ConfigRecord({CFG_SCENARIO: scenario_json}),
+            evaluate_fn=evaluate_fn,
+        )
+        final_arrays = result.arrays
+    except _Plateau:  # raised by evaluate_fn after the round's aggregate: that round's model is theta*
+        final_arrays = last["arrays"]
+    final = record_to_state_dict(final_arrays) if f.rounds > 0 and len(final_arrays) else initial_state
     rounds = []
     for r in sorted(central):
         row = {"round": r, "test_acc": central[r][0], "test_loss": central[r][1]}
         train_m = strategy.train_metrics.get(r, {})
         eval_m = strategy.eval_metrics.get(r, {})
+        if r in val_acc:
+            row["val_acc"] = val_acc[r]
         row["train_loss"] = train_m.get("train-loss")
         row["client_eval_acc"] = eval_m.get("eval-acc")
         rounds.append(row)

@@ -58,6 +58,7 @@ def rebuild_run_files(run_dir: str | Path, audit: bool = True) -> dict[str, Path
         scenario.privacy.audit = False
     data = federation_train_set(scenario)  # the test split (and the audit's private bank) as the run saw it
     meta = data.meta
+    score_x, score_y = data.scoring_split(scenario.evaluation.split)  # what the cells were scored on
     model_file, pool_file = run_dir / "global_model.pt", run_dir / "safe_pool.pt"
     state = None
     if model_file.is_file():
@@ -71,7 +72,7 @@ def rebuild_run_files(run_dir: str | Path, audit: bool = True) -> dict[str, Path
     history = load_history(run_dir, meta.name) if model_file.is_file() and pool_file.is_file() else {}
     failures = history.pop("failures", [])
     inp = PipelineInputs(scenario=scenario, meta=meta, model_state=state, pool_x=pool_x, pool_y=pool_y,
-                         test_x=data.test_x, test_y=data.test_y, run_dir=run_dir, device=torch.device("cpu"),
+                         test_x=score_x, test_y=score_y, run_dir=run_dir, device=torch.device("cpu"),
                          **history)
     del data
     log(INFO, "report: rebuilding the run files of %s (audit %s)", run_dir, "on" if scenario.privacy.audit else "off")

@@ -123,6 +123,8 @@ def write_results(cells: Sequence[CellResult], run_dir: Path, title: str | None 
 def write_rounds(rounds: Sequence[dict], path: Path) -> Path:
     """Per-round global-model accuracy (round 0 = the initial model)."""
     keys = ["round", "test_acc", "test_loss", "train_loss", "client_eval_acc"]
+    if any("val_acc" in row for row in rounds):  # data.validation_size: the split that judges the plateau
+        keys.insert(3, "val_acc")
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()

@@ -320,7 +320,8 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
                 for method in s.distill.methods:
                     spec = CellSpec(method, ipc, pipc, seed)
                     json_path, pt_path = cells_dir / f"{spec.name}.json", cells_dir / f"{spec.name}.pt"
-                    config = {"distill": {**distill_dict, "alpha": cell_dcfg.alpha},
+                    config = {"distill": {**distill_dict, **s.distill.method_settings.get(method, {}),
+                                          "alpha": cell_dcfg.alpha},
                               "evaluation": dataclasses.asdict(ecfg),  # incl. width/depth of the evaluation net
                               "model": dataclasses.asdict(s.model),
                               "dataset": meta.name, "inputs": {**base_digest, "pool": pool_digest}}
