@@ -1,15 +1,17 @@
 """Phases 3-5 (distill, evaluate, report) on plain tensors: no Flower here.
 
 Input: the trained global model theta*, the pooled safe set T' (uint8, class-major, each
-class in a fixed seeded order), the test split. For every (pipc, ipc, method) of the
-scenario grid: ``common.distill.synthesize`` on the first ``pipc`` images per class of T'
-(smaller pools are nested subsets of larger ones), then
-``common.evaluate.evaluate_synthetic`` (fresh ConvNets trained on S, tested on the test
-split). Results, synthetic sets and image grids go to the run folder.
+class in a fixed seeded order), the held-out split that scores the cells (``evaluation.split``:
+the test split, or the validation split while tuning). For every (pipc, ipc, method, seed) of
+the scenario grid: ``common.distill.synthesize`` on pipc safe images per class of T' (drawn
+per seed, ``distill.safe_draw``), then ``common.evaluate.evaluate_synthetic`` (fresh ConvNets
+trained on S, tested on the scoring split). Results, synthetic sets and image grids go to the
+run folder.
 
 Also runnable without Flower, from a finished run's artifacts::
 
-    python -m server.pipeline scenarios/quickstart.yaml --reuse runs/quickstart
+    python -m server.pipeline scenarios/quickstart.yaml --reuse runs/quickstart \
+        [--set evaluation.split=validation --set output_dir=runs/tuning]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from flwr.common.logger import log  # logging only (plain python logger); no Flo
 from common.datasets import DatasetMeta, federation_train_set
 from common.device import pick_device
 from common.models import build_model
-from common.scenario import Scenario, load_scenario, save_resolved
+from common.scenario import Scenario, ScenarioError, load_scenario, overrides_from_run_config, save_resolved
 from common.grid import PIPC_ALL
 from server.store.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
 from common.distill.synthesize import make_embed_factory
@@ -132,10 +134,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", help="scenario YAML")
     parser.add_argument("--reuse", help="run folder with global_model.pt + safe_pool.pt (default: reuse_artifacts)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="scenario override, dotted key (repeatable): --set evaluation.split=validation")
     args = parser.parse_args(argv)
     setup_process("server")  # an entry point: the same thread policy as the ServerApp (common/threads.py)
-    overrides = {"reuse_artifacts": args.reuse} if args.reuse else None
-    scenario = load_scenario(args.scenario, overrides=overrides)
+    overrides: dict = {}
+    for item in args.set:
+        if "=" not in item:
+            parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.iterations=300")
+        overrides.update(overrides_from_run_config({"overrides": item}))
+    if args.reuse:
+        overrides["reuse_artifacts"] = args.reuse
+    try:
+        scenario = load_scenario(args.scenario, overrides=overrides)
+    except ScenarioError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if not scenario.reuse_artifacts:
         parser.error("no artifacts to reuse: pass --reuse or set reuse_artifacts in the scenario")
     check_data_root(scenario)  # data.root set but not a folder: stop before loading

@@ -1,9 +1,10 @@
 """Sweep bookkeeping: the grid's cells, one atomic record per finished cell, resume.
 
 A scenario's grid is ``distill.pipc x distill.ipc x distill.seeds x distill.methods``. The
-federated phases run once; every cell reuses theta* and the safe pool T' (a cell with pipc p
-distills from the first p images per class of T', so smaller pools are nested subsets of
-larger ones, ``server.federation.collect.pool_subset``).
+federated phases run once; every cell reuses theta* and the safe pool T'. A cell with pipc p
+distills from p images per class of T': with ``distill.safe_draw: random`` a draw seeded by the
+cell's seed (synthesize; nested across pipc for one seed), with ``first`` the first p in pool
+order (``server.federation.collect.pool_subset``).
 
 Each finished cell is written to ``<run>/cells/<method>_ipc<k>_pipc<p>_seed<s>``: first the
 synthetic set (``.pt``), then the record (``.json``, written via a temp file + rename, so a
@@ -299,10 +300,12 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
         min_count = 0
         pool_digest = tensor_digest(None)
         if pipc != 0:
-            sub_x, safe_y = pool_subset(inp.pool_x, inp.pool_y, pipc, meta.num_classes)
-            safe_x = sub_x  # uint8, 4x smaller in every worker; synthesize normalizes each drawn batch
+            sub_x, safe_y = pool_subset(inp.pool_x, inp.pool_y, pipc, meta.num_classes)  # refuses a short pool
             counts = torch.bincount(safe_y, minlength=meta.num_classes)
             min_count = int(counts.min()) if len(counts) else 0
+            if dcfg.safe_draw == "random":  # each seed draws its pipc per class from the whole pool (synthesize)
+                sub_x, safe_y = inp.pool_x, inp.pool_y
+            safe_x = sub_x  # uint8, 4x smaller in every worker; synthesize normalizes each drawn batch
             pool_digest = tensor_digest(sub_x, safe_y)
         # synthesize wants the real pool size; 'all' keeps appendix A's alpha for 'all' (alpha_for(PIPC_ALL)).
         eff_pipc = min_count if pipc == PIPC_ALL else pipc
