@@ -72,7 +72,20 @@ def _append_failures(results_md: Path, run_dir: Path) -> None:
 
 
 def results_title(scenario: Scenario) -> str:
-    return f"{scenario.name}: synthetic-set test accuracy ({get_meta(scenario.data.dataset).name})"
+    return f"{scenario.name}: synthetic-set {scenario.evaluation.split} accuracy ({get_meta(scenario.data.dataset).name})"
+
+
+def interval_scope(scenario: Scenario) -> str:
+    """What the spread over seeds in results.md covers, and what it does not."""
+    d = scenario.distill
+    draw = ("each seed draws its own pipc safe images per class from the pool (distill.safe_draw: random), its "
+            "own random networks, DSA draws and evaluation networks" if d.safe_draw == "random" else
+            "every seed uses the same first pipc safe images per class (distill.safe_draw: first); seeds vary the "
+            "random networks, DSA draws and evaluation networks only")
+    split = ("the test split" if scenario.evaluation.split == "test" else
+             f"the validation split ({scenario.data.validation_size} held-out training images)")
+    return (f"Scored on {split}. Seeds: {draw}. All seeds share one federation (theta*, partition and safe "
+            f"pool of scenario seed {scenario.seed}): the intervals do not cover the federation's draw.")
 
 
 def _rebuild_traces(run_dir: Path, cells: list, only_stale: bool = False) -> dict[str, Path]:
@@ -110,7 +123,8 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
     written: dict[str, Path] = {}
     if not cells:
         raise FileNotFoundError(f"{run_dir / 'cells'} holds no cell records of this scenario's grid: nothing to report")
-    written.update({f"results_{k}": v for k, v in write_results(cells, run_dir, title=results_title(scenario)).items()})
+    written.update({f"results_{k}": v for k, v in write_results(cells, run_dir, title=results_title(scenario),
+                                                                  scope=interval_scope(scenario)).items()})
     note = results_note(scenario, run_dir)  # the privacy modes' note (server.reports.privacy_report)
     if note:
         written["results_md"].write_text(written["results_md"].read_text() + note)

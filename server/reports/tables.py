@@ -80,7 +80,8 @@ def _cell_text(by_key: dict[tuple[str, int, int], CellResult], key: tuple[str, i
     return "n/a" if c.skipped else format_cell(c.mean, c.std)
 
 
-def results_markdown(cells: Sequence[CellResult], title: str | None = None) -> str:
+def results_markdown(cells: Sequence[CellResult], title: str | None = None, scope: str | None = None) -> str:
+    """The results table; ``scope`` says what the spread over seeds covers (which split, what seeds vary)."""
     rows, methods, by_key = _grid(cells)
     lines = [f"# {title}", ""] if title else []
     lines += ["| ipc | pipc | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
@@ -91,7 +92,7 @@ def results_markdown(cells: Sequence[CellResult], title: str | None = None) -> s
     over = "the evaluation models" + (f" of {len(seeds)} distillation seeds ({', '.join(map(str, seeds))})"
                                       if len(seeds) > 1 else "")
     note = " pipc 'all': every client uploaded all its images." if any(p == PIPC_ALL for _, p in rows) else ""
-    lines += ["", f"Test accuracy in %, mean ± std over {over}.{note}"]
+    lines += ["", f"Accuracy in %, mean ± std over {over}.{note}" + (f" {scope}" if scope else "")]
     lines += paired_markdown(cells, pipc_label)
     reasons = sorted({f"{c.method} ipc={c.ipc} pipc={pipc_label(c.pipc)}: {c.skipped}" for c in cells if c.skipped})
     if reasons:
@@ -99,10 +100,11 @@ def results_markdown(cells: Sequence[CellResult], title: str | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
-def write_results(cells: Sequence[CellResult], run_dir: Path, title: str | None = None) -> dict[str, Path]:
+def write_results(cells: Sequence[CellResult], run_dir: Path, title: str | None = None,
+                  scope: str | None = None) -> dict[str, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": run_dir / "results.md", "csv": run_dir / "results.csv", "long": run_dir / "results_long.csv"}
-    paths["md"].write_text(results_markdown(cells, title))
+    paths["md"].write_text(results_markdown(cells, title, scope))
     rows, methods, by_key = _grid(cells)
     with paths["csv"].open("w", newline="") as fh:
         w = csv.writer(fh)
