@@ -31,8 +31,8 @@ from common.methods import METHODS
 
 __all__ = ["ConfigError", "knob", "build", "check_tree", "fail", "engine_fields", "add_arguments", "from_arguments",
            "DistillConfig", "EvalConfig", "default_alpha", "default_gamma", "default_init", "parse_strategy",
-           "DSA_OPS", "DSA_STRATEGY", "INITS", "OPTIMIZERS", "STAT_DISTANCES", "PRIMAL_MODES", "AUG_PASSES", "MAX_ABS_INT",
-           "SEED_MAX", "MAX_IPC"]
+           "DSA_OPS", "DSA_STRATEGY", "INITS", "OPTIMIZERS", "STAT_DISTANCES", "PRIMAL_MODES", "AUG_PASSES", "STAT_AT",
+           "STAT_VARIANTS", "PAPER_VARIANT", "MAX_ABS_INT", "SEED_MAX", "MAX_IPC"]
 
 MAX_ABS_INT = 2**53  # any integer setting beyond this is a typo (and would overflow int64 maths or JSON)
 SEED_MAX = 2**32 - 1  # seeds: 0 .. 2**32-1 (torch.manual_seed, numpy's legacy RandomState and DataLoader agree)
@@ -46,6 +46,12 @@ OPTIMIZERS: tuple[str, ...] = ("sam", "sgd")
 STAT_DISTANCES: tuple[str, ...] = ("l1", "l2", "cosine")  # common/distill/dkkt.py implements them
 PRIMAL_MODES: tuple[str, ...] = ("ce", "hinge")  # common/distill/dkkt.py implements them
 AUG_PASSES: tuple[str, ...] = ("both", "sample")  # common/distill/synthesize.py + dkkt.py implement them
+STAT_AT: tuple[str, ...] = ("theta_star", "theta0", "path")  # common/distill/dkkt.py implements them
+# distill.stat_variant: "project" = the keys as set; "paper" = Eq. 3-4 literally, i.e. these values of the keys
+# (target theta*, the mean l1 distance, gradients at theta*, no DSV manifold pass).
+PAPER_VARIANT: dict[str, Any] = {"stat_target": "theta", "stat_distance": "l1", "stat_at": "theta_star",
+                                 "aug_weight": 0.0}
+STAT_VARIANTS: tuple[str, ...] = ("project", "paper")
 
 # DSA vocabulary (common/augment.py implements the ops and re-exports these names).
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -326,6 +332,23 @@ class DistillConfig:
                            choices=AUG_PASSES)
     stat_candidates: int = knob(0, "stationarity sum over this many random candidates per iteration, scaled by "
                                 "N / m (0: every candidate, exact); the primal always covers all", ge=0)
+    # Where the inner gradients of L_stat are taken (common/distill/dkkt.py, stationarity_points). At theta* real
+    # data cannot satisfy the condition for a briefly trained theta* (docs/mechanism.md); at theta_0 the target
+    # theta* - theta_0 is the direction of the clients' first updates.
+    stat_at: str = knob("theta_star", "inner gradients of L_stat at: theta_star (Eq. 3) | theta0 (the network FedAvg "
+                        "started from) | path (mean over stat_path_points points of the line theta_0 -> theta*); "
+                        "theta0 / path need stat_target update", choices=STAT_AT)
+    stat_path_points: int = knob(3, "points of the straight path theta_0 -> theta* (both ends included) for stat_at "
+                                 "path; each costs one stationarity pass", ge=2, limit=100)
+    stat_variant: str = knob("project", "project (the stat_* / aug_weight keys as set) | paper (Eq. 3-4 literally: "
+                             "stat_target theta, stat_distance l1, stat_at theta_star, aug_weight 0; a value of those keys "
+                             "other than its default or the paper's is an error)", choices=STAT_VARIANTS)
+    # A diagnostic only (no effect on S): after a DKKT cell, cos(target, -sum lambda_i grad L_i) for safe images and
+    # the synthetic set at points of the path theta_0 -> theta* (common/distill/stationarity.py, traces/).
+    diagnose_samples: int = knob(100, "safe images (at most) in the stationarity diagnostic of each DKKT cell; "
+                                 "0: no diagnostic", ge=0, limit=100_000)
+    diagnose_path_points: int = knob(5, "points of the path theta_0 -> theta* where the diagnostic takes gradients "
+                                     "(1: theta* only)", ge=1, limit=100)
 
     method_settings: dict = knob(factory=dict, sweep=True,
                                  help="per-method settings, e.g. {dm: {img_optimizer: sgd, lr_img: 1.0}}: each "
@@ -351,6 +374,16 @@ class DistillConfig:
             for name, value in settings.items():
                 value = coerce(value, hints[name], f"{key}.{name}", source)
                 _check_value(value, fields[name].metadata, f"{key}.{name}", source)
+        if self.stat_variant == "paper":
+            defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in PAPER_VARIANT}
+            for key, paper in PAPER_VARIANT.items():
+                value = getattr(self, key)
+                if value not in (paper, defaults[key]):
+                    raise fail(source, f"{prefix}.{key}", f"is {value!r}, but stat_variant 'paper' sets it to "
+                               f"{paper!r}; remove the key or set stat_variant 'project'")
+        if self.stat_at != "theta_star" and self.stat_target != "update" and self.stat_variant != "paper":
+            raise fail(source, f"{prefix}.stat_at", f"is {self.stat_at!r}, which needs stat_target 'update' (the "
+                       f"target theta* - theta_0), got stat_target {self.stat_target!r}")
 
     def for_method(self, method: str) -> "DistillConfig":
         """The settings ``method`` runs with: the section, with its ``method_settings`` entry applied."""
@@ -359,6 +392,12 @@ class DistillConfig:
             return self
         hints = get_type_hints(type(self))
         return dataclasses.replace(self, **{k: coerce(v, hints[k], k, None) for k, v in settings.items()})
+
+    def resolved(self) -> "DistillConfig":
+        """The settings the engine runs: ``stat_variant`` 'paper' replaced by the keys it stands for."""
+        if self.stat_variant == "paper":
+            return dataclasses.replace(self, **PAPER_VARIANT)
+        return self
 
     def validate(self) -> "DistillConfig":
         """Check a config built in Python (a scenario's is checked when loaded); errors say DistillConfig.<key>."""

@@ -26,11 +26,13 @@ BEFORE = json.loads((DATA / "scenario_resolution_before.json").read_text())
 CLI_BEFORE = json.loads((DATA / "distill_cli_before.json").read_text())
 
 # Engine knobs a scenario could not set before (the engine had them, the YAML section did not).
-NEWLY_REACHABLE = {"distill": {"dsa_strategy", "log_every", "lambda_optimizer", "aug_passes", "stat_candidates"},
+NEWLY_REACHABLE = {"distill": {"dsa_strategy", "log_every", "lambda_optimizer", "aug_passes", "stat_candidates",
+                               "stat_at", "stat_path_points", "stat_variant", "diagnose_samples", "diagnose_path_points"},
                    "evaluation": {"lr_decay_at_half", "dsa_strategy", "parallel_models"}}
-# Engine knobs added after the fixtures were written (issue 15's DKKT approximations), at their defaults
+# Engine knobs added after the fixtures were written (the DKKT approximations, the stationarity options), at their defaults
 # the engine behaves as before; they must come out at those defaults.
-ADDED_AFTER = {"aug_passes": "both", "stat_candidates": 0, "safe_draw": "random"}
+ADDED_AFTER = {"aug_passes": "both", "stat_candidates": 0, "stat_at": "theta_star", "stat_path_points": 3,
+               "stat_variant": "project", "diagnose_samples": 100, "diagnose_path_points": 5, "safe_draw": "random"}
 # Scenario keys added after the fixtures (validation split, FedAvg plateau, per-method settings, the scored
 # split); at these defaults a run does what it did before, except safe_draw (random per seed, was first).
 ADDED_AFTER_RESOLVED = {"data": {"validation_size": 0}, "federation": {"plateau_rounds": 0, "plateau_delta": 0.3},

@@ -4,89 +4,55 @@
 For candidates X = {(x_i, y_i, lambda_i)} and the frozen trained model Phi(.; theta*):
 
     L_primal = 1/n sum_i L(Phi(x_i; theta*), y_i)                             (Eq. 3)
-    L_stat   = D(theta*, -sum_i lambda_i grad_theta L(Phi(x_i; theta*), y_i))   (Eq. 3)
+    L_stat   = D(target, -sum_i lambda_i grad_theta L(Phi(x_i; theta_g), y_i))  (Eq. 3)
     L_kkt    = L_primal + alpha * L_stat                                         (Eq. 4)
 
-The formulation this project uses, and why (issue "The core result")
-------------------------------------------------------------------------
-Defaults: D = cosine distance, lambda = exp(rho) (rho learned with Adam, lr 0.05, lambda
-starts at 1), and the stationarity TARGET is the displacement theta* - theta_0 from the
-network FedAvg started from (``stationarity_target``; theta_0 = the scenario-seeded
-ConvNet of server/app.py, which the server and every client can rebuild), not theta*.
+Eq. 3 literally has target = theta* and theta_g = theta*. The defaults and why:
 
-Why. As first built (D = mean l1 over the parameters, lambda itself with lr 0.01 and
-clamping), L_stat sat at D(theta*, 0) = mean |theta*| from iteration ~20 on and its share
-of the image gradient was ~1 %: with cross-entropy ~0.01 the per-sample gradients
-vanish and lambda drifted down. Measured on theta* = ConvNet-3 width 128 after the
-quickstart's 2 FedAvg rounds (81.2 % test accuracy; runs/core-fed), DSV from noise at
-ipc 1, 100 iterations, Adam 0.1 on the images (ratio = L_stat / D(target, 0) at the end;
-share = mean norm share of alpha * L_stat in the image gradient after the first 10 %):
+- D = cosine distance (``"cosine"``): scale-free, so lambda's overall scale drops out and the
+  term keeps an O(1) gradient on the images whatever the loss magnitudes. An l1 / l2 distance
+  is minimised by shrinking the combination towards 0 when the direction cannot be matched,
+  which leaves its image gradient tiny. ``"l1"`` = mean over ALL parameters of |target - v|
+  (DSV Sec. 4.2 and App. D: l1, averaged per parameter); ``"l2"`` = mean squared difference
+  (DSV Alg. 1); ``stat_relative`` divides either by D(target, 0).
+- target = theta* - theta_0 (``stationarity_target`` with ``init``), the displacement from the
+  network FedAvg started from (theta_0 = the scenario-seeded ConvNet, which the server and
+  every client can rebuild). A briefly trained theta* is mostly its initialisation, and no
+  non-negative combination of loss gradients points along the initialisation; its learned
+  part is what the gradients can explain. ``stat_target="theta"`` is Eq. 3 literally.
+- theta_g = theta* (``at`` None). ``stationarity_points`` builds the alternatives: theta_0
+  (the gradients the first FedAvg step followed: for one GD step from theta_0 on the real
+  data, theta* - theta_0 = -lr sum_i grad L_i(theta_0) exactly) or the mean over points of
+  the straight path theta_0 -> theta* (an approximation of the integral of the gradient along
+  the trajectory). The primal term is always taken at theta*.
+- lambda >= 0 (dual feasibility) is the caller's job: these functions take lambda itself and
+  reject negative entries. ``synthesize`` parametrises lambda = exp(rho) (multiplicative
+  steps, feasible by construction) or, with ``lambda_param="clamp"``, projects lambda back
+  onto lambda >= 0 after every step (a fixed-size synthetic set cannot drop a candidate the
+  way DSV Alg. 1 does, so it sits at 0 and may re-enter).
+- L (the per-sample loss inside the gradient) is cross-entropy (DSV Sec. 4.2). The primal
+  (``primal``) is ``"ce"`` = mean cross-entropy (Eq. 3) or ``"hinge"`` = DSV Eq. 7 (a
+  correctly classified sample contributes 0).
+- sum_i lambda_i grad L_i = grad of sum_i lambda_i L_i, so ONE weighted backward
+  (``torch.autograd.grad`` with ``create_graph=True`` through ``torch.func.functional_call``)
+  gives it per gradient point; no per-sample gradients. L_stat then differentiates back to
+  x and lambda (double backward).
+- Manifold condition (``dkkt_loss``): DSV Eq. 9 / Alg. 1 require the KKT conditions to hold
+  for augmented candidates too: L = [L_kkt(x) + eta * L_kkt(A(x))] / (1 + eta) with eta =
+  ``aug_weight`` (5, DSV App. D) and A = the project's DSA (one draw per call). Dividing by
+  (1 + eta) keeps alpha and gamma at the scale of Eq. 4-5, which have no augmentation term;
+  ``aug_weight=0`` drops the pass. DSV's total-variation / norm priors are left out (DSV sets
+  their weights to 0 for dataset distillation, App. D).
+- theta* are the model's parameters (not buffers). The model is used as given (callers put
+  it in eval mode); its own parameters need not require grad.
 
-    variant                                               ratio    stat share
-    l1, lambda clamped (the first landing)                0.999      0.4 %
-    l1 / D(theta*,0), lambda = exp(rho) at the LS scale     1.000      0.4 %
-    l2 / D, update target, exp(rho) at the LS scale         0.999      0.8 %
-    cosine, exp(rho), target theta*                         0.943     18 %
-    cosine, exp(rho), target theta*, hinge primal           0.963     89 % (primal is 0)
-    cosine, exp(rho), target theta* - theta_0  (chosen)     0.799     40 %
-    same, dkkt_dm (gamma L_DM beside it)                    0.825      6 %
-    same, dkkt_dm, hinge primal                             0.875      8 %
-    same, dsv_real at ipc 10 / pipc 50, 60 iterations       0.759      9 %
-
-Two facts explain the table. (1) theta* is almost all initialisation: ||theta*|| = 22.9
-but ||theta* - theta_0|| = 2.43 (the instance-norm scales alone are 3 x 11.3), so no
-non-negative combination of loss gradients can point along theta*: even 2,000 real
-training images give cos(theta*, -sum grad L_i) = 0.002 (0.025 against theta* - theta_0).
-The stationarity condition of Eq. 1 presumes a model trained to a stationary point;
-a model after a few federated rounds is not, and its LEARNED part is what the gradients
-can explain. (2) l1 / l2 distances are minimised by shrinking the combination to 0 when
-the direction cannot be matched, so their gradient on the images stays tiny; cosine is
-scale-free (lambda's overall scale drops out) and keeps an O(1) gradient whatever the
-loss magnitudes. lambda = exp(rho) keeps dual feasibility by construction and lets
-lambda move multiplicatively (the first landing's additive Adam steps of 0.01 could not
-reach the needed scale). The cross-entropy primal of Eq. 3 is kept (the hinge made the
-ratio worse).
-
-Acceptance, plainly: L_stat falls clearly below D(target, 0) (0.76-0.83 after 60-300
-iterations, vs 0.999 before) but not to the issue's 0.5 at ipc 10 within the iterations
-this CPU allows; the stationarity share of the image gradient is 40 % for dsv but ~3-6 %
-for dkkt_dm at the paper's alpha / gamma, where gamma * L_DM takes most of the gradient.
-The comparison in docs/core-result.md says what that does to accuracy (alpha = 0 ablation).
-
-Other options kept (scenario keys ``distill.stat_distance``, ``stat_target``,
-``stat_relative``, ``lambda_param``, ``lambda_autoscale``, ``primal``):
-- ``"l1"`` = mean over ALL parameters of |target - v| (DSV paper Sec. 4.2, "we have chosen
-  to use the l1 distance to suppress the effect of outliers", App. D "we averaged the
-  distance per parameter"); ``"l2"`` = mean squared difference (DSV Alg. 1 writes a
-  squared l2 norm). ``stat_relative`` divides either by D(target, 0).
-- ``stat_target="theta"``: Eq. 3 literally.
-- L (the per-sample loss inside the gradient) is cross-entropy (DSV Sec. 4.2).
-- Primal (``primal``): default ``"ce"`` = mean cross-entropy, exactly Eq. 3 of the
-  practical-DD paper. ``"hinge"`` = DSV Eq. 7: a sample that the model already
-  classifies correctly contributes 0, a misclassified one its cross-entropy.
-- The gradient sum_i lambda_i grad L_i equals grad of sum_i lambda_i L_i, so ONE
-  weighted backward (``torch.autograd.grad`` with ``create_graph=True`` through
-  ``torch.func.functional_call``) gives it; no per-sample gradients. L_stat then
-  differentiates back to x and lambda (double backward).
-- lambda >= 0 (dual feasibility) is the caller's job: these functions take lambda
-  itself and reject negative entries. ``synthesize`` parametrises lambda = exp(rho)
-  (default) or, with ``lambda_param="clamp"``, projects lambda back onto lambda >= 0
-  after every step (DSV Alg. 1 drops a candidate whose lambda turns negative; a
-  fixed-size synthetic set cannot, so it sits at 0 and may re-enter).
-- Manifold condition (``dkkt_loss``): DSV Eq. 9 / Alg. 1 require the KKT conditions to
-  hold for augmented candidates too: L = L_kkt(x) + eta * L_kkt(A(x)) with eta = 5
-  (DSV App. D). We use the project's DSA for A (one draw per call) and divide by
-  (1 + eta) so that alpha and the paper's gamma keep the scale of Eq. 4-5 (which
-  has no augmentation term). DSV's total-variation / norm priors are left out: DSV
-  sets their weights to 0 for dataset distillation (App. D).
-- theta* are the model's parameters (not buffers). The model is used as given (callers
-  put it in eval mode); its own parameters need not require grad.
+The measurements behind these choices are in docs/mechanism.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +65,8 @@ __all__ = [
     "STAT_DISTANCES",
     "stat_at_zero",
     "stationarity_target",
+    "STAT_AT",
+    "stationarity_points",
     "lambda_scale",
     "PRIMAL_MODES",
     "DEFAULT_AUG_WEIGHT",
@@ -110,6 +78,8 @@ __all__ = [
 ]
 
 STAT_DISTANCES: tuple[str, ...] = ("l1", "l2", "cosine")
+# Where the inner gradients of L_stat are taken: at theta*, at theta_0, or averaged over the straight path.
+STAT_AT: tuple[str, ...] = ("theta_star", "theta0", "path")
 PRIMAL_MODES: tuple[str, ...] = ("ce", "hinge")
 DEFAULT_AUG_WEIGHT = 5.0  # eta of DSV Alg. 1 / App. D
 # How the clean and augmented DKKT passes are evaluated per iteration: "both" (exact, the
@@ -173,6 +143,30 @@ def stationarity_target(model: nn.Module, init: nn.Module | None = None) -> dict
     return {k: theta[k] - start[k].detach().to(theta[k].device, theta[k].dtype) for k in theta}
 
 
+def stationarity_points(model: nn.Module, init: nn.Module | None, at: str = "theta_star",
+                        points: int = 3) -> list[dict[str, Tensor]] | None:
+    """The parameter sets where the inner gradients of L_stat are taken (``kkt_terms(at=...)``).
+
+    ``"theta_star"``: None (the gradients at theta* itself, sharing the primal's forward pass);
+    ``"theta0"``: [theta_0] from ``init``; ``"path"``: ``points`` (>= 2) evenly spaced points
+    theta_0 + t (theta* - theta_0), t = 0 .. 1 both included, whose gradients are averaged."""
+    if at not in STAT_AT:
+        raise ValueError(f"stat_at must be one of {list(STAT_AT)}, got {at!r}")
+    if at == "theta_star":
+        return None
+    if init is None:
+        raise ValueError(f"stat_at {at!r} needs the initial network theta_0, got None")
+    delta = stationarity_target(model, init)  # checks names and shapes
+    theta = {k: p.detach() for k, p in model.named_parameters()}
+    start = {k: theta[k] - delta[k] for k in theta}
+    if at == "theta0":
+        return [start]
+    if not isinstance(points, int) or points < 2:
+        raise ValueError(f"stat_at 'path' needs at least 2 path points, got {points!r}")
+    ts = [i / (points - 1) for i in range(points)]
+    return [{k: start[k] + t * delta[k] for k in theta} for t in ts]
+
+
 def stat_at_zero(target: Mapping[str, Tensor], distance: str = "l1") -> float:
     """D(target, 0): L_stat when every lambda is 0 (or every gradient vanishes), the value
     an inert stationarity term sits at; 1 for cosine."""
@@ -180,17 +174,23 @@ def stat_at_zero(target: Mapping[str, Tensor], distance: str = "l1") -> float:
     return float(_distance(dict(target), zero, distance))
 
 
-def lambda_scale(model: nn.Module, x: Tensor, y: Tensor, target: Mapping[str, Tensor] | None = None) -> float:
+def lambda_scale(model: nn.Module, x: Tensor, y: Tensor, target: Mapping[str, Tensor] | None = None,
+                 at: Sequence[Mapping[str, Tensor]] | None = None) -> float:
     """The common multiplier s >= 0 that brings -s * sum_i grad L_i closest to theta* in l2
     (least squares: s = <theta*, v> / ||v||^2 with v = -sum_i grad L_i, or ``target`` in place
     of theta*; when the two point
     apart, ||theta*|| / ||v|| so that at least the norms agree). Used to start lambda at
     the scale of theta* instead of 1: per-sample gradients of a trained model are tiny, so
-    lambda = 1 leaves sum_i lambda_i grad L_i orders of magnitude short of theta*."""
+    lambda = 1 leaves sum_i lambda_i grad L_i orders of magnitude short of theta*.
+    ``at``: the gradient points of ``stationarity_points`` (their mean gradient; None: theta*)."""
     _check_xy(x, y)
     params = _live_params(model)
-    ce = F.cross_entropy(functional_call(model, params, (x.detach(),)), y, reduction="sum")
-    grads = torch.autograd.grad(ce, list(params.values()))
+    points = list(at) if at is not None else [params]
+    grads = [torch.zeros_like(p) for p in params.values()]
+    for point in points:  # the mean gradient over the points (kkt_terms' inner sum)
+        live = _live_points(params, point)
+        ce = F.cross_entropy(functional_call(model, live, (x.detach(),)), y, reduction="sum")
+        grads = [a + b / len(points) for a, b in zip(grads, torch.autograd.grad(ce, list(live.values())))]
     theta = [p.detach() for p in params.values()] if target is None else [target[k] for k in params]
     dot = sum(float((t * -g).sum()) for t, g in zip(theta, grads))
     vv = sum(float((g ** 2).sum()) for g in grads)
@@ -206,6 +206,14 @@ def _live_params(model: nn.Module) -> dict[str, Tensor]:
     return {k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}
 
 
+def _live_points(params: Mapping[str, Tensor], point: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Leaves that require grad at ``point`` (same names as ``params``): grad_theta is taken there."""
+    if set(point) != set(params):
+        raise ValueError("gradient point: its parameter names differ from the model's")
+    return {k: (point[k] if point[k] is params[k] else
+                point[k].detach().to(params[k].device, params[k].dtype).requires_grad_(True)) for k in params}
+
+
 def kkt_terms(
     model: nn.Module,
     x: Tensor,
@@ -216,6 +224,7 @@ def kkt_terms(
     primal: str = "ce",
     target: Mapping[str, Tensor] | None = None,
     stat_idx: Tensor | None = None,
+    at: Sequence[Mapping[str, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(L_primal, L_stat) from ONE forward pass; L_stat is None when ``lam`` is None.
 
@@ -224,7 +233,9 @@ def kkt_terms(
     ``stat_idx`` (APPROXIMATION, ``DistillConfig.stat_candidates``): the stationarity sum runs
     over these candidates only, scaled by N / m (an unbiased estimate of the full sum; cosine
     ignores the scale); the primal still covers every candidate. The others take a plain
-    forward (no double-backward graph), which is where the time goes."""
+    forward (no double-backward graph), which is where the time goes.
+    ``at`` (``stationarity_points``): the parameter sets where the inner gradients are taken,
+    averaged over the sets; the primal stays at theta*. None: theta* (one shared forward)."""
     _check_xy(x, y)
     if distance not in STAT_DISTANCES:
         raise ValueError(f"stationarity distance must be one of {list(STAT_DISTANCES)}, got {distance!r}")
@@ -243,17 +254,35 @@ def kkt_terms(
         rest = (~keep).nonzero().flatten()
         sub = keep.nonzero().flatten()
         # Per-sample model (instance norm / eval mode), so the split forward equals the full one.
-        logits = functional_call(model, params, (x[sub],))
-        per_sample = torch.cat([_per_sample_primal(logits, y[sub], primal),
-                                _per_sample_primal(model(x[rest]), y[rest], primal)])
-        l_primal = per_sample.mean()
-        y, lam, scale = y[sub], lam[sub], n / sub.numel()
+        if at is None:
+            logits = functional_call(model, params, (x[sub],))
+            per_sample = torch.cat([_per_sample_primal(logits, y[sub], primal),
+                                    _per_sample_primal(model(x[rest]), y[rest], primal)])
+            l_primal = per_sample.mean()
+        else:
+            l_primal = _per_sample_primal(model(x), y, primal).mean()
+        x_stat, y, lam, scale = x[sub], y[sub], lam[sub], n / sub.numel()
     else:
-        logits = functional_call(model, params, (x,))
-        l_primal = _per_sample_primal(logits, y, primal).mean()
-    # sum_i lam_i grad L_i = grad sum_i lam_i L_i: one weighted backward, kept in the graph.
-    ce = F.cross_entropy(logits, y, reduction="none")
-    grads = torch.autograd.grad(scale * (lam * ce).sum(), list(params.values()), create_graph=True)
+        x_stat = x
+        if at is None:
+            logits = functional_call(model, params, (x,))
+            l_primal = _per_sample_primal(logits, y, primal).mean()
+        else:
+            l_primal = _per_sample_primal(model(x), y, primal).mean()
+    # sum_i lam_i grad L_i = grad sum_i lam_i L_i: one weighted backward per point, kept in the graph.
+    if at is None:
+        ce = F.cross_entropy(logits, y, reduction="none")
+        grads = torch.autograd.grad(scale * (lam * ce).sum(), list(params.values()), create_graph=True)
+    else:
+        if not at:
+            raise ValueError("at must hold at least one gradient point")
+        total: list[Tensor] | None = None
+        for point in at:
+            live = _live_points(params, point)
+            ce = F.cross_entropy(functional_call(model, live, (x_stat,)), y, reduction="none")
+            g = torch.autograd.grad(scale * (lam * ce).sum() / len(at), list(live.values()), create_graph=True)
+            total = list(g) if total is None else [a + b for a, b in zip(total, g)]
+        grads = tuple(total)  # type: ignore[arg-type]
     v = {k: -g for k, g in zip(params, grads)}
     theta = {k: p.detach() for k, p in params.items()} if target is None else target
     return l_primal, _distance(theta, v, distance)
@@ -292,6 +321,7 @@ def dkkt_loss(
     target: Mapping[str, Tensor] | None = None,
     passes: str = "both",
     stat_idx: Tensor | None = None,
+    at: Sequence[Mapping[str, Tensor]] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 4 with DSV's manifold (augmentation) condition.
 
@@ -302,7 +332,8 @@ def dkkt_loss(
     "clean" = L_kkt(x) only or "aug" = L_kkt(A(x)) only. Drawing "aug" with probability
     aug_weight / (1 + aug_weight) (``synthesize`` under ``DistillConfig.aug_passes =
     "sample"``) gives an UNBIASED one-pass estimate of the two-pass loss at half its cost.
-    ``stat_idx``: see ``kkt_terms`` (stationarity over a candidate subset).
+    ``stat_idx`` / ``at``: see ``kkt_terms`` (stationarity over a candidate subset / where its
+    inner gradients are taken).
     ``terms`` holds the raw terms "primal", "stat" and, when augmented, "primal_aug",
     "stat_aug", plus the two weighted parts whose sum is ``loss``: "primal_part" (the
     primal terms with their augmentation weighting) and "stat_part" (alpha times the
@@ -314,17 +345,18 @@ def dkkt_loss(
         raise ValueError(f"passes must be 'both', 'clean' or 'aug', got {passes!r}")
     if passes != "both" and dsa_params is not None and aug_weight > 0:
         xa = apply_dsa(x, dsa_params) if passes == "aug" else x
-        p, s = kkt_terms(model, xa, y, lam, distance=distance, primal=primal, target=target, stat_idx=stat_idx)
+        p, s = kkt_terms(model, xa, y, lam, distance=distance, primal=primal, target=target, stat_idx=stat_idx,
+                         at=at)
         assert s is not None
         return p + alpha * s, {"primal": p, "stat": s, "primal_part": p, "stat_part": alpha * s,
                                "aug_pass": p.new_tensor(float(passes == "aug"))}
-    p, s = kkt_terms(model, x, y, lam, distance=distance, primal=primal, target=target, stat_idx=stat_idx)
+    p, s = kkt_terms(model, x, y, lam, distance=distance, primal=primal, target=target, stat_idx=stat_idx, at=at)
     assert s is not None
     terms: dict[str, Tensor] = {"primal": p, "stat": s}
     primal_part, stat_part = p, alpha * s
     if dsa_params is not None and aug_weight > 0:
         pa, sa = kkt_terms(model, apply_dsa(x, dsa_params), y, lam, distance=distance, primal=primal,
-                           target=target, stat_idx=stat_idx)
+                           target=target, stat_idx=stat_idx, at=at)
         assert sa is not None
         terms["primal_aug"], terms["stat_aug"] = pa, sa
         primal_part = (p + aug_weight * pa) / (1.0 + aug_weight)

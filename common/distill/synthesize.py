@@ -62,7 +62,8 @@ from common.config import INITS, DistillConfig, default_alpha, default_gamma, de
 from common.methods import REGISTRY, spec
 from common.models import build_model
 from common.atomic import atomic_torch_save
-from common.distill.dkkt import dkkt_loss, lambda_scale, stat_at_zero, stationarity_target
+from common.distill.dkkt import dkkt_loss, lambda_scale, stat_at_zero, stationarity_points, stationarity_target
+from common.distill.stationarity import diagnose
 from common.distill.dm import class_indices, dm_loss, sample_real_batches
 from common.progress import make_progress
 
@@ -234,7 +235,7 @@ def synthesize(
     image_shape = tuple(int(s) for s in image_shape)  # type: ignore[assignment]
     if len(image_shape) != 3:
         raise ValueError(f"image_shape must be (C, H, W), got {image_shape}")
-    config.validate()
+    config = config.validate().resolved()  # stat_variant 'paper' -> the keys it stands for
     device = torch.device(device)
     if ms.needs_model and model is None:
         raise ValueError(f"method {method!r} needs the trained model (DKKT loss), but model is None")
@@ -438,9 +439,10 @@ class _Run:
             assert self.model is not None
             self._check_model(x_syn.detach())
             self.target = stationarity_target(self.model, self.init_model if cfg.stat_target == "update" else None)
+            stat_points = stationarity_points(self.model, self.init_model, cfg.stat_at, cfg.stat_path_points)
             lam0 = float(cfg.lambda_init)
             if cfg.lambda_autoscale:
-                lam0 *= lambda_scale(self.model, x_syn.detach(), y, self.target)
+                lam0 *= lambda_scale(self.model, x_syn.detach(), y, self.target, at=stat_points)
             stat_zero = stat_at_zero(self.target, cfg.stat_distance)
             if cfg.lambda_param == "log":  # lambda = exp(rho) > 0: multiplicative steps, dual feasible by construction
                 lam_param = torch.full((C * ipc,), math.log(max(lam0, 1e-30)), device=self.device, requires_grad=True)
@@ -481,7 +483,7 @@ class _Run:
                     stat_idx = torch.randperm(y.numel(), generator=gen)[:cfg.stat_candidates]
                 _, kt = dkkt_loss(self.model, x_syn, y, lam, alpha=alpha / stat_div, dsa_params=p_aug,
                                   aug_weight=cfg.aug_weight, distance=cfg.stat_distance, primal=cfg.primal,
-                                  target=self.target, passes=passes, stat_idx=stat_idx)
+                                  target=self.target, passes=passes, stat_idx=stat_idx, at=stat_points)
                 parts["primal"], parts["stat"] = kt.pop("primal_part"), kt.pop("stat_part")
                 terms.update(kt)
             if use_dm:
@@ -566,7 +568,23 @@ class _Run:
         }
         if lam is not None:
             info["lambda"] = lam.detach().cpu().tolist()
+        if use_dkkt and cfg.diagnose_samples > 0:  # can real data / S satisfy the condition? (traces/)
+            info["stationarity"] = self._diagnose(x_syn.detach(), y, lam, gen)
         return SyntheticSet(x=x_syn.detach().cpu(), y=y.cpu(), method=method, ipc=ipc, info=info)
+
+    def _diagnose(self, x: Tensor, y: Tensor, lam: Tensor | None, gen: torch.Generator) -> list[dict[str, Any]]:
+        """common.distill.stationarity.diagnose on up to diagnose_samples safe images and on S (after the loop,
+        so its draws leave the distillation's stream alone)."""
+        assert self.model is not None and self.target is not None
+        sets: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
+        if self.pool is not None and sum(i.numel() for i in self.pool.idx):
+            index = torch.cat(self.pool.idx)
+            labels = torch.cat([torch.full((i.numel(),), c, dtype=torch.int64) for c, i in enumerate(self.pool.idx)])
+            pick = torch.randperm(index.numel(), generator=gen)[:self.cfg.diagnose_samples]
+            sets["safe"] = (self.pool.rows(index[pick]), labels[pick].to(self.device), None)
+        sets["synthetic"] = (x, y, None if lam is None else lam.detach())
+        return diagnose(self.model, self.init_model, self.target, sets, points=self.cfg.diagnose_path_points,
+                        nnls_samples=min(self.cfg.diagnose_samples, 100))  # NNLS: 100 per-sample gradients
 
     def _save(self, path: Path, method: str, it: int, x: Tensor, lam: Tensor | None, y: Tensor,
               history: list[dict[str, float]], error: str | None = None) -> None:

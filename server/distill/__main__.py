@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     init_model = None
     ms = spec(args.method)
     needs_kkt = ms.needs_model or (ms.uses_dsvs and dsv_x is None)
-    if model is not None and needs_kkt and args.stat_target == "update":
+    if model is not None and needs_kkt and cfg.resolved().stat_target == "update":
         init_model = build_model(meta, arch, seed=_init_seed(args))
     tag = f"{args.method}_ipc{args.ipc}_pipc{pipc}"
     out: Path = args.out

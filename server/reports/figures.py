@@ -103,10 +103,12 @@ def _rebuild_traces(run_dir: Path, cells: list, only_stale: bool = False) -> dic
         if only_stale and png.is_file() and png.stat().st_mtime >= record.stat().st_mtime:
             written[f"trace_{name}"] = png
             continue
-        history = (json.loads(record.read_text()).get("info") or {}).get("loss_history") or []
+        info = json.loads(record.read_text()).get("info") or {}
+        history = info.get("loss_history") or []
         if has_dkkt_trace(history):
             written[f"trace_{name}"] = write_cell_trace(history, run_dir / "traces", name, c.method, c.ipc,
-                                                        pipc_label(c.pipc), c.seed)
+                                                        pipc_label(c.pipc), c.seed,
+                                                        stationarity=info.get("stationarity"))
     return written
 
 

@@ -60,8 +60,9 @@ __all__ = [
 
 CELLS_DIR = "cells"
 FORMAT = 1
-# DistillConfig knobs that do not change a cell's result (excluded from the resume guard).
-_NOT_RESULT_KEYS = ("checkpoint_every",)
+# DistillConfig knobs that do not change a cell's result (excluded from the resume guard): a resumed cell keeps
+# the stationarity diagnostic it was computed with.
+_NOT_RESULT_KEYS = ("checkpoint_every", "diagnose_samples", "diagnose_path_points")
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,7 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
         history = syn.info.get("loss_history") or []
         if has_dkkt_trace(history):
             write_cell_trace(history, run_dir / "traces", spec.name, spec.method, spec.ipc, pipc_label(spec.pipc),
-                             spec.seed)
+                             spec.seed, stationarity=rec["info"].get("stationarity"))
         log(INFO, "cell %s: %.2f ± %.2f %% (distill %.1fs, evaluate %.1fs)", spec.name,
             100 * res.mean, 100 * res.std, out.distill_s, out.eval_s)
 

@@ -7,6 +7,10 @@ Input is ``SyntheticSet.info["loss_history"]`` (rows logged every ``log_every``
 iterations by ``common.distill.synthesize``). Gradient share of a term =
 ||d term / d S|| / sum over terms of ||d term / d S||, each term with its weight in
 Eq. 5 (alpha L_stat, gamma L_DM).
+
+Beside it, ``<cell>_stationarity.md``: the cell's stationarity diagnostic
+(``SyntheticSet.info["stationarity"]``, common/distill/stationarity.py), cos(target, -sum lambda_i
+grad L_i) for safe images and the synthetic set at points of the path theta_0 -> theta*.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["TRACE_COLUMNS", "write_trace_csv", "plot_trace", "summarize_trace", "has_dkkt_trace", "write_cell_trace"]
+from common.distill.stationarity import markdown_table
+
+__all__ = ["TRACE_COLUMNS", "write_trace_csv", "plot_trace", "summarize_trace", "has_dkkt_trace", "write_cell_trace",
+           "write_stationarity"]
 
 TRACE_COLUMNS = (
     "iteration", "elapsed_s", "total", "primal", "stat", "stat_zero", "stat_ratio", "dm",
@@ -98,9 +105,26 @@ def has_dkkt_trace(history: Sequence[dict[str, Any]]) -> bool:
     return any("gradshare_stat" in row or "stat_ratio" in row for row in history)
 
 
+def write_stationarity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """The stationarity diagnostic of one cell as a markdown table (t = 0: theta_0, t = 1: theta*)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join([f"# Stationarity diagnostic: {title}", "",
+                      "cos(target, -sum_i lambda_i grad L_i) with the gradients at theta_0 + t (theta* - theta_0); "
+                      "lambda: uniform (all 1), the learned multipliers, or the best non-negative (NNLS).", "",
+                      *markdown_table(rows), ""])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def write_cell_trace(history: Sequence[dict[str, Any]], traces_dir: Path, name: str, method: str, ipc: int,
-                     pipc_text: str, seed: int) -> Path:
-    """``traces_dir/<name>.csv`` + ``.png`` of one sweep cell (the sweep after the cell, the report's
-    rebuild from its record: one writer, so both give the same files)."""
+                     pipc_text: str, seed: int, stationarity: Sequence[dict[str, Any]] | None = None) -> Path:
+    """``traces_dir/<name>.csv`` + ``.png`` (+ ``<name>_stationarity.md`` when the cell has a diagnostic) of one
+    sweep cell (the sweep after the cell, the report's rebuild from its record: one writer, so both give the
+    same files)."""
     write_trace_csv(history, traces_dir / f"{name}.csv")
+    if stationarity:
+        write_stationarity(stationarity, traces_dir / f"{name}_stationarity.md",
+                           f"{method}  ipc {ipc}  pipc {pipc_text}  seed {seed}")
     return plot_trace(history, traces_dir / f"{name}.png", f"{method}  ipc {ipc}  pipc {pipc_text}  seed {seed}")
