@@ -31,8 +31,8 @@ from common.methods import METHODS
 
 __all__ = ["ConfigError", "knob", "build", "check_tree", "fail", "engine_fields", "add_arguments", "from_arguments",
            "DistillConfig", "EvalConfig", "default_alpha", "default_gamma", "default_init", "parse_strategy",
-           "DSA_OPS", "DSA_STRATEGY", "INITS", "OPTIMIZERS", "STAT_DISTANCES", "PRIMAL_MODES", "AUG_PASSES", "STAT_AT",
-           "STAT_VARIANTS", "PAPER_VARIANT", "MAX_ABS_INT", "SEED_MAX", "MAX_IPC"]
+           "DSA_OPS", "DSA_STRATEGY", "EXECUTORS", "INITS", "OPTIMIZERS", "STAT_DISTANCES", "PRIMAL_MODES",
+           "AUG_PASSES", "STAT_AT", "STAT_VARIANTS", "PAPER_VARIANT", "MAX_ABS_INT", "SEED_MAX", "MAX_IPC"]
 
 MAX_ABS_INT = 2**53  # any integer setting beyond this is a typo (and would overflow int64 maths or JSON)
 SEED_MAX = 2**32 - 1  # seeds: 0 .. 2**32-1 (torch.manual_seed, numpy's legacy RandomState and DataLoader agree)
@@ -52,6 +52,7 @@ STAT_AT: tuple[str, ...] = ("theta_star", "theta0", "path")  # common/distill/dk
 PAPER_VARIANT: dict[str, Any] = {"stat_target": "theta", "stat_distance": "l1", "stat_at": "theta_star",
                                  "aug_weight": 0.0}
 STAT_VARIANTS: tuple[str, ...] = ("project", "paper")
+EXECUTORS: tuple[str, ...] = ("process", "ray")  # server/sweep/cell_pool.py, server/sweep/ray_pool.py
 
 # DSA vocabulary (common/augment.py implements the ops and re-exports these names).
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
@@ -318,7 +319,21 @@ class DistillConfig:
                                    sweep=True)
     resume: bool = knob(True, "reuse finished cells (and this folder's theta*/T') whose config matches", sweep=True)
     workers: int = knob(0, "processes computing cells side by side: 0 = one per core on the CPU, 1 on a GPU "
-                        "(server/sweep/cell_pool.py)", ge=0, limit=1024, sweep=True)
+                        "(server/sweep/cell_pool.py); with executor ray: most chains in flight (0: the cluster's CPUs)",
+                        ge=0, limit=1024, sweep=True)
+    executor: str = knob("process", "where the cells run: process (worker processes on this machine) | ray (tasks "
+                         "on a Ray cluster, server/sweep/ray_pool.py)", choices=EXECUTORS, sweep=True)
+    ray_address: str | None = knob(None, "executor ray: the cluster to connect to (ray.init address: 'auto', "
+                                   "'ray://host:10001', 'host:6379'); null: $RAY_ADDRESS, else the Ray runtime this "
+                                   "process already runs (Flower's simulation), else a local one", sweep=True)
+    ray_max_retries: int = knob(3, "executor ray: times a chain whose worker or node died is run again elsewhere",
+                                ge=0, limit=100, sweep=True)
+    ray_gpus: float = knob(1.0, "executor ray with a cuda device: GPUs each chain reserves (0.5: two chains per GPU)",
+                           gt=0, limit=64, sweep=True)
+    cells: str | None = knob(None, "compute only the cells matching this filter ('ipc=10', 'method=dm,dkkt_dm; "
+                             "pipc=50'): a shard of the grid; null: every cell", sweep=True)
+    shard: str | None = knob(None, "compute only shard k of N ('1/3'): every N-th chain of the grid, starting at "
+                             "the k-th; null: every cell", sweep=True)
     # Knobs that were engine-only before the sections and the engine's configs became one model:
     dsa_strategy: str = knob(DSA_STRATEGY, "DSA ops of distillation, '_'-separated (none: no augmentation)",
                              check=parse_strategy)

@@ -20,7 +20,7 @@ import yaml
 
 from common.config import ConfigError, DistillConfig, EvalConfig, build, check_tree, fail, knob
 from common.dataset_meta import get_meta  # torch-free: server.check never loads torch
-from common.grid import PIPC_ALL, normalize_pipc, static_skip_reason
+from common.grid import PIPC_ALL, normalize_pipc, parse_cell_filter, parse_shard, pipc_label, select_cells, static_skip_reason
 from common.methods import NO_MODEL_METHODS  # the method registry
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -261,6 +261,7 @@ def _validate_grid(s: Scenario) -> None:
         raise ScenarioError(f"{src}: key 'distill.ipc' lists a value twice: {d.ipc}")
     if d.seeds is not None and len(set(d.seeds)) != len(d.seeds):
         raise ScenarioError(f"{src}: key 'distill.seeds' lists a seed twice: {d.seeds}")
+    _validate_part(s)
     for method in d.methods:
         reasons = [static_skip_reason(method, ipc, pipc, d.init) for ipc in d.ipc for pipc in d.pipc]
         if all(reasons):
@@ -268,6 +269,40 @@ def _validate_grid(s: Scenario) -> None:
                 f"{src}: key 'distill.pipc' / 'distill.ipc': no cell of method '{method}' can run: {reasons[0]}; "
                 "add a larger pipc, a smaller ipc, or drop the method"
             )
+
+
+def _validate_part(s: Scenario) -> None:
+    """distill.cells / distill.shard: well-formed, naming values of the grid, selecting at least one cell."""
+    src, d = s.source, s.distill
+    grid = {"method": list(d.methods), "ipc": list(d.ipc), "pipc": list(d.pipc), "seed": list(d.seeds or [s.seed])}
+    if d.cells:
+        try:
+            wanted = parse_cell_filter(d.cells)
+        except ValueError as err:
+            raise fail(src, "distill.cells", f"is {d.cells!r}: {err}") from None
+        for key, values in wanted.items():
+            missing = sorted(str(pipc_label(v) if key == "pipc" else v) for v in values if v not in grid[key])
+            if missing:
+                axis = {"method": "methods", "seed": "seeds"}.get(key, key)
+                raise fail(src, "distill.cells", f"is {d.cells!r}: {key} {', '.join(missing)} is not in the grid "
+                           f"(distill.{axis}: {[pipc_label(v) if key == 'pipc' else v for v in grid[key]]})")
+    if d.shard:
+        try:
+            parse_shard(d.shard)
+        except ValueError as err:
+            raise fail(src, "distill.shard", f"is {d.shard!r}: {err}") from None
+    specs = [_Cell(m, ipc, pipc, seed) for pipc in d.pipc for ipc in d.ipc for seed in grid["seed"] for m in d.methods]
+    if (d.cells or d.shard) and not select_cells(specs, d.methods, d.cells, d.shard):
+        raise fail(src, "distill.shard" if d.shard else "distill.cells",
+                   f"selects no cell of the grid (cells {d.cells!r}, shard {d.shard!r}); use fewer shards or a wider filter")
+
+
+@dataclass(frozen=True)
+class _Cell:
+    method: str
+    ipc: int
+    pipc: int
+    seed: int
 
 
 def _validate_reliability(s: Scenario) -> None:
@@ -390,7 +425,21 @@ RUN_CONFIG_ALIASES: dict[str, str] = {
     "output-dir": "output_dir",
     "data-root": "data.root",
     "reuse-artifacts": "reuse_artifacts",
+    "executor": "distill.executor",
+    "ray-address": "distill.ray_address",
+    "workers": "distill.workers",
+    "cells": "distill.cells",
+    "shard": "distill.shard",
 }
+
+
+# Run-config keys whose values are taken verbatim ('method=dm,dkkt_dm' is one filter, not a list).
+VERBATIM_ALIASES = frozenset({"cells", "shard", "ray-address"})
+
+
+def alias_value(alias: str, raw: Any) -> Any:
+    """The scenario value of run-config key ``alias``."""
+    return str(raw).strip() if alias in VERBATIM_ALIASES else _parse_override_value(raw)
 
 
 def _parse_override_value(raw: Any) -> Any:
@@ -410,7 +459,7 @@ def overrides_from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
         raw = run_config.get(alias, "")
         if raw == "" or raw is None:
             continue
-        overrides[dotted] = _parse_override_value(raw)
+        overrides[dotted] = alias_value(alias, raw)
     free_form = str(run_config.get("overrides", "") or "")
     for item in filter(None, (part.strip() for part in free_form.split(";"))):
         if "=" not in item:

@@ -36,6 +36,7 @@ from common.scenario import (
     Scenario,
     ScenarioError,
     _parse_override_value,
+    alias_value,
     find_scenario_file,
     load_scenario,
 )
@@ -93,7 +94,7 @@ def resolve(run_config: dict[str, Any]) -> Scenario:
         if raw == "" or raw is None:
             continue
         try:
-            singles.append((dotted, _parse_override_value(raw), _origin(alias, raw)))
+            singles.append((dotted, alias_value(alias, raw), _origin(alias, raw)))
         except Exception as err:  # yaml.YAMLError: the text is not a value
             raise ScenarioError(f"{_origin(alias, raw)}: cannot read the value: {err}") from None
     free_form = str(run_config.get("overrides", "") or "")

@@ -23,6 +23,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import sys
 import dataclasses
 import functools
 import time
@@ -134,21 +135,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", help="scenario YAML")
     parser.add_argument("--reuse", help="run folder with global_model.pt + safe_pool.pt (default: reuse_artifacts)")
+    parser.add_argument("--cells", help="compute only the cells matching this filter, e.g. 'ipc=10' or "
+                        "'method=dm,dkkt_dm; pipc=50' (distill.cells); server.merge combines the folders")
+    parser.add_argument("--shard", help="compute only shard k of N, e.g. 1/2 (distill.shard)")
+    parser.add_argument("--output-dir", help="run folder (default: the scenario's output_dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="scenario override, dotted key (repeatable): --set evaluation.split=validation")
     args = parser.parse_args(argv)
     setup_process("server")  # an entry point: the same thread policy as the ServerApp (common/threads.py)
     overrides: dict = {}
-    for item in args.set:
-        if "=" not in item:
-            parser.error(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.iterations=300")
-        overrides.update(overrides_from_run_config({"overrides": item}))
-    if args.reuse:
-        overrides["reuse_artifacts"] = args.reuse
     try:
-        scenario = load_scenario(args.scenario, overrides=overrides)
-    except ScenarioError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        for item in args.set:
+            if "=" not in item:
+                raise ScenarioError(f"--set {item!r}: expected KEY=VALUE, e.g. --set distill.iterations=300")
+            overrides.update(overrides_from_run_config({"overrides": item}))
+        overrides.update({k: v for k, v in (("reuse_artifacts", args.reuse), ("distill.cells", args.cells),
+                                            ("distill.shard", args.shard), ("output_dir", args.output_dir)) if v})
+        scenario = load_scenario(args.scenario, overrides=overrides or None)
+    except ScenarioError as err:  # a bad value (--set, --cells, --shard or the file's): one line, exit 2
+        print(f"server.pipeline: {err}", file=sys.stderr)
+        return 2
     if not scenario.reuse_artifacts:
         parser.error("no artifacts to reuse: pass --reuse or set reuse_artifacts in the scenario")
     check_data_root(scenario)  # data.root set but not a folder: stop before loading

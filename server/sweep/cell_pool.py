@@ -37,7 +37,7 @@ from common.evaluate import EvalConfig, EvalResult, evaluate_synthetic
 from common.threads import cpu_cores, setup_process
 
 __all__ = ["PoolInputs", "CellTask", "Chain", "CellOutcome", "SharedInputs", "resolve_workers", "chain_tasks",
-           "run_chains"]
+           "run_order", "run_chains"]
 
 _LOGGER = "flwr"  # every fedpdd line goes to this logger (flwr.common.logger.log)
 
@@ -123,6 +123,11 @@ def chain_tasks(tasks: Sequence[CellTask], dsv_by_group: dict[tuple, SyntheticSe
         else:
             chains.extend(Chain([t]) for t in group)
     return chains
+
+
+def run_order(chains: Sequence[Chain]) -> list[int]:
+    """Indices of ``chains``, costliest first (stable: run order among equals)."""
+    return sorted(range(len(chains)), key=lambda i: -chains[i].cost)
 
 
 def _compute_chain(shared: SharedInputs, chain: Chain) -> Iterator[CellOutcome]:
@@ -217,7 +222,7 @@ def run_chains(shared: SharedInputs, chains: Sequence[Chain], workers: int,
             for outcome in _compute_chain(shared, chain):
                 on_cell(outcome)
         return
-    order = sorted(range(len(chains)), key=lambda i: -chains[i].cost)  # stable: run order among equals
+    order = run_order(chains)
     ctx = multiprocessing.get_context("spawn")
     log_queue = ctx.Queue()
     listener = logging.handlers.QueueListener(log_queue, _Relay())

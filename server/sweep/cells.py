@@ -39,7 +39,7 @@ from flwr.common.logger import log  # plain python logger; no Flower objects her
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.datasets import normalize
-from common.grid import PIPC_ALL, pipc_label, real_init_methods, static_skip_reason
+from common.grid import PIPC_ALL, pipc_label, real_init_methods, select_cells, static_skip_reason
 from common.scenario import Scenario
 from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
 from server.store.artifacts import load_synthetic_artifact, save_synthetic_artifact
@@ -51,6 +51,7 @@ from server.store.manifest import MANIFEST, ManifestError, federation_stamp, rea
 from common.evaluate import EvalConfig
 from server.sweep.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
 from server.sweep.inputs import PipelineInputs
+from server.sweep.ray_pool import run_ray_chains  # Ray itself loads only for a Ray sweep
 from server.sweep.result import CellResult
 
 __all__ = [
@@ -290,6 +291,10 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
     base_digest = {"model": tensor_digest(*state), "test": tensor_digest(inp.test_x, inp.test_y)}
     distill_dict = {k: v for k, v in dcfg.engine_dict().items() if k not in _NOT_RESULT_KEYS}
     order = {spec: i for i, spec in enumerate(cell_specs(s))}
+    selected = set(select_cells(list(order), s.distill.methods, s.distill.cells, s.distill.shard))
+    if len(selected) < len(order):  # a shard of the grid (server.merge combines the shards' folders)
+        log(INFO, "sweep: %d of the grid's %d cells (distill.cells %r, distill.shard %r)", len(selected), len(order),
+            s.distill.cells, s.distill.shard)
     done: dict[CellSpec, CellResult] = {}  # finished (read back, skipped, failed or computed), by spec
     configs: dict[CellSpec, dict] = {}
     tasks: list[CellTask] = []
@@ -323,6 +328,8 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
                 group_computes_dsv = False
                 for method in s.distill.methods:
                     spec = CellSpec(method, ipc, pipc, seed)
+                    if spec not in selected:
+                        continue
                     json_path, pt_path = cells_dir / f"{spec.name}.json", cells_dir / f"{spec.name}.pt"
                     config = {"distill": {**distill_dict, **s.distill.method_settings.get(method, {}),
                                           "alpha": cell_dcfg.alpha},
@@ -391,14 +398,19 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
             100 * res.mean, 100 * res.std, out.distill_s, out.eval_s)
 
     chains = chain_tasks(tasks, dsv_by_group)
-    workers = resolve_workers(s.distill.workers, dev, len(chains))
-    if tasks:
-        log(INFO, "sweep: %d cells to compute in %d process%s", len(tasks), workers, "es" if workers > 1 else "")
     shared = SharedInputs(model=model, embed_factory=embed_factory, model_factory=model_factory, ecfg=ecfg,
                           test_x=normalize(inp.test_x, meta), test_y=inp.test_y, num_classes=meta.num_classes,
                           image_shape=tuple(meta.image_shape), device=dev, pools=pools, init_model=init_model,
                           progress=progress)
-    run_chains(shared, chains, workers, record)
+    if s.distill.executor == "ray" and chains:
+        log(INFO, "sweep: %d cells to compute on Ray", len(tasks))
+        run_ray_chains(shared, chains, s.distill.workers, record, address=s.distill.ray_address,
+                       max_retries=s.distill.ray_max_retries, gpus=s.distill.ray_gpus)
+    else:
+        workers = resolve_workers(s.distill.workers, dev, len(chains))
+        if tasks:
+            log(INFO, "sweep: %d cells to compute in %d process%s", len(tasks), workers, "es" if workers > 1 else "")
+        run_chains(shared, chains, workers, record)
     cells = [done[spec] for spec in sorted(done, key=order.__getitem__)]
     failed = sum(1 for t in tasks if done[t.spec].skipped)
     log(INFO, "sweep: %d cells computed, %d read back, %d skipped", len(tasks) - failed, reused,
