@@ -31,7 +31,7 @@ from common.methods import METHODS
 
 __all__ = ["ConfigError", "knob", "build", "check_tree", "fail", "engine_fields", "add_arguments", "from_arguments",
            "DistillConfig", "EvalConfig", "default_alpha", "default_gamma", "default_init", "parse_strategy",
-           "DSA_OPS", "DSA_STRATEGY", "EXECUTORS", "INITS", "OPTIMIZERS", "STAT_DISTANCES", "PRIMAL_MODES",
+           "DSA_OPS", "DSA_STRATEGY", "DEVICE_PROFILE", "profile_value", "EXECUTORS", "INITS", "OPTIMIZERS", "STAT_DISTANCES", "PRIMAL_MODES",
            "AUG_PASSES", "STAT_AT", "STAT_VARIANTS", "PAPER_VARIANT", "MAX_ABS_INT", "SEED_MAX", "MAX_IPC"]
 
 MAX_ABS_INT = 2**53  # any integer setting beyond this is a typo (and would overflow int64 maths or JSON)
@@ -263,6 +263,24 @@ def default_init(ipc: int) -> str:
     return "noise" if ipc <= 1 else "real"
 
 
+# ---------------------------------------------------------------- device profiles
+
+# Settings whose best value depends on the device (bench/README.md measured both): key -> (CPU value, GPU value).
+# A null in the scenario or the engine's config takes the device's value; an explicit value always wins.
+DEVICE_PROFILE: dict[str, tuple[Any, Any]] = {
+    "distill.dm_max_batch": (256, 0),
+    "evaluation.parallel_models": (False, True),
+}
+
+
+def profile_value(key: str, value: Any, device_type: str) -> Any:
+    """``value`` of DEVICE_PROFILE's ``key``, or the profile's value for ``device_type`` ('cpu', 'cuda', ...) when None."""
+    if value is not None:
+        return value
+    cpu, gpu = DEVICE_PROFILE[key]
+    return cpu if device_type == "cpu" else gpu
+
+
 # ---------------------------------------------------------------- the engine's configs = the scenario's sections
 
 
@@ -290,10 +308,11 @@ class DistillConfig:
                           "distillation seed, nested across pipc) | first (stored order, every seed)",
                           choices=("random", "first"))
     real_batch: int = knob(256, "real safe images per class drawn per DM iteration", gt=0, limit=1_000_000)
-    dm_max_batch: int = knob(256, "most images per DM forward (classes never split; 0 = all in one forward)", ge=0)
-    # 256: small pools (pipc 10: 100 real images) still go in one forward, large ones class by class. Measured on
-    # the full Fashion-MNIST pool (bench/dm_full_pool.py, real batch 256, 2 cores): all classes in one forward took
-    # 2.7-3.6x the reference loop's time and 2.2x its peak memory; one class per forward 0.96-1.11x, same memory.
+    dm_max_batch: int | None = knob(None, "most images per DM forward (classes never split; 0 = all in one forward); "
+                                    "null: the device's profile (256 on the CPU, 0 on a GPU)", ge=0)
+    # The CPU's 256 keeps small pools (pipc 10: 100 real images) in one forward and takes large ones class by class:
+    # on the full Fashion-MNIST pool one forward costs 2.7-3.6x the per-class loop on the CPU, while on a GPU the
+    # per-class loop is launch-bound and one forward takes 0.68x its time (bench/README.md, "DM on the full pool").
     dsa: bool = knob(True, "differentiable siamese augmentation in the DM / DKKT losses")
     time_budget_s: float | None = knob(None, "wall-clock seconds per distillation cell, stops early (null: no limit)",
                                        gt=0, cli_alias="time-budget")
@@ -453,9 +472,11 @@ class EvalConfig:
     lr_decay_at_half: bool = knob(True, "lr x0.1 at half of the epochs")
     dsa_strategy: str = knob(DSA_STRATEGY, "DSA ops while training on S, '_'-separated (none: no augmentation)",
                              check=parse_strategy)
-    # Off: on the CPU it measured 0.5-0.9x the sequential speed (bench/README.md).
-    parallel_models: bool = knob(False, "train the num_models networks in lockstep with torch.func.vmap "
-                                 "(same results up to float rounding)")
+    # The CPU runs the models one after the other (vmap: 0.55-0.84x the sequential speed); a GPU trains them in
+    # lockstep (1.62x / 1.48x / 0.89x at ipc 1 / 10 / 50 on an H200, bench/README.md).
+    parallel_models: bool | None = knob(None, "train the num_models networks in lockstep with torch.func.vmap "
+                                        "(same results up to float rounding); null: the device's profile (off on "
+                                        "the CPU, on on a GPU)")
 
     @property
     def resolved_lr(self) -> float:

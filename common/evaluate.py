@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common.config import EvalConfig
+from common.config import EvalConfig, profile_value
 from common.progress import make_progress
 from common.evaluate_parallel import can_train_in_parallel, train_models_parallel
 from common.sam import SAM
@@ -145,7 +145,8 @@ def evaluate_synthetic(
     losses: list[float] = []
     with make_progress(progress) as bar:
         task = bar.add_task(f"eval {config.optimizer}", total=config.num_models * config.epochs, status="")
-        models = [model_factory(s) for s in seeds] if config.parallel_models else []
+        parallel = profile_value("evaluation.parallel_models", config.parallel_models, device.type)
+        models = [model_factory(s) for s in seeds] if parallel else []
         if models and can_train_in_parallel(models):
             def tick_all(epoch: int, train_losses: list[float]) -> None:
                 bar.update(task, advance=len(seeds), status=f"{len(seeds)} models in parallel, epoch {epoch}, "

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from common.config import ConfigError, DistillConfig, EvalConfig, build, check_tree, fail, knob
+from common.config import (DEVICE_PROFILE, ConfigError, DistillConfig, EvalConfig, build, check_tree, fail, knob,
+                           profile_value)
 from common.dataset_meta import get_meta  # torch-free: server.check never loads torch
 from common.grid import PIPC_ALL, normalize_pipc, parse_cell_filter, parse_shard, pipc_label, select_cells, static_skip_reason
 from common.methods import NO_MODEL_METHODS  # the method registry
@@ -392,6 +393,20 @@ def load_scenario(path: str | os.PathLike[str], overrides: dict[str, Any] | None
     if not isinstance(values, dict):
         raise ScenarioError(f"{file}: the top level must be a mapping of keys, got {type(values).__name__}")
     return scenario_from_dict(values, source=str(file), overrides=overrides)
+
+
+def apply_device_profile(scenario: Scenario, device_type: str) -> tuple[Scenario, dict[str, Any]]:
+    """``scenario`` with every null setting of ``DEVICE_PROFILE`` set to ``device_type``'s value (the resolved
+    scenario and the cell records then state the value used); returns it and the keys it filled in."""
+    filled: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for dotted in DEVICE_PROFILE:
+        section, key = dotted.split(".")
+        current = sections.get(section, getattr(scenario, section))
+        if getattr(current, key) is None:
+            filled[dotted] = profile_value(dotted, None, device_type)
+            sections[section] = dataclasses.replace(current, **{key: filled[dotted]})
+    return dataclasses.replace(scenario, **sections), filled
 
 
 def save_resolved(scenario: Scenario, run_dir: str | os.PathLike[str]) -> Path:

@@ -38,7 +38,8 @@ from flwr.common.logger import log  # logging only (plain python logger); no Flo
 from common.datasets import DatasetMeta, federation_train_set
 from common.device import pick_device
 from common.models import build_model
-from common.scenario import Scenario, ScenarioError, load_scenario, overrides_from_run_config, save_resolved
+from common.scenario import (Scenario, ScenarioError, apply_device_profile, load_scenario, overrides_from_run_config,
+                             save_resolved)
 from common.grid import PIPC_ALL
 from server.store.artifacts import ArtifactError, build_model_from_artifact, load_model_artifact, load_safe_artifact
 from common.distill.synthesize import make_embed_factory
@@ -162,10 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     state, pool_x, pool_y, _ = load_reused(scenario.reuse_artifacts, data.meta, scenario)
     score_x, score_y = data.scoring_split(scenario.evaluation.split)  # test, or validation while tuning
     run_dir = scenario.run_dir
+    device = pick_device(scenario.device)
+    scenario, profile = apply_device_profile(scenario, device.type)  # stated in the resolved scenario and records
+    log(INFO, "device %s: profile %s", device, profile or "(every profile setting given explicitly)")
     save_resolved(scenario, run_dir)
     run_pipeline(PipelineInputs(scenario=scenario, meta=data.meta, model_state=state, pool_x=pool_x, pool_y=pool_y,
-                                test_x=score_x, test_y=score_y, run_dir=run_dir,
-                                device=pick_device(scenario.device)))
+                                test_x=score_x, test_y=score_y, run_dir=run_dir, device=device))
     return 0
 
 

@@ -32,7 +32,7 @@ from common.datasets import DatasetMeta, normalize
 from common.device import pick_device
 from common.models import build_model
 from common.datasets import federation_train_set
-from common.scenario import Scenario, check_resources, save_resolved
+from common.scenario import Scenario, apply_device_profile, check_resources, save_resolved
 from server.store.artifacts import save_model_artifact, save_safe_artifact
 from server.federation.collect import collect_safe_pool
 from common.evaluate import test_accuracy
@@ -135,12 +135,14 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
     run_dir = scenario.run_dir
     for warning in check_resources(scenario):  # refuses before the run folder exists when memory cannot fit
         log(WARNING, "%s", warning)
+    device = pick_device(scenario.device)
+    scenario, profile = apply_device_profile(scenario, device.type)  # stated in the resolved scenario and records
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(scenario, run_dir)
-    device = pick_device(scenario.device)
     torch.manual_seed(scenario.seed)
     timings: dict[str, float] = {}
     log(INFO, "fedpdd scenario %r (%s) on %s -> %s", scenario.name, scenario.source, device, run_dir)
+    log(INFO, "device %s: profile %s", device, profile or "(every profile setting given explicitly)")
 
     failures = FailureLog()  # clients that failed, per phase (failures.csv, results.md)
     check_data_root(scenario)  # before loading: the loader would silently fall back to other places

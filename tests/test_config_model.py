@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (DistillConfig, EvalConfig, add_arguments, default_alpha, engine_fields, from_arguments)
+from common.config import (DEVICE_PROFILE, DistillConfig, EvalConfig, add_arguments, default_alpha, engine_fields,
+                           from_arguments, profile_value)
 from common.grid import PIPC_ALL
-from common.scenario import ScenarioError, load_scenario, scenario_from_dict
+from common.scenario import ScenarioError, apply_device_profile, load_scenario, scenario_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -34,14 +35,27 @@ NEWLY_REACHABLE = {"distill": {"dsa_strategy", "log_every", "lambda_optimizer", 
 ADDED_AFTER = {"aug_passes": "both", "stat_candidates": 0, "stat_at": "theta_star", "stat_path_points": 3,
                "stat_variant": "project", "diagnose_samples": 100, "diagnose_path_points": 5, "safe_draw": "random"}
 # Scenario keys added after the fixtures (validation split, FedAvg plateau, per-method settings, the scored
-# split); at these defaults a run does what it did before, except safe_draw (random per seed, was first).
+# split, where the cells run and which part of the grid); at these defaults a run does what it did before, except
+# safe_draw (random per seed, was first).
 ADDED_AFTER_RESOLVED = {"data": {"validation_size": 0}, "federation": {"plateau_rounds": 0, "plateau_delta": 0.3},
-                        "distill": {"safe_draw": "random", "method_settings": {}}, "evaluation": {"split": "test"}}
+                        "distill": {"safe_draw": "random", "method_settings": {}, "executor": "process",
+                                    "ray_address": None, "ray_max_retries": 3, "ray_gpus": 1.0, "cells": None,
+                                    "shard": None},
+                        "evaluation": {"split": "test"}}
+
+
+def _on_cpu(d: dict, section: str) -> dict:
+    """``d`` with the device-profile settings the engine resolves on the CPU (None -> the CPU's value)."""
+    for dotted in DEVICE_PROFILE:
+        sec, key = dotted.split(".")
+        if sec == section and key in d:
+            d[key] = profile_value(dotted, d[key], "cpu")
+    return d
 
 
 def _engine_before(cfg: DistillConfig) -> dict:
-    """engine_dict without the knobs added after the fixtures (checked to be at their defaults)."""
-    d = _plain(cfg.engine_dict())
+    """engine_dict on the CPU without the knobs added after the fixtures (checked to be at their defaults)."""
+    d = _on_cpu(_plain(cfg.engine_dict()), "distill")
     assert {k: d.pop(k) for k in ADDED_AFTER} == ADDED_AFTER
     return d
 
@@ -56,13 +70,13 @@ def test_bundled_scenarios_resolve_to_the_same_engine_configs(name: str) -> None
     s = load_scenario(ROOT / "scenarios" / name)
     # what synthesize and evaluate_synthetic receive: exactly the old engine configs
     assert _engine_before(s.distill) == before["distill_engine"]
-    evaluation = _plain(dataclasses.asdict(s.evaluation))
+    evaluation = _on_cpu(_plain(dataclasses.asdict(s.evaluation)), "evaluation")
     assert evaluation.pop("split") == "test"
     assert {k: v for k, v in evaluation.items() if k not in ("width", "depth")} == before["eval_engine"]
     assert (evaluation["width"], evaluation["depth"]) == (before["resolved"]["evaluation"]["width"],
                                                           before["resolved"]["evaluation"]["depth"])
     # the saved resolved scenario keeps every key and value; the only new keys are the newly reachable knobs
-    resolved = _plain(s.to_dict())
+    resolved = _plain(apply_device_profile(s, "cpu")[0].to_dict())  # what a CPU run saves
     for section, added in ADDED_AFTER_RESOLVED.items():
         assert {k: resolved[section].pop(k) for k in added} == added
     for section in ("distill", "evaluation"):
@@ -79,7 +93,7 @@ def test_cli_flags_build_the_same_configs(case: dict) -> None:
 
     args = build_parser().parse_args(case["argv"])
     assert _engine_before(from_arguments(DistillConfig, args)) == case["distill"]
-    ecfg = _plain(dataclasses.asdict(from_arguments(EvalConfig, args, prefix="eval-")))
+    ecfg = _on_cpu(_plain(dataclasses.asdict(from_arguments(EvalConfig, args, prefix="eval-"))), "evaluation")
     assert ecfg.pop("split") == "test"
     assert ecfg["epochs"] == case["other"]["eval_epochs"]
     assert (ecfg.pop("width"), ecfg.pop("depth")) == (case["other"]["eval_width"], case["other"]["eval_depth"])

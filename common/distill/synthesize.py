@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from common.augment import sample_dsa_params
-from common.config import INITS, DistillConfig, default_alpha, default_gamma, default_init
+from common.config import INITS, DistillConfig, default_alpha, default_gamma, default_init, profile_value
 from common.methods import REGISTRY, spec
 from common.models import build_model
 from common.atomic import atomic_torch_save
@@ -355,6 +355,8 @@ class _Run:
                  init_model: nn.Module | None = None) -> None:
         self.ipc, self.C, self.shape, self.pipc = ipc, num_classes, image_shape, pipc
         self.pool, self.embed_factory, self.cfg, self.device, self.bar = pool, embed_factory, config, device, bar
+        # None: the device's profile (packs of 256 on the CPU, one forward on a GPU); 0: one forward
+        self.dm_max_batch = profile_value("distill.dm_max_batch", config.dm_max_batch, device.type) or None
         self.model = None
         self.init_model = None if init_model is None else copy.deepcopy(init_model).to(device)
         self.target: dict[str, Tensor] | None = None  # what the stationarity sum must reach
@@ -496,7 +498,7 @@ class _Run:
                 syn = list(x_syn.split(ipc))
                 params = ([sample_dsa_params(gen, cfg.dsa_strategy, siamese=True) for _ in range(C)]
                           if cfg.dsa else None)  # one transform per class, real and synthetic alike
-                terms["dm"] = dm_loss(psi, real, syn, params, max_batch=cfg.dm_max_batch or None)
+                terms["dm"] = dm_loss(psi, real, syn, params, max_batch=self.dm_max_batch)
                 parts["dm"] = dm_weight * terms["dm"]
             total = total_loss(parts)
 
