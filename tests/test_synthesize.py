@@ -98,15 +98,25 @@ def test_same_seed_same_result_other_seed_differs() -> None:
     assert not torch.equal(a.x, c.x)
 
 
-def test_images_change_and_lambda_stays_nonnegative() -> None:
+def test_lambda_is_learned_under_both_optimizers() -> None:
     cfg = DistillConfig(iterations=8, lr_lambda=0.5, lambda_init=0.05, dsa=False, log_every=4)
-    out = _run("dsv", cfg=cfg)
-    lam = torch.tensor(out.info["lambda"])
-    assert bool((lam >= 0).all())
-    assert not torch.allclose(lam, torch.full_like(lam, 0.05))  # lambda is learned
+    lam = torch.tensor(_run("dsv", cfg=cfg).info["lambda"])
+    assert not torch.allclose(lam, torch.full_like(lam, 0.05))  # Adam moved log lambda
     sgd = DistillConfig(iterations=8, lr_lambda=50.0, lambda_init=0.05, lambda_optimizer="sgd", dsa=False)
     lam2 = torch.tensor(_run("dsv_real", cfg=sgd).info["lambda"])
-    assert bool((lam2 >= 0).all())
+    assert not torch.allclose(lam2, torch.full_like(lam2, 0.05))
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 50.0), ("adam", 0.5)])
+def test_clamp_projects_lambda_onto_the_nonnegative_orthant(optimizer: str, lr: float) -> None:
+    """lambda_param 'clamp' optimises lambda itself; steps that cross zero end exactly at 0 (the projection),
+    which no unprojected float step from 0.05 lands on, and the other multipliers stay free (> 0, moved)."""
+    cfg = DistillConfig(iterations=8, lr_lambda=lr, lambda_init=0.05, lambda_optimizer=optimizer,
+                        lambda_param="clamp", dsa=False)
+    lam = torch.tensor(_run("dsv", cfg=cfg).info["lambda"])
+    assert bool((lam >= 0).all())
+    assert int((lam == 0).sum()) >= 1
+    assert bool((lam > 0.05).any())
 
 
 def test_blend_is_pixel_average_with_given_dsvs() -> None:
