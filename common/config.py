@@ -358,9 +358,8 @@ class DistillConfig:
                              check=parse_strategy)
     log_every: int = knob(10, "loss-history entry every N iterations (loss traces, cell info)", ge=1)
     lambda_optimizer: str = knob("adam", "optimizer of the multipliers lambda: adam | sgd", choices=("adam", "sgd"))
-    # DKKT speed-ups that APPROXIMATE the loss, both off by default (exact DSV / Eq. 4). Measured (bench/README.md,
-    # issue 15): together 1.44-1.56x a dm iteration at ipc 10 / pipc 50 instead of 3.4x, accuracy within the seeds'
-    # CI (ipc 10, pipc 50, 3 seeds), but L_stat / D ends at 0.97 instead of 0.79.
+    # DKKT speed-ups that APPROXIMATE the loss, both off by default (exact DSV / Eq. 4); their cost and accuracy
+    # are measured in bench/README.md, section "DKKT approximations".
     aug_passes: str = knob("both", "DKKT passes per iteration: both (clean + augmented, exact) | sample (one, the "
                            "augmented with probability aug_weight / (1 + aug_weight): unbiased, half the cost)",
                            choices=AUG_PASSES)

@@ -1,4 +1,4 @@
-"""Issue 15 (engine): the uint8 real pool gives the normalized pool's values; the DKKT
+"""The engine's fast paths: the uint8 real pool gives the normalized pool's values; the DKKT
 approximations are what they claim (and off by default)."""
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ noise, ``dsv_real`` from real images, ``dm_reference`` (the DM reference recipe,
 from real images with SGD(lr_img, momentum_img).
 
 The loop: S (and lambda) are the only trainable tensors. Images: ``img_optimizer`` (SGD
-(lr_img, momentum_img) or Adam(lr_img_adam); "auto" keeps the first landing's rule, SGD for
-dm and Adam for the DKKT methods, which CONFOUNDS a dm-vs-dkkt_dm comparison: scenarios
-that compare methods set one optimizer for all). lambda = exp(rho) with its own Adam
+(lr_img, momentum_img) or Adam(lr_img_adam); "auto" is SGD for dm and Adam for the DKKT
+methods, which confounds a dm-vs-dkkt_dm comparison: a comparison gives every method the
+same search, scenarios/tune.py, and its picks in ``distill.method_settings``). lambda = exp(rho) with its own Adam
 (lr_lambda), see common/distill/dkkt.py for the formulation and its evidence. Every
 ``log_every`` iterations the loss history records each term, L_stat / D(target, 0),
 lambda's min / mean / max / count at 0 and each weighted term's share of the image
