@@ -10,6 +10,9 @@
 #   trained-s0  federate scenarios/core-trained.yaml (seed 0) to the validation plateau
 #   gridt-s0-1  ipc-1 cells on the plateau theta*
 #   grid-s0-10, grid-s1-10, gridt-s0-10   the ipc-10 cells
+#   ablate-s0, ablate-t0   dkkt_dm's ablations at ipc 1 and 10, pipc 10 (one folder per variant, the grid's seeds,
+#               so each pairs with the grid's dkkt_dm cells): alpha 0, gamma 0, both, no manifold pass, the paper's
+#               literal variant, alpha 0.1 / 1 / 10, the inner gradients at theta_0 and along the path
 # Environment: VENV (default .venv), NICE (default 5: the study yields the cores to interactive work).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +41,21 @@ grid() {  # grid SCENARIO FED TUNING IPC
     --set "distill.method_settings=$(settings "$3")"
 }
 
+ablate() {  # ablate SCENARIO FED TUNING: one run folder per variant under FED-ablation/
+  local variants=("alpha0:distill.alpha=0" "gamma0:distill.gamma=0" "primal-only:distill.alpha=0;distill.gamma=0"
+                  "no-manifold:distill.aug_weight=0" "paper:distill.stat_variant=paper" "alpha0.1:distill.alpha=0.1"
+                  "alpha1:distill.alpha=1" "alpha10:distill.alpha=10" "stat-theta0:distill.stat_at=theta0"
+                  "stat-path:distill.stat_at=path")
+  for v in "${variants[@]}"; do
+    local name=${v%%:*} sets=() item
+    IFS=';' read -ra items <<< "${v#*:}"
+    for item in "${items[@]}"; do sets+=(--set "$item"); done
+    $PY -m server.pipeline "$1" --reuse "$2" --output-dir "$2-ablation/$name" --set "name=$(basename "$2")-$name" \
+      --set "distill.methods=[dkkt_dm]" --set "distill.pipc=[10]" --set "distill.ipc=[1, 10]" \
+      --set "distill.method_settings=$(settings "$3")" "${sets[@]}"
+  done
+}
+
 tune() {  # tune SCENARIO FED OUT
   $PY scenarios/tune.py --scenario "$1" --fed "$2" --out "$3" --methods "$TUNE_METHODS"
 }
@@ -56,12 +74,14 @@ run_step() {
     tune-t0) tune scenarios/core-trained.yaml runs/core-trained-s0 runs/core-trained-s0-tuning ;;
     gridt-s0-1) grid scenarios/core-trained.yaml runs/core-trained-s0 runs/core-trained-s0-tuning 1 ;;
     gridt-s0-10) grid scenarios/core-trained.yaml runs/core-trained-s0 runs/core-trained-s0-tuning 10 ;;
+    ablate-s0) ablate scenarios/core-fed.yaml runs/core-fed-s0 runs/core-fed-s0-tuning ;;
+    ablate-t0) ablate scenarios/core-trained.yaml runs/core-trained-s0 runs/core-trained-s0-tuning ;;
     *) echo "[headline] unknown step '$1'" >&2; exit 2 ;;
   esac
 }
 
 STEPS=("$@")
 [ ${#STEPS[@]} -gt 0 ] || STEPS=(fed-s0 tune-s0 grid-s0-1 fed-s1 grid-s1-1 trained-s0 tune-t0 gridt-s0-1
-                                   grid-s0-10 grid-s1-10 gridt-s0-10)
+                                   grid-s0-10 grid-s1-10 gridt-s0-10 ablate-s0 ablate-t0)
 for step in "${STEPS[@]}"; do run_step "$step"; done
 echo "[headline] $(date -u +%H:%M:%S) done: ${STEPS[*]}"
