@@ -462,7 +462,7 @@ def _parse_override_value(raw: Any) -> Any:
     if not isinstance(raw, str):
         return raw
     text = raw.strip()
-    if "," in text and not text.startswith("["):
+    if "," in text and not text.startswith(("[", "{")):  # a flow list or mapping keeps its commas
         text = f"[{text}]"
     return safe_yaml_load(text)
 

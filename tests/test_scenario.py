@@ -85,6 +85,12 @@ def test_run_config_overrides():
     assert s.distill.methods == ["dm"] and s.distill.ipc == [1, 10] and s.model.width == 8
     with pytest.raises(ScenarioError, match="not key=value"):
         overrides_from_run_config({"overrides": "model.width"})
+    # a flow mapping or list keeps its commas (scenarios/tune.py and headline.sh pass method_settings as JSON)
+    nested = overrides_from_run_config({"overrides": 'distill.method_settings={"dm": {"img_optimizer": "sgd", '
+                                                      '"lr_img": 1}, "dkkt_dm": {"lr_img_adam": 0.3}}'})
+    assert nested == {"distill.method_settings": {"dm": {"img_optimizer": "sgd", "lr_img": 1},
+                                                  "dkkt_dm": {"lr_img_adam": 0.3}}}
+    assert overrides_from_run_config({"overrides": "distill.seeds=[0, 1]"}) == {"distill.seeds": [0, 1]}
     with pytest.raises(ScenarioError, match="'model.widht'"):
         scenario_from_dict({}, overrides={"model.widht": 3})
 
