@@ -20,14 +20,14 @@ import yaml
 
 from common.config import (DEVICE_PROFILE, ConfigError, DistillConfig, EvalConfig, build, check_tree, fail, knob,
                            profile_value)
-from common.dataset_meta import get_meta  # torch-free: server.check never loads torch
+from common.dataset_meta import DATASETS as DATASET_REGISTRY, get_meta  # torch-free: server.check never loads torch
 from common.grid import PIPC_ALL, normalize_pipc, parse_cell_filter, parse_shard, pipc_label, select_cells, static_skip_reason
 from common.methods import NO_MODEL_METHODS  # the method registry
 
 APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = "scenarios/quickstart.yaml"
 
-DATASETS = ("cifar10", "fashion-mnist", "mnist", "cifar100", "svhn")
+DATASETS = tuple(DATASET_REGISTRY)  # the one registry of dataset names: common/dataset_meta.py
 PARTITIONS = ("iid", "dirichlet", "shards")
 SAFE_POLICIES = ("random", "first")
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
@@ -39,7 +39,7 @@ ScenarioError = ConfigError  # a scenario value is malformed; the message names 
 
 @dataclass
 class DataConfig:
-    dataset: str = knob("fashion-mnist", "cifar10 | fashion-mnist | mnist | cifar100 | svhn", choices=DATASETS)
+    dataset: str = knob("fashion-mnist", " | ".join(DATASETS), choices=DATASETS)
     root: str | None = knob(None, "local folder with the dataset files (searched first)")
     download: bool = knob(False, "allow a torchvision download when no local copy is found")
     train_limit: int | None = knob(None, "use only the first N training images (fast studies)", gt=0)

@@ -361,3 +361,16 @@ def test_pick_device() -> None:
         assert pick_device("cuda:0") == torch.device("cuda", 0)
         with pytest.raises(ValueError, match="CUDA device"):
             pick_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_one_registry_of_dataset_names() -> None:
+    """common/dataset_meta.py names the datasets; the scenario's choices and the file layouts follow it."""
+    from common.dataset_meta import DATASETS as REGISTRY
+    from common.datasets import _LAYOUTS
+    from common.scenario import DATASETS, DataConfig
+    import dataclasses
+
+    assert tuple(REGISTRY) == DATASETS
+    assert set(_LAYOUTS) == set(REGISTRY)
+    field = {f.name: f for f in dataclasses.fields(DataConfig)}["dataset"]
+    assert field.metadata["choices"] == DATASETS and field.metadata["help"] == " | ".join(DATASETS)
