@@ -345,6 +345,172 @@ def _canonical_dsv(dsv_x: Tensor, dsv_y: Tensor | None, num_classes: int, ipc: i
 # --------------------------------------------------------------------------- optimisation loop
 
 
+class _MethodLoss:
+    """What one method minimises, per iteration: its terms of Eq. 5 with their weights (``parts``)."""
+
+    def __init__(self, run: "_Run", method: str) -> None:
+        cfg, ms = run.cfg, REGISTRY[method]
+        self.run, self.method = run, method
+        self.use_dkkt, self.use_dm = "stat" in ms.terms, "dm" in ms.terms
+        self.alpha, self.gamma = cfg.alpha_for(run.pipc), cfg.gamma_for(run.ipc)
+        self.dm_weight = 1.0 if ms.dm_weight == "one" else self.gamma
+        self.gamma_used = ms.dm_weight == "gamma"
+        self.img_optimizer = ms.img_optimizer or (cfg.img_optimizer if cfg.img_optimizer != "auto" else
+                                                  ("adam" if self.use_dkkt else "sgd"))
+        if self.use_dm:
+            assert run.pool is not None and run.embed_factory is not None
+            empty = [c for c, n in enumerate(run.pool.counts) if n == 0]
+            if empty:
+                raise ValueError(f"method {method!r} matches every class's real images, but classes {empty} "
+                                 f"have no safe images")
+
+    def parts(self, x: Tensor, y: Tensor, lam: Tensor | None,
+              gen: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(every term, for the log; the weighted addends of the loss, whose sum is L_total). The DKKT
+        pass draws from ``gen`` before the DM pass, always in this order (the seeded stream)."""
+        terms: dict[str, Tensor] = {}
+        parts: dict[str, Tensor] = {}
+        if self.use_dkkt:
+            kt = self._dkkt(x, y, lam, gen)
+            parts["primal"], parts["stat"] = kt.pop("primal_part"), kt.pop("stat_part")
+            terms.update(kt)
+        if self.use_dm:
+            terms["dm"] = self._dm(x, gen)
+            parts["dm"] = self.dm_weight * terms["dm"]
+        return terms, parts
+
+    def _dkkt(self, x: Tensor, y: Tensor, lam: Tensor | None, gen: torch.Generator) -> dict[str, Tensor]:
+        """L_primal + alpha L_stat on theta* (common/distill/dkkt.py), clean and augmented (manifold pass)."""
+        run, cfg = self.run, self.run.cfg
+        assert lam is not None and run.model is not None and run.stat is not None
+        p_aug = sample_dsa_params(gen, cfg.dsa_strategy) if cfg.dsa else None
+        # The approximations draw from gen only when switched on (default stream unchanged).
+        passes = "both"
+        if cfg.aug_passes == "sample" and p_aug is not None and cfg.aug_weight > 0:
+            u = float(torch.rand((), generator=gen))
+            passes = "aug" if u < cfg.aug_weight / (1.0 + cfg.aug_weight) else "clean"
+        stat_idx = None
+        if 0 < cfg.stat_candidates < y.numel():
+            stat_idx = torch.randperm(y.numel(), generator=gen)[:cfg.stat_candidates]
+        _, kt = dkkt_loss(run.model, x, y, lam, alpha=self.alpha / run.stat.divisor, dsa_params=p_aug,
+                          aug_weight=cfg.aug_weight, distance=cfg.stat_distance, primal=cfg.primal,
+                          target=run.target, passes=passes, stat_idx=stat_idx, at=run.stat.points)
+        return kt
+
+    def _dm(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """L_DM: class-mean embeddings of S against the safe images under a fresh random network."""
+        run, cfg = self.run, self.run.cfg
+        net = run.embed_factory(gen).to(run.device).eval()  # type: ignore[misc]
+        for p in net.parameters():
+            p.requires_grad_(False)
+        psi = getattr(net, "embed", net)
+        real = sample_real_batches(run.pool.x, run.pool.idx, cfg.real_batch, gen,  # type: ignore[union-attr]
+                                   transform=run.pool.norm)  # type: ignore[union-attr]
+        params = ([sample_dsa_params(gen, cfg.dsa_strategy, siamese=True) for _ in range(run.C)]
+                  if cfg.dsa else None)  # one transform per class, real and synthetic alike
+        return dm_loss(psi, real, list(x.split(run.ipc)), params, max_batch=run.dm_max_batch)
+
+    def describe(self) -> dict[str, Any]:
+        return {"alpha": self.alpha if self.use_dkkt else None, "gamma": self.gamma if self.gamma_used else None,
+                "dm_weight": self.dm_weight if self.use_dm else None}
+
+
+@dataclass
+class _StatSetup:
+    points: Any  # where the inner gradients are taken (theta*, theta_0 or the path)
+    zero: float  # D(target, 0): L_stat of a stationarity sum of zero
+    divisor: float  # L_stat / D(target, 0) under stat_relative, else 1
+
+
+class _Multipliers:
+    """lambda of the stationarity sum: its parametrisation (exp(rho) > 0, or lambda projected onto >= 0),
+    its optimizer and its scale; sets the run's stationarity target and points."""
+
+    def __init__(self, run: "_Run", x: Tensor, y: Tensor) -> None:
+        cfg, model = run.cfg, run.model
+        assert model is not None
+        run._check_model(x)
+        run.target = stationarity_target(model, run.init_model if cfg.stat_target == "update" else None)
+        points = stationarity_points(model, run.init_model, cfg.stat_at, cfg.stat_path_points)
+        zero = stat_at_zero(run.target, cfg.stat_distance)
+        run.stat = _StatSetup(points=points, zero=zero, divisor=zero if cfg.stat_relative else 1.0)
+        self.stat_zero, self.log = zero, cfg.lambda_param == "log"
+        lam0 = float(cfg.lambda_init)
+        if cfg.lambda_autoscale:
+            lam0 *= lambda_scale(model, x, y, run.target, at=points)
+        n = run.C * run.ipc
+        start = math.log(max(lam0, 1e-30)) if self.log else lam0  # log: multiplicative steps, feasible by construction
+        self.param = torch.full((n,), start, device=run.device, requires_grad=True)
+        self.opt = (torch.optim.Adam([self.param], lr=cfg.lr_lambda) if cfg.lambda_optimizer == "adam"
+                    else torch.optim.SGD([self.param], lr=cfg.lr_lambda))
+
+    def value(self) -> Tensor:
+        """lambda itself (the optimised tensor is log lambda under lambda_param 'log')."""
+        return self.param.exp() if self.log else self.param
+
+    def step(self) -> None:
+        self.opt.step()
+        if not self.log:
+            with torch.no_grad():
+                self.param.clamp_(min=0.0)  # dual feasibility (projection)
+
+
+def _image_optimizer(x: Tensor, name: str, cfg: DistillConfig) -> torch.optim.Optimizer:
+    return (torch.optim.Adam([x], lr=cfg.lr_img_adam) if name == "adam"
+            else torch.optim.SGD([x], lr=cfg.lr_img, momentum=cfg.momentum_img))
+
+
+def _backward(total: Tensor, parts: dict[str, Tensor], x: Tensor, lam: _Multipliers | None,
+              opt_img: torch.optim.Optimizer, per_part: bool) -> dict[str, float]:
+    """Gradients of the loss into S (and lambda). ``per_part`` (a logged iteration): each weighted part's own
+    image gradient, whose sum is the total gradient, so nothing is computed twice; lambda's comes from L_stat
+    only. Returns the per-part gradient norms ({} otherwise)."""
+    opt_img.zero_grad(set_to_none=True)
+    if lam is not None:
+        lam.opt.zero_grad(set_to_none=True)
+    if not per_part:
+        # Only S and lambda: without ``inputs`` autograd also builds d(total)/d(theta*)
+        # for the DKKT pass's live parameter leaves (a wasted Hessian-vector product).
+        total.backward(inputs=[x] if lam is None else [x, lam.param])
+        return {}
+    norms: dict[str, float] = {}
+    keys = list(parts)
+    for i, k in enumerate(keys):
+        wrt = [x] if (k != "stat" or lam is None) else [x, lam.param]
+        g = torch.autograd.grad(parts[k], wrt, retain_graph=i < len(keys) - 1, allow_unused=True)
+        gx = g[0] if g[0] is not None else torch.zeros_like(x)
+        norms[k] = float(gx.norm())
+        x.grad = gx if x.grad is None else x.grad + gx
+        if len(g) > 1 and g[1] is not None:
+            lam.param.grad = g[1]  # type: ignore[union-attr]
+    return norms
+
+
+def _finite(total: Tensor, x: Tensor, lam: _Multipliers | None) -> bool:
+    """One host sync per iteration: the loss and every gradient finite?"""
+    ok = torch.isfinite(total) & torch.isfinite(x.grad).all()  # type: ignore[arg-type]
+    if lam is not None and lam.param.grad is not None:
+        ok = ok & torch.isfinite(lam.param.grad).all()
+    return bool(ok)
+
+
+def _history_row(it: int, t0: float, total: Tensor, terms: dict[str, Tensor], lam: _Multipliers | None,
+                 grad_norms: dict[str, float]) -> dict[str, float]:
+    """One loss-history entry: every term, L_stat / D(target, 0), lambda's spread, each part's gradient share."""
+    row = {"iteration": it, "total": float(total.detach()), "elapsed_s": time.monotonic() - t0}
+    row.update({k: float(v.detach()) for k, v in terms.items()})
+    if lam is not None:
+        lam_now, zero = lam.value().detach(), lam.stat_zero
+        row.update(stat_zero=zero, stat_ratio=row["stat"] / zero if zero > 0 else float("nan"),
+                   lambda_min=float(lam_now.min()), lambda_mean=float(lam_now.mean()),
+                   lambda_max=float(lam_now.max()), lambda_zero=int((lam_now <= 0).sum()))
+    norm_sum = sum(grad_norms.values())
+    for k, v in grad_norms.items():
+        row[f"gradnorm_{k}"] = v
+        row[f"gradshare_{k}"] = v / norm_sum if norm_sum > 0 else 0.0
+    return row
+
+
 class _Run:
     """Shared state of one ``synthesize`` call; ``optimize`` runs one gradient method."""
 
@@ -360,6 +526,7 @@ class _Run:
         self.model = None
         self.init_model = None if init_model is None else copy.deepcopy(init_model).to(device)
         self.target: dict[str, Tensor] | None = None  # what the stationarity sum must reach
+        self.stat: _StatSetup | None = None  # where and against what the stationarity sum is measured
         self.init_x: Tensor | None = None  # dm_from_dsv: start images given by the caller
         if model is not None:
             # Frozen private copy: the caller's module keeps its mode and grad flags.
@@ -412,167 +579,56 @@ class _Run:
     # -- the loop -------------------------------------------------------------------
     def optimize(self, method: str, gen: torch.Generator, deadline: float | None,
                  ckpt: Path | None) -> SyntheticSet:
-        cfg, C, ipc = self.cfg, self.C, self.ipc
-        t0 = time.monotonic()
-        ms = REGISTRY[method]
-        use_dkkt = "stat" in ms.terms
-        use_dm = "dm" in ms.terms
-        alpha, gamma = cfg.alpha_for(self.pipc), cfg.gamma_for(ipc)
-        dm_weight = 1.0 if ms.dm_weight == "one" else gamma
-        if use_dm:
-            assert self.pool is not None and self.embed_factory is not None
-            empty = [c for c, n in enumerate(self.pool.counts) if n == 0]
-            if empty:
-                raise ValueError(f"method {method!r} matches every class's real images, but classes {empty} "
-                                 f"have no safe images")
-
+        """Minimise the method's loss over S (and lambda) for ``iterations`` steps (Eq. 5)."""
+        cfg, t0 = self.cfg, time.monotonic()
+        loss = _MethodLoss(self, method)
         x0, init_desc = self._init_images(method, gen)
-        y = _labels(C, ipc).to(self.device)
+        y = _labels(self.C, self.ipc).to(self.device)
         x_syn = x0.requires_grad_(True)
-        img_opt = ms.img_optimizer or (cfg.img_optimizer if cfg.img_optimizer != "auto" else
-                                       ("adam" if use_dkkt else "sgd"))
-        opt_img: torch.optim.Optimizer = (
-            torch.optim.Adam([x_syn], lr=cfg.lr_img_adam) if img_opt == "adam"
-            else torch.optim.SGD([x_syn], lr=cfg.lr_img, momentum=cfg.momentum_img))
-        lam_param: Tensor | None = None  # the tensor lambda's optimizer steps (lambda itself or log lambda)
-        opt_lam: torch.optim.Optimizer | None = None
-        stat_zero = 1.0
-        if use_dkkt:
-            assert self.model is not None
-            self._check_model(x_syn.detach())
-            self.target = stationarity_target(self.model, self.init_model if cfg.stat_target == "update" else None)
-            stat_points = stationarity_points(self.model, self.init_model, cfg.stat_at, cfg.stat_path_points)
-            lam0 = float(cfg.lambda_init)
-            if cfg.lambda_autoscale:
-                lam0 *= lambda_scale(self.model, x_syn.detach(), y, self.target, at=stat_points)
-            stat_zero = stat_at_zero(self.target, cfg.stat_distance)
-            if cfg.lambda_param == "log":  # lambda = exp(rho) > 0: multiplicative steps, dual feasible by construction
-                lam_param = torch.full((C * ipc,), math.log(max(lam0, 1e-30)), device=self.device, requires_grad=True)
-            else:  # lambda itself, projected onto lambda >= 0 after every step
-                lam_param = torch.full((C * ipc,), lam0, device=self.device, requires_grad=True)
-            opt_lam = (torch.optim.Adam([lam_param], lr=cfg.lr_lambda) if cfg.lambda_optimizer == "adam"
-                       else torch.optim.SGD([lam_param], lr=cfg.lr_lambda))
-        def current_lambda() -> Tensor | None:
-            """lambda itself, from the optimised tensor (log lambda under lambda_param 'log')."""
-            if lam_param is None:
-                return None
-            return lam_param.exp() if cfg.lambda_param == "log" else lam_param
-
-        # L_stat / D(theta*, 0) when stat_relative: alpha then weighs a number in [0, ~1].
-        stat_div = stat_zero if (use_dkkt and cfg.stat_relative) else 1.0
-
+        opt_img = _image_optimizer(x_syn, loss.img_optimizer, cfg)
+        lam = _Multipliers(self, x_syn.detach(), y) if loss.use_dkkt else None
         history: list[dict[str, float]] = []
-        stopped = "completed"
-        done = 0
-        task = self.bar.add_task(f"{method} ipc={ipc}", total=cfg.iterations, status="")
+        stopped, done = "completed", 0
+        task = self.bar.add_task(f"{method} ipc={self.ipc}", total=cfg.iterations, status="")
         for it in range(1, cfg.iterations + 1):
             if deadline is not None and time.monotonic() >= deadline:
                 stopped = "time_budget"
                 break
-            lam = current_lambda()
-            terms: dict[str, Tensor] = {}
-            parts: dict[str, Tensor] = {}  # the weighted addends of Eq. 5; their sum is the loss
-            if use_dkkt:
-                assert lam is not None and self.model is not None
-                p_aug = sample_dsa_params(gen, cfg.dsa_strategy) if cfg.dsa else None
-                # The approximations draw from gen only when switched on (default stream unchanged).
-                passes = "both"
-                if cfg.aug_passes == "sample" and p_aug is not None and cfg.aug_weight > 0:
-                    u = float(torch.rand((), generator=gen))
-                    passes = "aug" if u < cfg.aug_weight / (1.0 + cfg.aug_weight) else "clean"
-                stat_idx = None
-                if 0 < cfg.stat_candidates < y.numel():
-                    stat_idx = torch.randperm(y.numel(), generator=gen)[:cfg.stat_candidates]
-                _, kt = dkkt_loss(self.model, x_syn, y, lam, alpha=alpha / stat_div, dsa_params=p_aug,
-                                  aug_weight=cfg.aug_weight, distance=cfg.stat_distance, primal=cfg.primal,
-                                  target=self.target, passes=passes, stat_idx=stat_idx, at=stat_points)
-                parts["primal"], parts["stat"] = kt.pop("primal_part"), kt.pop("stat_part")
-                terms.update(kt)
-            if use_dm:
-                net = self.embed_factory(gen).to(self.device).eval()  # type: ignore[misc]
-                for p in net.parameters():
-                    p.requires_grad_(False)
-                psi = getattr(net, "embed", net)
-                real = sample_real_batches(self.pool.x, self.pool.idx, cfg.real_batch, gen,  # type: ignore[union-attr]
-                                           transform=self.pool.norm)  # type: ignore[union-attr]
-                syn = list(x_syn.split(ipc))
-                params = ([sample_dsa_params(gen, cfg.dsa_strategy, siamese=True) for _ in range(C)]
-                          if cfg.dsa else None)  # one transform per class, real and synthetic alike
-                terms["dm"] = dm_loss(psi, real, syn, params, max_batch=self.dm_max_batch)
-                parts["dm"] = dm_weight * terms["dm"]
+            lam_value = None if lam is None else lam.value()
+            terms, parts = loss.parts(x_syn, y, lam_value, gen)  # the method's step: its weighted terms
             total = total_loss(parts)
-
-            opt_img.zero_grad(set_to_none=True)
-            if opt_lam is not None:
-                opt_lam.zero_grad(set_to_none=True)
             log_now = it % cfg.log_every == 0 or it == cfg.iterations
-            grad_norms: dict[str, float] = {}
-            if log_now and len(parts) > 1:
-                # Instrumentation: each part's own gradient on the images (their sum is the total
-                # gradient, so nothing is computed twice); lambda's gradient comes from L_stat only.
-                keys = list(parts)
-                for i, k in enumerate(keys):
-                    wrt = [x_syn] if (k != "stat" or lam_param is None) else [x_syn, lam_param]
-                    g = torch.autograd.grad(parts[k], wrt, retain_graph=i < len(keys) - 1, allow_unused=True)
-                    gx = g[0] if g[0] is not None else torch.zeros_like(x_syn)
-                    grad_norms[k] = float(gx.norm())
-                    x_syn.grad = gx if x_syn.grad is None else x_syn.grad + gx
-                    if len(g) > 1 and g[1] is not None:
-                        lam_param.grad = g[1]  # type: ignore[union-attr]
-            else:
-                # Only S and lambda: without ``inputs`` autograd also builds d(total)/d(theta*)
-                # for the DKKT pass's live parameter leaves (a wasted Hessian-vector product).
-                total.backward(inputs=[x_syn] if lam_param is None else [x_syn, lam_param])
-            # One host sync per iteration: loss and gradients finite?
-            ok = torch.isfinite(total) & torch.isfinite(x_syn.grad).all()  # type: ignore[arg-type]
-            if lam_param is not None and lam_param.grad is not None:
-                ok = ok & torch.isfinite(lam_param.grad).all()
-            if not bool(ok):
-                self._fail(method, it, terms, total, x_syn, lam_param, y, ckpt, history, lam_value=lam)
+            grad_norms = _backward(total, parts, x_syn, lam, opt_img, per_part=log_now and len(parts) > 1)
+            if not _finite(total, x_syn, lam):
+                self._fail(method, it, terms, total, x_syn, None if lam is None else lam.param, y, ckpt, history,
+                           lam_value=lam_value)
             opt_img.step()
-            if opt_lam is not None:
-                opt_lam.step()
-                if cfg.lambda_param == "clamp":
-                    with torch.no_grad():
-                        lam_param.clamp_(min=0.0)  # type: ignore[union-attr]  # dual feasibility (projection)
+            if lam is not None:
+                lam.step()
             done = it
-
+            status = ""
             if log_now:
-                row = {"iteration": it, "total": float(total.detach()), "elapsed_s": time.monotonic() - t0}
-                row.update({k: float(v.detach()) for k, v in terms.items()})
-                if use_dkkt:
-                    lam_now = current_lambda().detach()  # type: ignore[union-attr]
-                    row.update(stat_zero=stat_zero, stat_ratio=row["stat"] / stat_zero if stat_zero > 0 else float("nan"),
-                               lambda_min=float(lam_now.min()), lambda_mean=float(lam_now.mean()),
-                               lambda_max=float(lam_now.max()), lambda_zero=int((lam_now <= 0).sum()))
-                norm_sum = sum(grad_norms.values())
-                for k, v in grad_norms.items():
-                    row[f"gradnorm_{k}"] = v
-                    row[f"gradshare_{k}"] = v / norm_sum if norm_sum > 0 else 0.0
-                history.append(row)
-                status = " ".join(f"{k}={v:.3g}" for k, v in row.items()
+                history.append(_history_row(it, t0, total, terms, lam, grad_norms))
+                status = " ".join(f"{k}={v:.3g}" for k, v in history[-1].items()
                                   if k in ("total", "primal", "stat_ratio", "dm", "gradshare_stat"))
-                self.bar.update(task, completed=it, status=status)
-            else:
-                self.bar.update(task, completed=it)
+            self.bar.update(task, completed=it, **({"status": status} if log_now else {}))
             if ckpt is not None and cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
-                self._save(ckpt, method, it, x_syn, current_lambda(), y, history)
+                self._save(ckpt, method, it, x_syn, None if lam is None else lam.value(), y, history)
 
-        lam = current_lambda()
+        lam_value = None if lam is None else lam.value()
         if ckpt is not None and cfg.checkpoint_every and done and done % cfg.checkpoint_every:
-            self._save(ckpt, method, done, x_syn, lam, y, history)
+            self._save(ckpt, method, done, x_syn, lam_value, y, history)
         info: dict[str, Any] = {
             "loss_history": history, "iterations_done": done, "iterations_requested": cfg.iterations,
             "stopped_reason": stopped, "time_budget_s": cfg.time_budget_s, "wall_s": time.monotonic() - t0,
-            "alpha": alpha if use_dkkt else None, "gamma": gamma if ms.dm_weight == "gamma" else None,
-            "dm_weight": dm_weight if use_dm else None, "init": init_desc, "img_optimizer": img_opt,
-            "device": str(self.device), "stat_zero": stat_zero if use_dkkt else None,
+            **loss.describe(), "init": init_desc, "img_optimizer": loss.img_optimizer, "device": str(self.device),
+            "stat_zero": lam.stat_zero if lam is not None else None,
         }
-        if lam is not None:
-            info["lambda"] = lam.detach().cpu().tolist()
-        if use_dkkt and cfg.diagnose_samples > 0:  # can real data / S satisfy the condition? (traces/)
-            info["stationarity"] = self._diagnose(x_syn.detach(), y, lam, gen)
-        return SyntheticSet(x=x_syn.detach().cpu(), y=y.cpu(), method=method, ipc=ipc, info=info)
+        if lam_value is not None:
+            info["lambda"] = lam_value.detach().cpu().tolist()
+        if loss.use_dkkt and cfg.diagnose_samples > 0:  # can real data / S satisfy the condition? (traces/)
+            info["stationarity"] = self._diagnose(x_syn.detach(), y, lam_value, gen)
+        return SyntheticSet(x=x_syn.detach().cpu(), y=y.cpu(), method=method, ipc=self.ipc, info=info)
 
     def _diagnose(self, x: Tensor, y: Tensor, lam: Tensor | None, gen: torch.Generator) -> list[dict[str, Any]]:
         """common.distill.stationarity.diagnose on up to diagnose_samples safe images and on S (after the loop,
