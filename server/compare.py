@@ -24,7 +24,7 @@ from server.reports.figures import load_run_scenario
 from server.reports.tables import aggregate_seeds, format_cell
 from server.sweep.result import CellResult
 from server.sweep.cells import read_cells
-from server.reports.plots import _new_figure, _save
+from server.reports.plots import new_figure, save_figure
 
 __all__ = ["differing_keys", "compare_runs", "main"]
 
@@ -102,7 +102,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
 
 
 def _plot_sweep(key: str, xs: list[float], cells: list[dict[str, CellResult]], columns: list[str], path: Path) -> Path:
-    fig = _new_figure((6.4, 4.0))
+    fig = new_figure((6.4, 4.0))
     ax = fig.add_subplot()
     order = sorted(range(len(xs)), key=lambda i: xs[i])
     for j, col in enumerate(columns):
@@ -118,7 +118,7 @@ def _plot_sweep(key: str, xs: list[float], cells: list[dict[str, CellResult]], c
     ax.set_title(f"Synthetic-set accuracy vs {key}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

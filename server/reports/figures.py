@@ -35,12 +35,13 @@ from server.store.artifacts import load_safe_artifact, load_synthetic_artifact
 from server.federation.collect import pool_subset
 from server.reports.frequency import frequency_table, mean_log_spectrum
 from server.reports.images import save_image_grid
-from server.reports.plots import plot_accuracy_vs_pipc, plot_federated_curve, plot_spectra
-from server.reports.tables import aggregate_seeds, write_results
+from server.reports.paper_figures import write_paper_figures
+from server.reports.plots import plot_spectra
+from server.reports.tables import write_results
 from server.sweep.cells import read_cells
 from server.federation.validate import FailureLog
 from server.reports.privacy_report import results_note
-from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
+from server.sweep.loss_trace import write_cell_trace
 
 __all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report"]
 
@@ -89,7 +90,7 @@ def interval_scope(scenario: Scenario) -> str:
 
 
 def _rebuild_traces(run_dir: Path, cells: list, only_stale: bool = False) -> dict[str, Path]:
-    """traces/<cell>.csv + .png from each DKKT cell record's loss history (server.sweep.loss_trace's writer,
+    """traces/<cell>.csv + .png from each distilled cell record's loss history (server.sweep.loss_trace's writer,
     as server.sweep.cells uses it). ``only_stale`` (the pipeline): skip a trace newer than its record."""
     written: dict[str, Path] = {}
     for c in cells:
@@ -105,7 +106,7 @@ def _rebuild_traces(run_dir: Path, cells: list, only_stale: bool = False) -> dic
             continue
         info = json.loads(record.read_text()).get("info") or {}
         history = info.get("loss_history") or []
-        if has_dkkt_trace(history):
+        if history:
             written[f"trace_{name}"] = write_cell_trace(history, run_dir / "traces", name, c.method, c.ipc,
                                                         pipc_label(c.pipc), c.seed,
                                                         stationarity=info.get("stationarity"))
@@ -188,18 +189,5 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
 
     if not figures:
         return written
-    agg = [c for c in aggregate_seeds(cells) if not c.skipped]
-    if agg:
-        pts = [{"method": c.method, "ipc": c.ipc, "pipc": pipc_label(c.pipc), "mean": c.mean, "std": c.std} for c in agg]
-        written["accuracy_vs_pipc"] = plot_accuracy_vs_pipc(pts, run_dir / "figures" / "accuracy_vs_pipc.png",
-                                                            title=f"{scenario.name}: test accuracy vs pipc ({meta.name})",
-                                                            # wider than plots' default: room for the legend + title
-                                                            figsize=(3.6 * len(scenario.distill.ipc) + 3.4, 3.8))
-    rounds_csv = run_dir / "rounds.csv"
-    if rounds_csv.is_file():
-        with rounds_csv.open() as fh:
-            rr = [r for r in csv.DictReader(fh) if r.get("test_acc") not in (None, "")]
-        if rr:
-            written["rounds"] = plot_federated_curve([int(r["round"]) for r in rr], [float(r["test_acc"]) for r in rr],
-                                                     run_dir / "rounds.png")
+    written.update(write_paper_figures(run_dir, scenario, meta, cells, sets))
     return written

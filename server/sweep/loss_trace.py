@@ -64,15 +64,19 @@ def summarize_trace(history: Sequence[dict[str, Any]], skip_fraction: float = 0.
 
 
 def plot_trace(history: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """Left: the loss terms (primal, L_stat / D(target, 0), L_DM, log scale) vs iteration;
-    right: each term's share of the image gradient."""
+    """Left: the loss terms (primal, L_stat / D(target, 0), L_DM, log scale) vs iteration; right, when the
+    loss has several weighted parts: each part's share of the image gradient."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     its = [r["iteration"] for r in history]
-    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    shares = [(term, label) for term, label in (("primal", "primal"), ("stat", "alpha * L_stat"),
+                                               ("dm", "gamma * L_DM")) if any(f"gradshare_{term}" in r for r in history)]
+    fig, axes = plt.subplots(1, 2 if shares else 1, figsize=(11 if shares else 5.6, 4), constrained_layout=True,
+                             squeeze=False)
+    ax_l = axes[0][0]
     series = [("primal", "L_primal (cross-entropy)"), ("stat_ratio", "L_stat / D(target, 0)"), ("dm", "L_DM")]
     for key, label in series:
         vals = [r.get(key) for r in history]
@@ -82,17 +86,20 @@ def plot_trace(history: Sequence[dict[str, Any]], path: Path, title: str) -> Pat
         ax_l.axhline(1.0, color="grey", ls="--", lw=0.8, label="D(target, 0): inert stationarity")
     ax_l.set_yscale("log")
     ax_l.set_xlabel("iteration")
+    ax_l.set_ylabel("loss term (log scale)")
     ax_l.set_title("loss terms")
     ax_l.legend(fontsize=8)
-    for term, label in (("primal", "primal"), ("stat", "alpha * L_stat"), ("dm", "gamma * L_DM")):
-        vals = [r.get(f"gradshare_{term}") for r in history]
-        if any(v is not None for v in vals):
+    if shares:
+        ax_r = axes[0][1]
+        for term, label in shares:
+            vals = [r.get(f"gradshare_{term}") for r in history]
             ax_r.plot(its, [float("nan") if v is None else v for v in vals], label=label)
-    ax_r.axhline(0.10, color="grey", ls=":", lw=0.8, label="10 %")
-    ax_r.set_ylim(0, 1)
-    ax_r.set_xlabel("iteration")
-    ax_r.set_title("share of the image gradient (norm)")
-    ax_r.legend(fontsize=8)
+        ax_r.axhline(0.10, color="grey", ls=":", lw=0.8, label="10 %")
+        ax_r.set_ylim(0, 1)
+        ax_r.set_xlabel("iteration")
+        ax_r.set_ylabel("share of the image-gradient norm")
+        ax_r.set_title("share of the image gradient (norm)")
+        ax_r.legend(fontsize=8)
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
