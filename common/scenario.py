@@ -21,7 +21,7 @@ import yaml
 from common.config import ConfigError, DistillConfig, EvalConfig, build, check_tree, fail, knob
 from common.dataset_meta import get_meta  # torch-free: server.check never loads torch
 from common.grid import PIPC_ALL, normalize_pipc, parse_cell_filter, parse_shard, pipc_label, select_cells, static_skip_reason
-from common.methods import NO_MODEL_METHODS  # the method registry
+from common.methods import NO_MODEL_METHODS, optimizes, spec  # the method registry
 
 APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = "scenarios/quickstart.yaml"
@@ -481,6 +481,15 @@ def resolve_from_run_config(run_config: dict[str, Any]) -> Scenario:
 # real_batch 256, one evaluation epoch of one model over <= 1 batch. Only for an order of magnitude.
 _SEC_PER_DISTILL_ITER = 0.11
 _SEC_PER_EVAL_EPOCH = 0.05
+# A DKKT iteration (primal + stationarity passes) against a DM iteration: 0.45 s / 0.17 s measured on 2 cores
+# (README, quickstart budgets). Methods without gradient steps on S (random_real, safe_all) cost no iterations.
+_DKKT_ITER_FACTOR = 2.6
+
+
+def _iteration_factor(method: str) -> float:
+    if not optimizes(method):
+        return 0.0
+    return _DKKT_ITER_FACTOR if {"primal", "stat"} & set(spec(method).terms) else 1.0
 WARN_AFTER_S = 24 * 3600.0
 
 
@@ -497,11 +506,13 @@ def estimate_resources(s: Scenario) -> dict[str, float]:
     distill = syn + (s.distill.real_batch + ipc) * act + 4 * params  # DM and DKKT go one class at a time
     evaluate = 2 * s.evaluation.batch_size * act + 5 * params + k * ipc * img * 4
     pool = 0 if s.pool_pipc == PIPC_ALL else k * max(s.pool_pipc, 0) * img
-    cells = len(s.distill.methods) * len(s.distill.ipc) * len(s.distill.pipc) * len(s.distill.seeds or [0])
+    per_method = len(s.distill.ipc) * len(s.distill.pipc) * len(s.distill.seeds or [0])  # cells of one method
+    cells = len(s.distill.methods) * per_method
     scale = (w / 128) ** 2
     batches = -(-k * ipc // s.evaluation.batch_size)
-    seconds = cells * (s.distill.iterations * _SEC_PER_DISTILL_ITER * scale * s.distill.real_batch / 256
-                       + s.evaluation.num_models * s.evaluation.epochs * _SEC_PER_EVAL_EPOCH * scale * batches)
+    iteration = s.distill.iterations * _SEC_PER_DISTILL_ITER * scale * s.distill.real_batch / 256
+    seconds = (per_method * iteration * sum(_iteration_factor(m) for m in s.distill.methods)
+               + cells * s.evaluation.num_models * s.evaluation.epochs * _SEC_PER_EVAL_EPOCH * scale * batches)
     return {"distill_bytes": distill, "evaluate_bytes": evaluate, "pool_bytes": pool,
             "peak_bytes": max(distill, evaluate) + pool, "cpu_seconds": seconds}
 
