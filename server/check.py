@@ -46,6 +46,7 @@ from common.scenario import check_resources, estimate_resources
 from server.preflight import check_data_root
 
 __all__ = ["ENV_STATUS", "app_config_keys", "parse_run_config", "resolve", "check_federation", "check", "grid_time_line",
+           "merge_run_configs", "format_run_config",
            "write_status", "read_status", "main"]
 
 ENV_STATUS = "FEDPDD_STATUS_FILE"
@@ -84,6 +85,36 @@ def parse_run_config(texts: Sequence[str]) -> dict[str, Any]:
                 f"{', '.join(known)}. Other scenario keys go through overrides='section.key=value;...'"
             )
     return items
+
+
+def merge_run_configs(texts: Sequence[str]) -> dict[str, Any]:
+    """Several ``--run-config`` strings as one: a later key replaces an earlier one, except ``overrides``,
+    whose ``;``-separated items are joined (a later item for the same scenario key wins when applied)."""
+    merged: dict[str, Any] = {}
+    for text in texts:
+        for key, value in parse_run_config([text]).items():
+            if key == "overrides" and merged.get(key) and value:
+                value = f"{str(merged[key]).rstrip(';')};{value}"
+            merged[key] = value
+    return merged
+
+
+def format_run_config(items: dict[str, Any]) -> str:
+    """``items`` as one ``--run-config`` string that Flower parses back to the same values."""
+    parts = []
+    for key, value in items.items():
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        elif "'" not in str(value):
+            text = f"'{value}'"
+        elif '"' not in str(value):
+            text = f'"{value}"'
+        else:
+            raise ScenarioError(f"{RUN_CONFIG} {key}: a value with both ' and \" cannot be passed on: {value!r}")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 def _origin(key: str, raw: Any) -> str:
@@ -205,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="as for flwr run (repeatable)")
     parser.add_argument("--num-supernodes", type=int, default=None, help="SuperNodes of the federation to check against")
     parser.add_argument("--print-run-dir", action="store_true", help="print only the run folder")
+    parser.add_argument("--print-run-config", action="store_true",
+                        help="print only the --run-config strings merged into one (later keys win; overrides joined)")
     parser.add_argument("--print-data", action="store_true",
                         help="print only the data source: '<dataset> <data.root or -> <data.download>'")
     parser.add_argument("--status", metavar="FILE", help="report the outcome a ServerApp wrote to FILE")
@@ -214,11 +247,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(("fedpdd: " if ok else "fedpdd: run FAILED: ") + reason, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
     try:
-        scenario = check(parse_run_config(args.run_config), args.num_supernodes)
+        run_config = merge_run_configs(args.run_config)
+        scenario = check(run_config, args.num_supernodes)
+        merged = format_run_config(run_config) if args.print_run_config else ""
     except ScenarioError as err:
         print(f"fedpdd check: {err}", file=sys.stderr)
         return 1
-    if args.print_run_dir:
+    if args.print_run_config:
+        print(merged)
+    elif args.print_run_dir:
         print(scenario.run_dir)
     elif args.print_data:
         data = scenario.data
