@@ -107,3 +107,23 @@ def test_deployment_run_config_is_merged_with_the_scripts_own(tmp_path: Path) ->
     assert ok[0].endswith("runs/deployment")
     assert "did not answer" in proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1
+
+
+def test_distill_pipc_above_the_pool_stops_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    import torch
+
+    from server.store.artifacts import save_safe_artifact
+
+    y = torch.arange(100) % 10  # 10 images per class ...
+    y[y == 3] = 4  # ... except class 3: none left, class 4: 20
+    y[:5] = 3  # 5 images of class 3
+    save_safe_artifact(tmp_path / "safe.pt", torch.zeros(100, 1, 28, 28, dtype=torch.uint8), y, "fashion-mnist")
+    proc = subprocess.run([sys.executable, "-m", "server.distill", "--safe", str(tmp_path / "safe.pt"), "--dataset",
+                           "fashion-mnist", "--method", "dm", "--ipc", "1", "--pipc", "10", "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--pipc 10" in lines[0] and "only 5 images of class 3" in lines[0] and "use --pipc 5 or less" in lines[0]
+    assert not list((tmp_path / "out").glob("synthetic_*"))  # nothing distilled under a false label
