@@ -118,6 +118,8 @@ class DPConfig:
                      choices=DP_SIDES)
     clipping_norm: float = knob(1.0, "L2 bound of each client's model update", gt=0)
     noise_multiplier: float = knob(0.1, "Gaussian noise stdev = noise_multiplier * clipping_norm / num_clients", ge=0)
+    delta: float = knob(1e-5, "delta at which privacy.md and results.md state the run's client-level epsilon "
+                        "(Flower's RDP accountant)", gt=0, lt=1)
 
 
 @dataclass
