@@ -127,3 +127,17 @@ def test_distill_pipc_above_the_pool_stops_with_one_line_and_exit_2(tmp_path: Pa
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "--pipc 10" in lines[0] and "only 5 images of class 3" in lines[0] and "use --pipc 5 or less" in lines[0]
     assert not list((tmp_path / "out").glob("synthetic_*"))  # nothing distilled under a false label
+
+
+def test_report_on_files_it_cannot_trust_is_one_line_exit_2(tmp_path: Path) -> None:
+    from common.scenario import save_resolved
+
+    save_resolved(load_scenario(ROOT / "scenarios" / "quickstart.yaml"), tmp_path)
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "dm_ipc1_pipc10_seed0.json").write_text('{"method": "dm"}')  # no manifest lists it
+    proc = subprocess.run([sys.executable, "-m", "server.report", str(tmp_path), "--cells-only"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("server.report: ") and "no manifest.json" in lines[0] and "Rerun the run" in lines[0]
