@@ -141,3 +141,13 @@ def test_report_on_files_it_cannot_trust_is_one_line_exit_2(tmp_path: Path) -> N
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("server.report: ") and "no manifest.json" in lines[0] and "Rerun the run" in lines[0]
+
+
+def test_compare_on_a_folder_that_is_no_run_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "server.compare", str(tmp_path), "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "scenario.resolved.yaml is missing: pass run folders that a finished run wrote" in lines[0]
