@@ -283,8 +283,8 @@ def grid_time_line(scenario: Scenario) -> str:
     cells = len(d.methods) * len(d.ipc) * len(d.pipc) * len(d.seeds or [scenario.seed])
     seconds = estimate_resources(scenario)["cpu_seconds"]
     return (f"{cells} grid cells, estimated distill + evaluate CPU time about {_duration(seconds)} on one core "
-            "at bench/baseline_cpu.jsonl's quiet-core rates; the quickstart and fmnist-table1 took 1.6x and about 6x "
-            "this in CPU time on 2 shared cores (README); federation not included")
+            "at bench/baseline_cpu.jsonl's quiet-core rates (on 2 shared cores the quickstart's distill + evaluate "
+            "took about 2x its estimate; federation not included)")
 
 
 if __name__ == "__main__":
