@@ -127,3 +127,27 @@ def test_present_dataset_needs_nothing(tmp_path: Path) -> None:
     proc, _ = _bash("ensure_fashion_mnist; echo went-on",
                     {"PATH": _no_gpu_path(tmp_path), "FMNIST_DIR": str(tmp_path / "fashion-mnist")})
     assert proc.returncode == 0 and proc.stdout.strip() == "went-on"
+
+
+def test_quickstart_stops_before_flower_when_the_dataset_is_missing_and_apt_is_not_allowed(tmp_path: Path) -> None:
+    # every command of /usr/bin and /bin except apt-get and sudo: a user who may not install packages
+    bin_dir = tmp_path / "userbin"
+    bin_dir.mkdir()
+    for folder in (Path("/usr/bin"), Path("/bin")):
+        for tool in folder.iterdir():
+            if tool.name not in ("apt-get", "apt", "sudo") and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "VENV": sys.prefix, "FMNIST_DIR": str(tmp_path / "none"),
+           "FEDPDD_CACHE": os.environ.get("FEDPDD_CACHE", str(tmp_path / "cache"))}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import yaml, flwr.common.config"], timeout=300, check=True)
+    startup = time.perf_counter() - t0  # one interpreter start with the check's imports, on this machine now
+    t0 = time.perf_counter()
+    proc = subprocess.run([BASH, str(ROOT / "scenarios" / "quickstart.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("quickstart: Fashion-MNIST is missing") and "sudo apt-get install -y dataset-fashion-mnist" in last
+    assert "starting a SuperLink" not in proc.stdout
+    assert wall < 4 * startup + 15  # the check twice, then the stop: seconds, not a run that fails minutes later
