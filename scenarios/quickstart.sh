@@ -40,7 +40,7 @@ check_run "$CLIENTS" "$@"
 # The Debian dataset is needed only when the resolved scenario reads Fashion-MNIST from its default places.
 read -r DATASET DATA_ROOT DOWNLOAD < <(python -m server.check --print-data "${RUN_CONFIG[@]}")
 if [ "$DATASET" = fashion-mnist ] && [ "$DATA_ROOT" = - ] && [ "$DOWNLOAD" = false ]; then
-  ensure_fashion_mnist  # apt-get when root or passwordless sudo, else exit 1 with the command to run
+  ensure_fashion_mnist  # apt-get when root or passwordless sudo, else exit 2 with the command to run
 fi
 
 FLWR_HOME=$(mktemp -d -t fedpdd-flwr-XXXXXX); export FLWR_HOME

@@ -9,7 +9,7 @@ use_checkout() {
 }
 
 # check_run N "$@": step 1, `python -m server.check` on the scenario, the --run-config arguments among "$@"
-# and a federation of N SuperNodes; a bad key or value stops the script (exit 1) before anything starts.
+# and a federation of N SuperNodes; a bad key or value stops the script (exit 2) before anything starts.
 check_run() {
   local n=$1
   shift

@@ -87,7 +87,8 @@ can_run_apt() {
 }
 
 # ensure_fashion_mnist: Debian's Fashion-MNIST in FMNIST_DIR, installed with apt when this user may run it;
-# otherwise exit 1 at once with the one command to run (a run without the data would fail minutes later).
+# otherwise exit 2 at once (the user must act, as for a bad setting) with the one command to run: a run without
+# the data would fail minutes later.
 ensure_fashion_mnist() {
   if [ -d "$FMNIST_DIR" ]; then
     return 0
@@ -97,10 +98,10 @@ ensure_fashion_mnist() {
     $APT_SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $APT_SUDO apt-get install -y -qq dataset-fashion-mnist
     [ -d "$FMNIST_DIR" ] && return 0
     echo "quickstart: apt-get installed dataset-fashion-mnist but $FMNIST_DIR is still missing" >&2
-    exit 1
+    exit 2
   fi
   echo "quickstart: Fashion-MNIST is missing ($FMNIST_DIR) and this user may not run apt-get; run" \
        "'sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist', or pass" \
        "--run-config \"data-root='/path/to/idx/files'\"" >&2
-  exit 1
+  exit 2
 }

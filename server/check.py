@@ -6,7 +6,7 @@
 The first form resolves what ``flwr run . --run-config "..."`` would run: the scenario YAML
 (``scenario`` key, else the app default), every run-config override on top of it, and the
 federation size. Every error names the key, the value and where it came from (the YAML file
-or ``--run-config``) and the command exits 1; on success it prints a one-line summary (or,
+or ``--run-config``) and the command exits 2; on success it prints a one-line summary (or,
 with ``--print-run-dir``, only the run folder) and exits 0. ``scenarios/quickstart.sh`` and
 ``scenarios/deployment.sh`` run it first.
 
@@ -250,9 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_config = merge_run_configs(args.run_config)
         scenario = check(run_config, args.num_supernodes)
         merged = format_run_config(run_config) if args.print_run_config else ""
-    except ScenarioError as err:
+    except ScenarioError as err:  # bad input: one line with the fix, exit 2 (as every fedpdd CLI)
         print(f"fedpdd check: {err}", file=sys.stderr)
-        return 1
+        return 2
     if args.print_run_config:
         print(merged)
     elif args.print_run_dir:

@@ -55,7 +55,7 @@ def test_cli_errors_are_one_line_without_traceback() -> None:
     for args in (["--run-config", "roundz=3"], ["--run-config", "rounds=3 ipc"],
                  ["--run-config", "overrides='distill.iteratons=5'"]):
         proc = _cli(*args)
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

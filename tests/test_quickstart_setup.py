@@ -92,7 +92,7 @@ def test_missing_dataset_without_apt_rights_stops_at_once_with_the_command(tmp_p
     # PATH without apt-get and sudo: this user cannot install the package
     env = {"PATH": _no_gpu_path(tmp_path), "FMNIST_DIR": str(tmp_path / "fashion-mnist")}
     proc, wall = _bash("ensure_fashion_mnist; echo went-on", env)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "went-on" not in proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist" in lines[0]
@@ -146,7 +146,7 @@ def test_quickstart_stops_before_flower_when_the_dataset_is_missing_and_apt_is_n
     proc = subprocess.run([BASH, str(ROOT / "scenarios" / "quickstart.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     wall = time.perf_counter() - t0
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("quickstart: Fashion-MNIST is missing") and "sudo apt-get install -y dataset-fashion-mnist" in last
     assert "starting a SuperLink" not in proc.stdout
