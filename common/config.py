@@ -204,7 +204,8 @@ def _check_value(value: Any, meta: Any, key: str, source: str | None) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise fail(source, key, f"is {value!r}; choose one of {', '.join(choices)}")
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise fail(source, key, f"is {value!r}{hint}; choose one of {', '.join(choices)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         gt, ge, lt = meta.get("gt"), meta.get("ge"), meta.get("lt")
         if lt is not None and not ((ge is None or value >= ge) and value < lt):

@@ -157,3 +157,8 @@ def test_compare_on_a_folder_that_is_no_run_is_one_line_exit_2(tmp_path: Path) -
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "scenario.resolved.yaml is missing: pass run folders that a finished run wrote" in lines[0]
+
+
+def test_a_mistyped_choice_suggests_the_closest() -> None:
+    with pytest.raises(ScenarioError, match=r"'distill.methods\[1\]' is 'dkt_dm' \(did you mean 'dkkt_dm'\?\); choose"):
+        resolve(parse_run_config(["methods='dm,dkt_dm'"]))
