@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import types
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from common.methods import METHODS
 
-__all__ = ["ConfigError", "knob", "build", "check_tree", "fail", "engine_fields", "add_arguments", "from_arguments",
+__all__ = ["ConfigError", "did_you_mean", "knob", "build", "check_tree", "fail", "engine_fields", "add_arguments", "from_arguments",
            "DistillConfig", "EvalConfig", "default_alpha", "default_gamma", "default_init", "parse_strategy",
            "DSA_OPS", "DSA_STRATEGY", "DEVICE_PROFILE", "profile_value", "EXECUTORS", "INITS", "OPTIMIZERS", "STAT_DISTANCES", "PRIMAL_MODES",
            "AUG_PASSES", "STAT_AT", "STAT_VARIANTS", "PAPER_VARIANT", "MAX_ABS_INT", "SEED_MAX", "MAX_IPC"]
@@ -86,6 +88,12 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
 
 class ConfigError(ValueError):
     """A setting is malformed; the message names the dotted key, the value and where it came from."""
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """The hint `` (did you mean 'rounds'?)`` naming the option closest to a mistyped ``word``; "" when none is."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def fail(source: str | None, key: str, text: str) -> ConfigError:
@@ -177,8 +185,8 @@ def build(cls: type, values: dict[str, Any], prefix: str, source: str | None) ->
     unknown = sorted(set(values) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{source + ': ' if source else ''}unknown key '{where}{unknown[0]}'; "
-                          f"valid keys here: {', '.join(sorted(names))}")
+        raise ConfigError(f"{source + ': ' if source else ''}unknown key '{where}{unknown[0]}'"
+                          f"{did_you_mean(unknown[0], names)}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {name: coerce(value, hints[name], f"{prefix}.{name}" if prefix else name, source)
               for name, value in values.items()}
     return cls(**kwargs)
@@ -196,7 +204,8 @@ def _check_value(value: Any, meta: Any, key: str, source: str | None) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise fail(source, key, f"is {value!r}; choose one of {', '.join(choices)}")
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise fail(source, key, f"is {value!r}{hint}; choose one of {', '.join(choices)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         gt, ge, lt = meta.get("gt"), meta.get("ge"), meta.get("lt")
         if lt is not None and not ((ge is None or value >= ge) and value < lt):

@@ -22,7 +22,7 @@ from common.config import (DEVICE_PROFILE, ConfigError, DistillConfig, EvalConfi
                            profile_value)
 from common.dataset_meta import DATASETS as DATASET_REGISTRY, get_meta  # torch-free: server.check never loads torch
 from common.grid import PIPC_ALL, normalize_pipc, parse_cell_filter, parse_shard, pipc_label, select_cells, static_skip_reason
-from common.methods import NO_MODEL_METHODS  # the method registry
+from common.methods import NO_MODEL_METHODS, optimizes, spec  # the method registry
 
 APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_SCENARIO = "scenarios/quickstart.yaml"
@@ -119,6 +119,8 @@ class DPConfig:
                      choices=DP_SIDES)
     clipping_norm: float = knob(1.0, "L2 bound of each client's model update", gt=0)
     noise_multiplier: float = knob(0.1, "Gaussian noise stdev = noise_multiplier * clipping_norm / num_clients", ge=0)
+    delta: float = knob(1e-5, "delta at which privacy.md and results.md state the run's client-level epsilon "
+                        "(Flower's RDP accountant)", gt=0, lt=1)
 
 
 @dataclass
@@ -492,10 +494,30 @@ def resolve_from_run_config(run_config: dict[str, Any]) -> Scenario:
 
 # ---------------------------------------------------------------- resources (before any work)
 
-# CPU seconds per unit from bench/baseline_cpu.jsonl (width 128, 1 thread): one DM iteration at
-# real_batch 256, one evaluation epoch of one model over <= 1 batch. Only for an order of magnitude.
-_SEC_PER_DISTILL_ITER = 0.11
-_SEC_PER_EVAL_EPOCH = 0.05
+# Median seconds of one distillation iteration on one quiet core (bench/baseline_cpu.jsonl, distill_step.py:
+# width 128, CIFAR-10 shape, real batch 256, 1 thread) at ipc 1 / 10 / 50, for the three kinds of loss: DM
+# alone, the DKKT terms alone (dsv) and both (dkkt_dm). Other ipc: linear in between, the last slope beyond.
+_ITER_SECONDS: dict[str, tuple[tuple[int, float], ...]] = {
+    "dm": ((1, 0.113), (10, 0.638), (50, 1.41)),
+    "dkkt": ((1, 0.159), (10, 1.55), (50, 8.88)),
+    "dkkt_dm": ((1, 0.272), (10, 2.19), (50, 9.00)),
+}
+_SEC_PER_EVAL_EPOCH = 0.05  # one evaluation epoch of one model over <= 1 batch (bench/baseline_cpu.jsonl)
+
+
+def _iteration_seconds(method: str, ipc: int) -> float:
+    """Seconds of one iteration of ``method`` at ``ipc`` (0 for methods without gradient steps on S)."""
+    if not optimizes(method):
+        return 0.0
+    terms = set(spec(method).terms)
+    kind = "dm" if not terms & {"primal", "stat"} else ("dkkt_dm" if "dm" in terms else "dkkt")
+    points = _ITER_SECONDS[kind]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if ipc <= x1 or (x1, y1) == points[-1]:
+            return max(y0 + (y1 - y0) * (ipc - x0) / (x1 - x0), 0.0)
+    return points[-1][1]
+
+
 WARN_AFTER_S = 24 * 3600.0
 
 
@@ -512,11 +534,15 @@ def estimate_resources(s: Scenario) -> dict[str, float]:
     distill = syn + (s.distill.real_batch + ipc) * act + 4 * params  # DM and DKKT go one class at a time
     evaluate = 2 * s.evaluation.batch_size * act + 5 * params + k * ipc * img * 4
     pool = 0 if s.pool_pipc == PIPC_ALL else k * max(s.pool_pipc, 0) * img
-    cells = len(s.distill.methods) * len(s.distill.ipc) * len(s.distill.pipc) * len(s.distill.seeds or [0])
+    repeats = len(s.distill.pipc) * len(s.distill.seeds or [0])  # cells of one (method, ipc)
     scale = (w / 128) ** 2
-    batches = -(-k * ipc // s.evaluation.batch_size)
-    seconds = cells * (s.distill.iterations * _SEC_PER_DISTILL_ITER * scale * s.distill.real_batch / 256
-                       + s.evaluation.num_models * s.evaluation.epochs * _SEC_PER_EVAL_EPOCH * scale * batches)
+    seconds = 0.0
+    for cell_ipc in s.distill.ipc:
+        batches = -(-k * cell_ipc // s.evaluation.batch_size)
+        evaluation = s.evaluation.num_models * s.evaluation.epochs * _SEC_PER_EVAL_EPOCH * batches
+        for method in s.distill.methods:
+            iteration = _iteration_seconds(method, cell_ipc) * s.distill.real_batch / 256
+            seconds += repeats * scale * (s.distill.iterations * iteration + evaluation)
     return {"distill_bytes": distill, "evaluate_bytes": evaluate, "pool_bytes": pool,
             "peak_bytes": max(distill, evaluate) + pool, "cpu_seconds": seconds}
 

@@ -3,7 +3,8 @@
 # SuperNode holds its partition via --node-config), `flwr run` against them, then every process this
 # script started is stopped by PID. Usage:
 #   bash scenarios/deployment.sh [N] [extra flwr run args, e.g. --run-config "..."]
-# Default: 2 SuperNodes, the quickstart cut to a smoke-test budget (runs/deployment/).
+# Default: 2 SuperNodes, the quickstart cut to a smoke-test budget (runs/deployment/); a --run-config you
+# pass is merged into that default run-config, not put in its place.
 # Exits non-zero, with the one-line reason last, when the check, the start-up or the run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,11 @@ source "$ROOT/scenarios/run_config.sh"
 use_checkout "$VENV"
 
 DEFAULT_CONFIG="clients=$N rounds=1 iterations=20 eval-epochs=5 num-models=2 methods='dm,random_real' output-dir='runs/deployment' overrides='data.train_limit=2000;data.test_limit=500;federation.min_clients=$N;privacy.audit_reference=100'"
-if [ "$#" -eq 0 ]; then set -- --run-config "$DEFAULT_CONFIG"; fi
+# Your --run-config goes on top of DEFAULT_CONFIG: a key you give replaces the default's, and your overrides=
+# items are added to the default's (yours win for the same scenario key).
+collect_run_config "$@"
+MERGED=$(python -m server.check --print-run-config --run-config "$DEFAULT_CONFIG" "${RUN_CONFIG[@]}")
+set -- --run-config "$MERGED" ${OTHER_ARGS[@]+"${OTHER_ARGS[@]}"}
 check_run "$N" "$@"
 
 # A private Flower home, so the user's ~/.flwr connections are untouched.

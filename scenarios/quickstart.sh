@@ -5,9 +5,14 @@
 #   bash scenarios/quickstart.sh --run-config "rounds=3 methods='dm,dkkt_dm'"
 #   CLIENTS=8 bash scenarios/quickstart.sh --run-config "clients=8"
 # Extra arguments go to `flwr run`. Environment: VENV (default .venv), CLIENTS (SuperNodes, default
-# 4), SUPERLINK_WAIT (seconds to wait for the SuperLink to come up, default 120).
+# 4), SUPERLINK_WAIT (seconds to wait for the SuperLink to come up, default 120), and setup.sh's
+# TORCH_CPU_INDEX, INDEX_PROBE_S (default 5) and FMNIST_DIR.
 #
 # What it does, and why:
+#  0. Without a venv: creates it; torch from the PyTorch CPU wheel index when that answers within
+#     INDEX_PROBE_S seconds (and no NVIDIA GPU), else from the default index; says which it used.
+#     Without Debian's Fashion-MNIST: installs it with apt-get as root or with passwordless sudo,
+#     else stops at once with the command to run.
 #  1. `python -m server.check`: the scenario + --run-config + federation size, in about a second,
 #     before anything starts (errors name the key, the value and where it came from).
 #  2. A private Flower home (FLWR_HOME) with its own connection, so ~/.flwr and pyproject.toml are
@@ -25,27 +30,18 @@ CLIENTS=${CLIENTS:-4}
 SUPERLINK_WAIT=${SUPERLINK_WAIT:-120}
 T_START=$(date +%s)
 
-if [ ! -x "$VENV/bin/flwr" ]; then
-  echo "[setup] creating $VENV and installing fedpdd (one time)"
-  python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
-  else  # no NVIDIA GPU: the CPU build (about 1 GB instead of 5.5 GB of CUDA libraries)
-    "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 \
-      --index-url https://download.pytorch.org/whl/cpu
-  fi
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
-fi
-if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${FEDPDD_DATA_ROOT:-}" ]; then
-  SUDO=$( [ "$(id -u)" -eq 0 ] && echo "" || echo "sudo " )
-  echo "[setup] Fashion-MNIST not found: run '${SUDO}apt-get update && ${SUDO}apt-get install -y" \
-       "dataset-fashion-mnist', or pass --run-config \"data-root='/path/to/idx/files'\"" >&2
-fi
+# shellcheck source=setup.sh
+source "$ROOT/scenarios/setup.sh"
+setup_venv "$VENV"  # first time only: torch from the CPU index when it answers, else the default index
 # shellcheck source=run_config.sh
 source "$ROOT/scenarios/run_config.sh"
 use_checkout "$VENV"
 check_run "$CLIENTS" "$@"
+# The Debian dataset is needed only when the resolved scenario reads Fashion-MNIST from its default places.
+read -r DATASET DATA_ROOT DOWNLOAD < <(python -m server.check --print-data "${RUN_CONFIG[@]}")
+if [ "$DATASET" = fashion-mnist ] && [ "$DATA_ROOT" = - ] && [ "$DOWNLOAD" = false ]; then
+  ensure_fashion_mnist  # apt-get when root or passwordless sudo, else exit 2 with the command to run
+fi
 
 FLWR_HOME=$(mktemp -d -t fedpdd-flwr-XXXXXX); export FLWR_HOME
 export FEDPDD_STATUS_FILE="$FLWR_HOME/status.json"

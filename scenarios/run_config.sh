@@ -9,7 +9,7 @@ use_checkout() {
 }
 
 # check_run N "$@": step 1, `python -m server.check` on the scenario, the --run-config arguments among "$@"
-# and a federation of N SuperNodes; a bad key or value stops the script (exit 1) before anything starts.
+# and a federation of N SuperNodes; a bad key or value stops the script (exit 2) before anything starts.
 check_run() {
   local n=$1
   shift
@@ -19,14 +19,16 @@ check_run() {
 }
 
 # collect_run_config "$@" fills the array RUN_CONFIG with the --run-config arguments among "$@"
-# (for `python -m server.check`; flwr run gets "$@" unchanged).
+# (for `python -m server.check`) and OTHER_ARGS with the rest (flwr run gets "$@" unchanged).
 collect_run_config() {
   RUN_CONFIG=()
+  OTHER_ARGS=()
   local args=("$@") i
   for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[i]}" in
       --run-config|-c) RUN_CONFIG+=(--run-config "${args[i + 1]:-}"); i=$((i + 1)) ;;
       --run-config=*) RUN_CONFIG+=(--run-config "${args[i]#--run-config=}") ;;
+      *) OTHER_ARGS+=("${args[i]}") ;;
     esac
   done
 }

@@ -7,6 +7,10 @@ and whether it came from the file or --run-config). ``flwr.simulation.run_simula
 an empty run_config, so in-process runs either set ``$FEDPDD_SCENARIO`` or build their own app
 with :func:`create_server_app(scenario)`.
 
+Before anything else it compares the connected SuperNodes with ``federation.num_clients`` /
+``min_clients`` (server.federation.federate.wait_for_nodes): in a simulation a mismatch fails in
+seconds with the ``--federation-config "num-supernodes=N"`` to use.
+
 The entry point also sets the thread policy (common.threads), replaces the scenario JSON in
 Flower's log lines with a short fingerprint (common.progress), and writes the outcome to
 ``$FEDPDD_STATUS_FILE`` when set, because ``flwr run`` exits 0 even when the app raises
@@ -32,6 +36,7 @@ from common.progress import install_scenario_filter, scenario_fingerprint
 from common.scenario import Scenario, load_scenario
 from common.threads import cpu_cores, setup_process
 from server.check import resolve, write_status
+from server.federation.federate import wait_for_nodes
 from server.run import run_scenario
 
 __all__ = ["app", "create_server_app"]
@@ -55,6 +60,9 @@ def create_server_app(scenario: Scenario | str | Path | None = None) -> ServerAp
             install_scenario_filter(resolved.to_json(), resolved.name)  # no 2 KB scenario dumps in log lines
             log(INFO, "fedpdd: %s, %d torch thread(s) on %d core(s)",
                 scenario_fingerprint(resolved.to_json(), resolved.name), threads, cpu_cores())
+            if not resolved.reuse_artifacts:  # the SuperNodes against the scenario, before any data or folder
+                f = resolved.federation
+                wait_for_nodes(grid, f.num_clients, f.min_clients, source=resolved.source)
             run_dir = run_scenario(grid, resolved)
         except BaseException as err:
             # `flwr run` exits 0 whatever the app does: leave the outcome where scripts can read it

@@ -6,7 +6,7 @@
 The first form resolves what ``flwr run . --run-config "..."`` would run: the scenario YAML
 (``scenario`` key, else the app default), every run-config override on top of it, and the
 federation size. Every error names the key, the value and where it came from (the YAML file
-or ``--run-config``) and the command exits 1; on success it prints a one-line summary (or,
+or ``--run-config``) and the command exits 2; on success it prints a one-line summary (or,
 with ``--print-run-dir``, only the run folder) and exits 0. ``scenarios/quickstart.sh`` and
 ``scenarios/deployment.sh`` run it first.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import tomllib
@@ -40,10 +41,12 @@ from common.scenario import (
     find_scenario_file,
     load_scenario,
 )
-from common.scenario import check_resources
+from common.config import did_you_mean
+from common.scenario import check_resources, estimate_resources
 from server.preflight import check_data_root
 
-__all__ = ["ENV_STATUS", "app_config_keys", "parse_run_config", "resolve", "check_federation", "check",
+__all__ = ["ENV_STATUS", "app_config_keys", "parse_run_config", "resolve", "check_federation", "check", "grid_time_line",
+           "merge_run_configs", "format_run_config",
            "write_status", "read_status", "main"]
 
 ENV_STATUS = "FEDPDD_STATUS_FILE"
@@ -56,10 +59,19 @@ def app_config_keys(project: Path = APP_DIR) -> dict[str, Any]:
         return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
 
 
+# Flower's own pattern for one 'key=value' token (flwr.common.config.parse_config_args): what it does not match
+# it drops without a word, so a token without '=' is found here and refused.
+_TOKEN = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
 def parse_run_config(texts: Sequence[str]) -> dict[str, Any]:
-    """``--run-config`` strings as Flower parses them, with unknown keys rejected by name."""
+    """``--run-config`` strings as Flower parses them, with unknown keys and tokens without '=' rejected by name."""
     items: dict[str, Any] = {}
     for text in texts:
+        leftover = _TOKEN.sub(" ", text).split()
+        if leftover and not (len(texts) == 1 and text.strip().endswith(".toml")):
+            raise ScenarioError(f"{RUN_CONFIG} {text!r}: {leftover[0]!r} is not key=value (Flower would drop it "
+                                f"silently); write it as {leftover[0]}=VALUE, quoting strings: methods='dm,dkkt_dm'")
         try:
             items.update(parse_config_args([text]))
         except Exception as err:  # click.ClickException: Flower's own message, without the offending text
@@ -69,10 +81,40 @@ def parse_run_config(texts: Sequence[str]) -> dict[str, Any]:
     for key, value in items.items():
         if key not in known:
             raise ScenarioError(
-                f"{RUN_CONFIG}: unknown key '{key}' (value {value!r}); valid keys: {', '.join(known)}. "
-                "Other scenario keys go through overrides='section.key=value;...'"
+                f"{RUN_CONFIG}: unknown key '{key}' (value {value!r}){did_you_mean(key, known)}; valid keys: "
+                f"{', '.join(known)}. Other scenario keys go through overrides='section.key=value;...'"
             )
     return items
+
+
+def merge_run_configs(texts: Sequence[str]) -> dict[str, Any]:
+    """Several ``--run-config`` strings as one: a later key replaces an earlier one, except ``overrides``,
+    whose ``;``-separated items are joined (a later item for the same scenario key wins when applied)."""
+    merged: dict[str, Any] = {}
+    for text in texts:
+        for key, value in parse_run_config([text]).items():
+            if key == "overrides" and merged.get(key) and value:
+                value = f"{str(merged[key]).rstrip(';')};{value}"
+            merged[key] = value
+    return merged
+
+
+def format_run_config(items: dict[str, Any]) -> str:
+    """``items`` as one ``--run-config`` string that Flower parses back to the same values."""
+    parts = []
+    for key, value in items.items():
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        elif "'" not in str(value):
+            text = f"'{value}'"
+        elif '"' not in str(value):
+            text = f'"{value}"'
+        else:
+            raise ScenarioError(f"{RUN_CONFIG} {key}: a value with both ' and \" cannot be passed on: {value!r}")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 def _origin(key: str, raw: Any) -> str:
@@ -194,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="as for flwr run (repeatable)")
     parser.add_argument("--num-supernodes", type=int, default=None, help="SuperNodes of the federation to check against")
     parser.add_argument("--print-run-dir", action="store_true", help="print only the run folder")
+    parser.add_argument("--print-run-config", action="store_true",
+                        help="print only the --run-config strings merged into one (later keys win; overrides joined)")
+    parser.add_argument("--print-data", action="store_true",
+                        help="print only the data source: '<dataset> <data.root or -> <data.download>'")
     parser.add_argument("--status", metavar="FILE", help="report the outcome a ServerApp wrote to FILE")
     args = parser.parse_args(argv)
     if args.status:
@@ -201,18 +247,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(("fedpdd: " if ok else "fedpdd: run FAILED: ") + reason, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
     try:
-        scenario = check(parse_run_config(args.run_config), args.num_supernodes)
-    except ScenarioError as err:
+        run_config = merge_run_configs(args.run_config)
+        scenario = check(run_config, args.num_supernodes)
+        merged = format_run_config(run_config) if args.print_run_config else ""
+    except ScenarioError as err:  # bad input: one line with the fix, exit 2 (as every fedpdd CLI)
         print(f"fedpdd check: {err}", file=sys.stderr)
-        return 1
-    if args.print_run_dir:
+        return 2
+    if args.print_run_config:
+        print(merged)
+    elif args.print_run_dir:
         print(scenario.run_dir)
+    elif args.print_data:
+        data = scenario.data
+        print(data.dataset, data.root or "-", str(data.download).lower())
     else:
         d, f = scenario.distill, scenario.federation
         print(f"fedpdd check: OK {scenario.name} ({scenario.source}): {f.num_clients or 'all'} clients, "
               f"{f.rounds} rounds, methods {','.join(d.methods)}, ipc {d.ipc}, pipc {d.pipc}, "
               f"seeds {d.seeds or [scenario.seed]} -> {scenario.run_dir}")
+        print(f"fedpdd check: {grid_time_line(scenario)}")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def grid_time_line(scenario: Scenario) -> str:
+    """The grid's estimated CPU time (common.scenario.estimate_resources) as one line, with what it covers."""
+    d = scenario.distill
+    cells = len(d.methods) * len(d.ipc) * len(d.pipc) * len(d.seeds or [scenario.seed])
+    seconds = estimate_resources(scenario)["cpu_seconds"]
+    return (f"{cells} grid cells, estimated distill + evaluate CPU time about {_duration(seconds)} on one core "
+            "at bench/baseline_cpu.jsonl's quiet-core rates (on 2 shared cores the quickstart's distill + evaluate "
+            "took about 2x its estimate; federation not included)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ against that key, one line per method/ipc/pipc. Nothing is recomputed.
 from __future__ import annotations
 
 import argparse
+import sys
 import csv
 import math
 from collections.abc import Sequence
@@ -127,7 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with scenario.resolved.yaml, cells/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for compare.md / compare.csv / compare.png")
     args = parser.parse_args(argv)
-    for kind, path in compare_runs(args.runs, args.out).items():
+    try:
+        written = compare_runs(args.runs, args.out)
+    except (ValueError, OSError) as err:  # not a run folder, a file that does not match its manifest: one line
+        text = str(err).strip()
+        if isinstance(err, FileNotFoundError) and err.filename:
+            text = (f"{err.filename} is missing: pass run folders that a finished run wrote (each holds "
+                    "scenario.resolved.yaml and cells/)")
+        print(f"server.compare: {text.splitlines()[0] if text else type(err).__name__}", file=sys.stderr)
+        return 2
+    for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0
 

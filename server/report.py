@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as err:  # not a run folder, or no cells: a one-line reason, exit 1
         print(f"server.report: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # a file that does not match its manifest, a malformed record or scenario: exit 2
+        text = str(err).strip()
+        print(f"server.report: {text.splitlines()[0] if text else type(err).__name__}", file=sys.stderr)
+        return 2
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0

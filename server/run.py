@@ -90,7 +90,7 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
     f, run_dir = scenario.federation, scenario.run_dir
     arch = dataclasses.asdict(scenario.model)
     with _phase(timings, "1/5", "federate", f"FedAvg, {f.rounds} rounds"):
-        nodes = wait_for_nodes(grid, f.num_clients, f.min_clients)
+        nodes = wait_for_nodes(grid, f.num_clients, f.min_clients, source=scenario.source)
         log(INFO, "federate: %d clients connected", len(nodes))
         # every reply is bounded by the shard the client was dealt (server/federation/validate.py)
         plan = shard_plan(scenario, train_y, len(nodes), meta.num_classes) if train_y is not None else None

@@ -33,7 +33,7 @@ def test_top_level_not_a_mapping(tmp_path: Path) -> None:
 
 
 def test_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
-    with pytest.raises(ScenarioError, match=r"unknown key 'federation.roundz'; valid keys here: .*rounds"):
+    with pytest.raises(ScenarioError, match=r"unknown key 'federation.roundz' \(did you mean 'rounds'\?\); valid keys here: .*rounds"):
         load_scenario(_yaml(tmp_path, "federation:\n  roundz: 2\n"))
 
 

@@ -88,11 +88,11 @@ def test_cli_is_fast_and_exits_nonzero_with_the_key(tmp_path: Path) -> None:
     assert wall < 3 * startup + 5.0
 
     bad, _ = _cli("--run-config", "roundz=3")
-    assert bad.returncode == 1
+    assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("fedpdd check: --run-config: unknown key 'roundz'")
 
     mismatch, _ = _cli("--num-supernodes", "3")
-    assert mismatch.returncode == 1 and "federation.num_clients" in mismatch.stderr
+    assert mismatch.returncode == 2 and "federation.num_clients" in mismatch.stderr
 
     rd, _ = _cli("--print-run-dir", "--run-config", f"output-dir='{tmp_path}'")
     assert rd.returncode == 0 and rd.stdout.strip() == str(tmp_path)

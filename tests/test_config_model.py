@@ -188,7 +188,7 @@ def test_choices_match_the_engine() -> None:
 def test_check_names_a_bad_run_config_value() -> None:
     out = subprocess.run([sys.executable, "-m", "server.check", "--run-config", "overrides='distill.log_every=0'"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "--run-config overrides 'distill.log_every=0': key 'distill.log_every' must be >= 1, got 0" in out.stderr
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.test_app_e2e import _fake_fashion_mnist
-from tests.test_privacy_modes import RecordingGrid, _base, _simulate
+from tests.test_privacy_modes import NUM_CLIENTS, RecordingGrid, _base, _simulate
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,14 @@ def test_zero_safe_uploads_no_images_and_dp_is_recorded(zero_safe_dp_run: tuple[
     privacy = (run_dir / "privacy.md").read_text()
     assert "clipping norm 0.5" in privacy and "noise multiplier 0.3" in privacy
     assert "noise multiplier 0.3" in (run_dir / "results.md").read_text()
+    # epsilon of the rounds that ran, at privacy.dp.delta, in both files (or why it could not be computed)
+    from server.federation.dp import dp_epsilon
+
+    rounds = max(int(r["round"]) for r in csv.DictReader((run_dir / "rounds.csv").open()))
+    eps, how = dp_epsilon(0.3, rounds, NUM_CLIENTS, 1e-5)
+    expected = f"epsilon = {eps:.3g} at delta = 1e-05" if eps is not None else f"epsilon {how}"
+    assert f"- privacy budget: {expected} ({how})" in privacy
+    assert expected in (run_dir / "results.md").read_text()
     with (run_dir / "privacy_audit.csv").open() as fh:
         audit = list(csv.DictReader(fh))
     assert len(audit) == 1 and audit[0]["set"].startswith("dsv_ipc1_pipc0")  # no safe pool, no sanity row

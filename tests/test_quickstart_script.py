@@ -40,12 +40,12 @@ def test_scenario_error_fails_fast_before_anything_starts() -> None:
     subprocess.run([sys.executable, "-c", "import yaml, torch, flwr.common.config"], timeout=300, check=True)
     startup = time.perf_counter() - t0  # one interpreter start with the check's imports, on this machine now
     proc, wall = _run("--run-config", "roundz=3")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert _last_line(proc).startswith("fedpdd check: --run-config: unknown key 'roundz'")
     assert "starting a SuperLink" not in proc.stdout  # stopped at step 1
     assert wall < 3 * startup + 20  # the check only: no SuperLink, no Ray (those take minutes when loaded)
     proc, _ = _run("--run-config", "rounds='x'")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert _last_line(proc).startswith("fedpdd check: --run-config rounds='x': key 'federation.rounds'")
     assert _pyproject_digest() == before
 

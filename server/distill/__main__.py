@@ -146,6 +146,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         safe = load_safe_artifact(args.safe, meta=meta)
         safe_x, safe_y = safe.x, safe.y  # uint8: synthesize normalizes each drawn batch (4x less memory)
         counts = torch.bincount(safe.y, minlength=meta.num_classes).tolist()
+    if args.pipc is not None and args.pipc > 0 and counts and args.pipc > min(counts):
+        # a cell labelled pipc 50 that used 10 images per class would report a setting it never had
+        fewest = min(range(len(counts)), key=counts.__getitem__)
+        raise ValueError(f"--pipc {args.pipc}: {args.safe} holds only {counts[fewest]} images of class {fewest} "
+                         f"(fewest of any class); use --pipc {counts[fewest]} or less, or a larger safe pool")
     pipc = args.pipc if args.pipc is not None else max(counts, default=0)
     dsv_x = dsv_y = None
     if args.dsv is not None:

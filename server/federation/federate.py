@@ -26,7 +26,7 @@ from server.federation.dp import dp_wrap
 from server.federation.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
                              weight_signature)
 
-__all__ = ["FederationError", "FederationResult", "plateau_stop", "wait_for_nodes", "run_federation"]
+__all__ = ["FederationError", "FederationResult", "plateau_stop", "is_simulation", "wait_for_nodes", "run_federation"]
 
 
 class FederationError(RuntimeError):
@@ -42,11 +42,39 @@ class FederationResult:
     seconds: float = 0.0
 
 
+def is_simulation(grid: Grid) -> bool:
+    """True for the Simulation Engine's grid: it registers every SuperNode at once, before the clients start,
+    so a count that has settled is final (under the Deployment Engine SuperNodes connect one by one)."""
+    try:
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid  # flwr 1.41's simulation grid
+    except ImportError:
+        return False
+    return isinstance(grid, InMemoryGrid)
+
+
+def _size_hint(want: int, have: int, key: str, simulation: bool) -> str:
+    """The fix for a federation of ``have`` SuperNodes where the scenario wants ``want`` (one line)."""
+    if simulation:
+        grow = f'run with --federation-config "num-supernodes={want}" (scenarios/quickstart.sh: CLIENTS={want})'
+    else:
+        grow = f"start {want} SuperNodes (bash scenarios/deployment.sh {want})"
+    shrink = (f'--run-config "clients={have}"' if key == "federation.num_clients"
+              else f"--run-config \"overrides='federation.min_clients={have}'\"")
+    return f"{grow}, or {shrink}"
+
+
 def wait_for_nodes(grid: Grid, expected: int | None, minimum: int, timeout: float = 120.0,
-                   settle: float = 2.0) -> list[int]:
+                   settle: float = 2.0, source: str = "the scenario", simulation: bool | None = None) -> list[int]:
     """Node ids once ``expected`` nodes are connected (or, when ``expected`` is None, once at
-    least ``minimum`` are and the count has not changed for ``settle`` seconds)."""
+    least ``minimum`` are and the count has not changed for ``settle`` seconds).
+
+    In a simulation (``simulation`` None: detected from ``grid``) every SuperNode is registered at once,
+    so a nonzero count that has not changed for ``settle`` seconds is final: a mismatch fails then, with the
+    ``num-supernodes`` to use, instead of after ``timeout``. Errors are one line (the run's status file keeps
+    the first line only)."""
+    simulation = is_simulation(grid) if simulation is None else simulation
     need = max(expected or 0, minimum, 1)
+    key = "federation.num_clients" if expected is not None and expected >= minimum else "federation.min_clients"
     start = last_change = time.monotonic()
     nodes: list[int] = []
     while True:
@@ -54,17 +82,23 @@ def wait_for_nodes(grid: Grid, expected: int | None, minimum: int, timeout: floa
         if len(now_nodes) != len(nodes):
             last_change = time.monotonic()
         nodes = now_nodes
+        settled = bool(nodes) and time.monotonic() - last_change >= settle
         if expected is not None and len(nodes) >= expected:
             if len(nodes) > expected:
                 raise FederationError(
-                    f"federation.num_clients is {expected} but {len(nodes)} nodes are connected; "
-                    "set num_clients to null (use every node) or match the number of SuperNodes"
-                )
+                    f"{source}: federation.num_clients is {expected} but {len(nodes)} SuperNodes are connected; "
+                    f"{_size_hint(expected, len(nodes), key, simulation)}, or set num_clients to null (every node)")
             return nodes
-        if expected is None and len(nodes) >= need and time.monotonic() - last_change >= settle:
+        if expected is None and len(nodes) >= need and settled:
             return nodes
+        if simulation and settled:  # fewer than needed, and no more will come
+            raise FederationError(
+                f"{source}: {key} is {need} but the simulation has {len(nodes)} SuperNodes; "
+                f"{_size_hint(need, len(nodes), key, simulation)}")
         if time.monotonic() - start > timeout:
-            raise FederationError(f"only {len(nodes)} of the {need} required nodes connected within {timeout:.0f}s")
+            raise FederationError(
+                f"{source}: {key} is {need} but only {len(nodes)} SuperNodes connected within {timeout:.0f}s; "
+                f"{_size_hint(need, len(nodes), key, simulation)}")
         time.sleep(0.2)
 
 

@@ -195,7 +195,7 @@ def federate_without_model(grid: Grid, scenario: Scenario, meta: DatasetMeta, ti
     f = scenario.federation
     failures = failures if failures is not None else FailureLog()
     t0 = time.perf_counter()
-    nodes = wait_for_nodes(grid, f.num_clients, f.min_clients)
+    nodes = wait_for_nodes(grid, f.num_clients, f.min_clients, source=scenario.source)
     plan = shard_plan(scenario, train_y, len(nodes), meta.num_classes) if train_y is not None else None
     log(INFO, "no-model-access: %d clients train locally and upload DSVs (no model weights leave them)", len(nodes))
     dsvs, uploads, partition_of = collect_client_dsvs(grid, nodes, scenario, meta, timeout=float(f.reply_timeout_s),

@@ -189,10 +189,28 @@ def results_note(s: Any, run_dir: Path) -> str:
         n_clients = len({u["partition_id"] for u in per_client if u.get("weights_bytes")}) or s.federation.num_clients
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
         n_clients = s.federation.num_clients
-    dp = dp_summary(s, n_clients)
+    dp = dp_summary(s, n_clients, _rounds_run(Path(run_dir) / "rounds.csv"))
     return f"\nPrivacy: mode `{s.privacy.mode}`; " + (
         f"DP-FedAvg {dp['side']}-side, clipping norm {dp['clipping_norm']}, noise multiplier "
-        f"{dp['noise_multiplier']}" if dp else "DP off") + " (privacy.md).\n"
+        f"{dp['noise_multiplier']}, {_epsilon_text(dp)}" if dp else "DP off") + " (privacy.md).\n"
+
+
+def _rounds_run(rounds_csv: Path) -> int | None:
+    """The last FedAvg round in rounds.csv (None when the file is missing or unreadable)."""
+    try:
+        with rounds_csv.open() as fh:
+            return max((int(row["round"]) for row in csv.DictReader(fh)), default=None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _epsilon_text(dp: dict) -> str:
+    """'epsilon = 3.21 at delta = 1e-05' (or why there is none), for privacy.md and results.md."""
+    eps = dp.get("epsilon")
+    if eps is None:
+        return f"epsilon {dp.get('accounting')}"
+    value = "inf" if eps == float("inf") else f"{eps:.3g}"
+    return f"epsilon = {value} at delta = {dp['delta']:g}"
 
 
 def write_privacy_reports(inp: PipelineInputs, cells: Sequence[CellResult]) -> dict[str, Path]:
@@ -208,7 +226,7 @@ def write_privacy_reports(inp: PipelineInputs, cells: Sequence[CellResult]) -> d
         inp.timings["audit"] = audit_s
         log(INFO, "privacy audit: %d sets in %.1fs -> privacy_audit.csv", len(audit_rows), audit_s)
     n_clients = len({u["partition_id"] for u in inp.weight_uploads}) or s.federation.num_clients
-    dp = dp_summary(s, n_clients)
+    dp = dp_summary(s, n_clients, max((int(r["round"]) for r in inp.rounds), default=None) if inp.rounds else None)
     lines = [f"# Privacy: {s.name}", "", f"- privacy.mode: `{mode}`"]
     if mode == "no_model_access":
         lines.append(f"- clients trained locally, extracted DSVs ({s.privacy.dsv_iterations} DKKT iterations, "
@@ -218,6 +236,7 @@ def write_privacy_reports(inp: PipelineInputs, cells: Sequence[CellResult]) -> d
         lines.append(f"- DP-FedAvg: {dp['wrapper']}, clipping norm {dp['clipping_norm']}, noise multiplier "
                      f"{dp['noise_multiplier']}, {dp['num_clients']} clients per round, {dp['rounds']} rounds -> "
                      f"Gaussian noise stdev {_fnum(dp['noise_stdev'], 5)} on the averaged weights")
+        lines.append(f"- privacy budget: {_epsilon_text(dp)} ({dp['accounting']})")
     else:
         lines.append("- DP-FedAvg: off")
     if inp.rounds:
