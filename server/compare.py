@@ -5,7 +5,8 @@ For each run: its name (the folder name), the scenario keys that differ between 
 accuracy of every (method, ipc, pipc) cell, pooled over seeds (server.reports.tables.aggregate_seeds).
 Writes ``compare.md`` (one row per run), ``compare.csv`` (same, numbers), and, when exactly one
 numeric key differs (a Dirichlet-alpha or client-count sweep), ``compare.png``: accuracy
-against that key, one line per method/ipc/pipc. Nothing is recomputed.
+against that key, one line per method/ipc/pipc; for a DP noise sweep, against the epsilon
+each run's noise buys. Nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 
 from common.grid import pipc_label
 from server.reports.figures import load_run_scenario
+from server.reports.privacy_report import run_dp_summary
 from server.reports.tables import aggregate_seeds, format_cell
 from server.sweep.result import CellResult
 from server.sweep.cells import read_cells
@@ -98,7 +100,13 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
     numeric = len(keys) == 1 and all(isinstance(f.get(keys[0]), (int, float)) and not isinstance(f.get(keys[0]), bool)
                                      for f in flat)
     if numeric and len(runs) > 1:
-        paths["png"] = _plot_sweep(keys[0], [float(f[keys[0]]) for f in flat], cells, columns, out / "compare.png")
+        key, xs = keys[0], [float(f[keys[0]]) for f in flat]
+        if key == "privacy.dp.noise_multiplier":  # a DP sweep: accuracy against the privacy budget it buys
+            budgets = [run_dp_summary(load_run_scenario(r), r) for r in runs]
+            if all(b and b.get("epsilon") is not None and math.isfinite(b["epsilon"]) for b in budgets):
+                key, xs = f"epsilon at delta = {budgets[0]['delta']:g} (Flower's RDP accountant)", \
+                    [float(b["epsilon"]) for b in budgets]
+        paths["png"] = _plot_sweep(key, xs, cells, columns, out / "compare.png")
     return paths
 
 

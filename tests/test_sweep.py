@@ -183,6 +183,33 @@ def test_compare_two_runs(tmp_path, monkeypatch):
     assert [r["run"] for r in rows] == ["ra", "rb"] and rows[1]["distill.iterations"] == "3"
 
 
+def test_compare_a_dp_noise_sweep_plots_accuracy_against_epsilon(tmp_path, monkeypatch):
+    """Two runs that differ only in privacy.dp.noise_multiplier: compare.png's x axis is the epsilon each
+    noise buys (Flower's accountant), not the noise."""
+    pytest.importorskip("dp_accounting")
+    import dataclasses
+
+    import server.compare as compare
+    from server.federation.dp import dp_summary
+
+    _tables_only(monkeypatch)
+    runs = []
+    for name, noise in (("n1", 1.0), ("n2", 2.0)):
+        inp = _inputs(tmp_path, {"methods": ["random_real"], "ipc": [1], "pipc": [3]}, name=name)
+        dp = dataclasses.replace(inp.scenario.privacy.dp, enabled=True, noise_multiplier=noise)
+        s = dataclasses.replace(inp.scenario, privacy=dataclasses.replace(inp.scenario.privacy, dp=dp),
+                                federation=dataclasses.replace(inp.scenario.federation, num_clients=4))
+        save_resolved(s, s.run_dir)
+        run_pipeline(dataclasses.replace(inp, scenario=s), progress=False)
+        runs.append(s)
+    seen = {}
+    monkeypatch.setattr(compare, "_plot_sweep", lambda key, xs, *a: seen.update(key=key, xs=xs) or tmp_path / "x.png")
+    paths = compare.compare_runs([s.run_dir for s in runs], tmp_path / "cmp")
+    assert "png" in paths and seen["key"].startswith("epsilon at delta = 1e-05")
+    expected = [dp_summary(s, 4, s.federation.rounds)["epsilon"] for s in runs]
+    assert seen["xs"] == pytest.approx(expected) and expected[0] > expected[1] > 0  # more noise, smaller epsilon
+
+
 def test_readme_key_reference_matches_dataclasses():
     sys.path.insert(0, str(ROOT / "scenarios"))
     try:

@@ -46,7 +46,7 @@ from server.reports.audit import AuditReference, save_closest_pairs_grid
 from server.store.artifacts import load_synthetic_artifact
 from server.federation.dp import dp_summary
 
-__all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank"]
+__all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank", "run_dp_summary", "results_note"]
 
 _AUDIT_KEYS = ["set", "n_synthetic", "n_private", "n_reference", "l2_min", "l2_median", "l2_mean", "l2_ref_min",
                "l2_ref_p1", "l2_ref_median", "n_flagged_l2", "flagged_l2", "cos_max", "cos_median", "cos_mean",
@@ -181,15 +181,21 @@ def _fnum(v: Any, digits: int = 3) -> str:
     return "n/a" if f != f else f"{f:.{digits}f}"
 
 
-def results_note(s: Any, run_dir: Path) -> str:
-    """The run's DP / mode settings, shown under the accuracies they produced (results.md)."""
+def run_dp_summary(s: Any, run_dir: Path) -> dict:
+    """dp_summary of a finished run: the clients that uploaded weights and the rounds that ran, from its
+    records (empty dict when DP is off)."""
     uploads = Path(run_dir) / "uploads.json"
     try:  # a run-folder file: anything unreadable only loses the client count, never the report
         per_client = json.loads(uploads.read_text()).get("per_client", []) if uploads.is_file() else []
         n_clients = len({u["partition_id"] for u in per_client if u.get("weights_bytes")}) or s.federation.num_clients
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
         n_clients = s.federation.num_clients
-    dp = dp_summary(s, n_clients, _rounds_run(Path(run_dir) / "rounds.csv"))
+    return dp_summary(s, n_clients, _rounds_run(Path(run_dir) / "rounds.csv"))
+
+
+def results_note(s: Any, run_dir: Path) -> str:
+    """The run's DP / mode settings, shown under the accuracies they produced (results.md)."""
+    dp = run_dp_summary(s, run_dir)
     return f"\nPrivacy: mode `{s.privacy.mode}`; " + (
         f"DP-FedAvg {dp['side']}-side, clipping norm {dp['clipping_norm']}, noise multiplier "
         f"{dp['noise_multiplier']}, {_epsilon_text(dp)}" if dp else "DP off") + " (privacy.md).\n"
