@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from common.atomic import atomic_write_text
 from common.config import ConfigError, DistillConfig, EvalConfig, build, check_tree, fail, knob
 from common.dataset_meta import get_meta  # torch-free: server.check never loads torch
 from common.grid import PIPC_ALL, normalize_pipc, parse_cell_filter, parse_shard, pipc_label, select_cells, static_skip_reason
@@ -396,14 +397,9 @@ def load_scenario(path: str | os.PathLike[str], overrides: dict[str, Any] | None
 
 def save_resolved(scenario: Scenario, run_dir: str | os.PathLike[str]) -> Path:
     """Write the fully resolved scenario (defaults filled in) next to the run's results."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "scenario.resolved.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
     header = f"# resolved from {scenario.source}\n"
-    tmp.write_text(header + yaml.safe_dump(scenario.to_dict(), sort_keys=False))
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(Path(run_dir) / "scenario.resolved.yaml",
+                             header + yaml.safe_dump(scenario.to_dict(), sort_keys=False), root=run_dir)
 
 
 # Short run-config keys (pyproject [tool.flwr.app.config]) -> scenario keys. Flower rejects

@@ -11,13 +11,11 @@ against that key, one line per method/ipc/pipc. Nothing is recomputed.
 from __future__ import annotations
 
 import argparse
-import csv
+import sys
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from common.grid import pipc_label
 from server.reports.figures import load_run_scenario
@@ -25,6 +23,7 @@ from server.reports.tables import aggregate_seeds, format_cell
 from server.sweep.result import CellResult
 from server.sweep.cells import read_cells
 from server.reports.plots import _new_figure, _save
+from server.store.run_folder import RunFolder, RunFolderError, one_line, write_csv, write_text
 
 __all__ = ["differing_keys", "compare_runs", "main"]
 
@@ -43,7 +42,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _resolved(run_dir: Path) -> dict[str, Any]:
-    values = yaml.safe_load((run_dir / "scenario.resolved.yaml").read_text()) or {}
+    values = RunFolder(run_dir).read_yaml("scenario.resolved.yaml") or {}  # no aliases, size-limited, no link
+    if not isinstance(values, dict):
+        raise RunFolderError(f"{run_dir / 'scenario.resolved.yaml'}: the top level must be a mapping of keys")
     return {k: v for k, v in _flatten(values).items() if k not in _IGNORED}
 
 
@@ -68,7 +69,6 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
     cells = [{_cell_key(c): c for c in aggregate_seeds(read_cells(r, load_run_scenario(r)))} for r in runs]
     columns = list(dict.fromkeys(k for per in cells for k in per))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     def text(per: dict[str, CellResult], col: str) -> str:
         c = per.get(col)
@@ -82,17 +82,16 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
                                                    *(text(per, c) for c in columns)]) + " |")
     lines += ["", "Test accuracy in %, mean ± std over the evaluation models (and seeds) of each run."]
     paths = {"md": out / "compare.md", "csv": out / "compare.csv"}
-    paths["md"].write_text("\n".join(lines) + "\n")
-    with paths["csv"].open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["run", "path", *keys, *(f"{c} {s}" for c in columns for s in ("mean", "std"))])
-        for name, run, f, per in zip(names, runs, flat, cells):
-            nums = []
-            for c in columns:
-                cell = per.get(c)
-                ok = cell is not None and not cell.skipped
-                nums += [f"{cell.mean:.6f}" if ok else "", f"{cell.std:.6f}" if ok else ""]  # type: ignore[union-attr]
-            w.writerow([name, str(run), *(f.get(k, "") for k in keys), *nums])
+    write_text(paths["md"], "\n".join(lines) + "\n")
+    table = [["run", "path", *keys, *(f"{c} {s}" for c in columns for s in ("mean", "std"))]]
+    for name, run, f, per in zip(names, runs, flat, cells):
+        nums = []
+        for c in columns:
+            cell = per.get(c)
+            ok = cell is not None and not cell.skipped
+            nums += [f"{cell.mean:.6f}" if ok else "", f"{cell.std:.6f}" if ok else ""]  # type: ignore[union-attr]
+        table.append([name, str(run), *(f.get(k, "") for k in keys), *nums])
+    write_csv(paths["csv"], table)
 
     numeric = len(keys) == 1 and all(isinstance(f.get(keys[0]), (int, float)) and not isinstance(f.get(keys[0]), bool)
                                      for f in flat)
@@ -127,7 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with scenario.resolved.yaml, cells/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for compare.md / compare.csv / compare.png")
     args = parser.parse_args(argv)
-    for kind, path in compare_runs(args.runs, args.out).items():
+    try:
+        written = compare_runs(args.runs, args.out)
+    except (ValueError, OSError) as err:  # a run folder's file is refused (alias, link, tensor, manifest): exit 2
+        print(f"server.compare: {one_line(err)}", file=sys.stderr)
+        return 2
+    for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0
 

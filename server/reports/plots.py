@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
+from server.store.run_folder import save_figure
 
 
 __all__ = [
@@ -42,10 +43,7 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, format="png", facecolor="white")
-    return out
+    return save_figure(fig, path, dpi=DPI, format="png", facecolor="white")
 
 
 def _percent_scale(values: Sequence[float]) -> float:
