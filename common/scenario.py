@@ -189,8 +189,12 @@ def validate(s: Scenario) -> Scenario:
     check_tree(s, "", src)
     if not (s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda")):
         raise fail(src, "device", f"is {s.device!r}; use auto, cpu, cuda or cuda:N")
-    if not s.name or "/" in s.name:
-        raise fail(src, "name", f"must be a non-empty name without '/', got {s.name!r}")
+    if not s.name or any(c in s.name for c in "/\\\0") or s.name in (".", ".."):
+        # the default run folder is runs/<name>: a name that is a path would put the run elsewhere
+        raise fail(src, "name", f"must be a folder name (no '/', '\\', '.' or '..'), got {s.name!r}")
+    if s.output_dir is not None and ".." in Path(str(s.output_dir)).parts:
+        raise fail(src, "output_dir", f"is {s.output_dir!r}: '..' leaves the output folder; give the folder itself "
+                                      "(absolute, or relative without '..')")
     if len(set(s.distill.methods)) != len(s.distill.methods):
         raise fail(src, "distill.methods", f"lists a method twice: {s.distill.methods}")
     if s.privacy.mode == "model" and s.federation.rounds < 1:
