@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -233,3 +234,27 @@ def test_other_settings_stop_with_the_fix_an_identical_run_resumes(tmp_path: Pat
 def test_names_that_leave_the_output_root_are_refused(values: dict) -> None:
     with pytest.raises(ConfigError, match="name|output_dir"):
         scenario_from_dict(values)
+
+
+# ------------------------------------------------------------------ one writer
+
+
+WRITE_CALLS = re.compile(r"os\.replace\(|\.write_text\(|\.write_bytes\(|\.open\(\s*[\"'][wax]|\bopen\([^)]*[\"'][wax]b?[\"']"
+                         r"|\.savefig\(\s*(?!fh\b)|shutil\.copy|tmp\.replace\(|os\.fdopen\(")
+# The primitive (common/atomic.py) and the run folder's owner write files; the dataset cache
+# (common/datasets.py) writes outside any run folder, into $FEDPDD_CACHE.
+WRITERS = {"common/atomic.py", "server/store/run_folder.py", "common/datasets.py"}
+
+
+def test_only_the_owner_writes_files() -> None:
+    bad = []
+    for sub in ("common", "server"):
+        for path in sorted((ROOT / sub).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in WRITERS:
+                continue
+            for no, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if WRITE_CALLS.search(code) and not code.strip().startswith(("\"", "'", "``")):
+                    bad.append(f"{rel}:{no}: {line.strip()}")
+    assert not bad, "write through server.store.run_folder / common.atomic instead:\n" + "\n".join(bad)

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from common.atomic import atomic_write
-from server.store.run_folder import save_figure
+from server.store.run_folder import save_figure, write_file
 
 __all__ = ["denormalize_images", "class_rows", "save_image_grid", "MAX_CLASS_COLUMNS"]
 
@@ -97,7 +96,7 @@ def save_image_grid(
     grid = make_grid(tiles, nrow=len(classes) if by_column else per_row, padding=padding, pad_value=1.0)
     path = Path(path)
     if class_names is None and title is None:
-        return atomic_write(path, lambda fh: save_image(grid, fh, format="png"))
+        return write_file(path, lambda fh: save_image(grid, fh, format="png"))
 
     import matplotlib
 

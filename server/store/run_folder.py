@@ -47,7 +47,7 @@ from common.scenario import Scenario, safe_yaml_load
 from server.store.manifest import federation_stamp, record_files
 
 __all__ = ["LOCK", "RunFolder", "RunFolderError", "RunFolderBusy", "UnsafePathError", "MAX_READ_BYTES",
-           "one_line", "write_text", "write_csv", "write_dict_csv", "save_figure", "run_settings", "settings_diff"]
+           "one_line", "write_file", "write_text", "write_csv", "write_dict_csv", "save_figure", "run_settings", "settings_diff"]
 
 LOCK = ".fedpdd.lock"
 MAX_READ_BYTES = 64 << 20  # a text / YAML / JSON file read back from a run folder
@@ -247,6 +247,11 @@ class RunFolder:
 
 
 # ---------------------------------------------------------------------- writers handed a bare path
+
+
+def write_file(path: str | os.PathLike[str], writer: Callable[[IO[Any]], None]) -> Path:
+    """Atomic, confined write of a binary file that ``writer`` fills, inside the run folder that holds ``path``."""
+    return atomic_write(path, writer)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
