@@ -90,7 +90,7 @@ def diagnose_run(run_dir: str | Path, samples: int = 500, path_points: int = 5, 
             name = Path(syn).stem if syn else ""
             if c.skipped or not syn or not needs_model(c.method) or not fnmatch.fnmatch(name, cells):
                 continue
-            s = load_synthetic_artifact(syn, meta=meta)
+            s = load_synthetic_artifact(syn, meta=meta, cell=(c.method, c.pipc))
             lam = s.info.get("lambda")
             lam_t = None
             if isinstance(lam, list) and len(lam) == s.x.shape[0] and all(isinstance(v, (int, float)) for v in lam):

@@ -258,3 +258,15 @@ def test_only_the_owner_writes_files() -> None:
                 if WRITE_CALLS.search(code) and not code.strip().startswith(("\"", "'", "``")):
                     bad.append(f"{rel}:{no}: {line.strip()}")
     assert not bad, "write through server.store.run_folder / common.atomic instead:\n" + "\n".join(bad)
+
+
+def test_a_cell_set_copied_from_another_cell_is_refused_by_the_report(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run, s = _run_folder(tmp_path)
+    spec = cell_specs(s)[0]
+    pt = run / CELLS_DIR / f"{spec.name}.pt"
+    syn = SyntheticSet(x=torch.zeros(10, 1, 28, 28), y=torch.arange(10), method="dm", ipc=1)
+    save_synthetic_artifact(pt, syn, "fashion-mnist", 50)  # a dm set of pipc 50 under a random_real pipc-2 name
+    record_files(run, [f"{CELLS_DIR}/{spec.name}.pt"])  # the manifest refreshed as well: only the contents tell
+    rc, err = _report(run, capsys)
+    assert rc == 2 and "another cell's set" in err and spec.name in err

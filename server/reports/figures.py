@@ -141,7 +141,7 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
         syn_path = Path(c.files.get("synthetic", ""))
         if not syn_path.is_file():
             continue
-        art = load_synthetic_artifact(syn_path, dataset=meta.name)
+        art = load_synthetic_artifact(syn_path, dataset=meta.name, cell=(c.method, c.pipc))
         sets[c.files["grid"]] = (art.x, art.y, c)
         grid = Path(c.files["grid"])
         if not figures or not all_grids and grid.is_file() and grid.stat().st_mtime >= syn_path.stat().st_mtime:

@@ -153,7 +153,7 @@ def _run_audit(inp: PipelineInputs, cells: Sequence[CellResult]) -> tuple[list[d
         path = c.files.get("synthetic") if c.files else None
         if c.skipped or not path or not Path(path).is_file():
             continue
-        art = load_synthetic_artifact(path, dataset=meta.name)
+        art = load_synthetic_artifact(path, dataset=meta.name, cell=(c.method, c.pipc))
         sets[Path(path).stem], labels[Path(path).stem] = art.x, art.y
     dsvs = getattr(inp, "client_dsvs", None)  # no_model_access: each client's own upload, before combining
     for pid, x, y in zip(getattr(dsvs, "partition_ids", []), getattr(dsvs, "x", []), getattr(dsvs, "y", [])):

@@ -320,13 +320,18 @@ def save_synthetic_artifact(
 
 
 def load_synthetic_artifact(
-    path: str | os.PathLike[str], dataset: str | None = None, meta: Any | None = None
+    path: str | os.PathLike[str], dataset: str | None = None, meta: Any | None = None,
+    cell: tuple[str, int] | None = None,
 ) -> SyntheticArtifact:
-    """Read and check a synthetic-set artifact."""
+    """Read and check a synthetic-set artifact (``cell``: the (method, pipc) of the cell it must belong to)."""
     path = Path(path)
     obj = _load_dict(path, "synthetic", ("x", "y", "method", "ipc", "dataset"))
     name = _check_dataset(obj, path, "synthetic", dataset if dataset is not None else getattr(meta, "name", None))
     _check_images(obj["x"], obj["y"], f"synthetic file {path}", meta, None)
+    if cell is not None and (obj["method"], obj.get("pipc")) != tuple(cell):
+        raise ArtifactError(f"synthetic file {path} holds a set of method {obj['method']!r} pipc {obj.get('pipc')}, "
+                            f"not of its cell (method {cell[0]!r} pipc {cell[1]}): another cell's set; delete it to "
+                            "recompute the cell")
     return SyntheticArtifact(
         x=obj["x"], y=obj["y"], method=str(obj["method"]), ipc=int(obj["ipc"]),
         pipc=int(obj.get("pipc", -1)), dataset=name, info=dict(obj.get("info") or {}), path=path,

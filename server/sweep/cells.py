@@ -354,7 +354,7 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
                     if cell is not None:
                         done[spec] = cell
                         if method == "dsv":
-                            art = load_synthetic_artifact(pt_path, dataset=meta.name)
+                            art = load_synthetic_artifact(pt_path, dataset=meta.name, cell=(method, pipc))
                             group_dsv = SyntheticSet(x=art.x, y=art.y, method="dsv", ipc=art.ipc, info=art.info)
                         reused += 1
                         log(INFO, "cell %s: finished earlier, read back from %s", spec.name, json_path)
