@@ -270,3 +270,18 @@ def test_a_cell_set_copied_from_another_cell_is_refused_by_the_report(tmp_path: 
     record_files(run, [f"{CELLS_DIR}/{spec.name}.pt"])  # the manifest refreshed as well: only the contents tell
     rc, err = _report(run, capsys)
     assert rc == 2 and "another cell's set" in err and spec.name in err
+
+
+def test_pipeline_cli_refuses_an_unrelated_output_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.pipeline import main
+
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"\xff\xd8 not a run")
+    before = _tree(mine)
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("name: s\n")
+    assert main([str(scenario), "--reuse", str(tmp_path / "nowhere"), "--output-dir", str(mine)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not empty and holds no fedpdd run" in err[0]
+    assert _tree(mine) == before
