@@ -285,3 +285,12 @@ def test_pipeline_cli_refuses_an_unrelated_output_dir(tmp_path: Path, capsys: py
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not empty and holds no fedpdd run" in err[0]
     assert _tree(mine) == before
+
+
+def test_a_view_of_a_larger_tensor_is_saved_on_its_own_and_reads_back(tmp_path: Path) -> None:
+    from server.store.artifacts import load_safe_artifact, save_safe_artifact
+
+    big = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
+    path = save_safe_artifact(tmp_path / "safe_pool.pt", big[10:20], torch.arange(10), "fashion-mnist")
+    assert path.stat().st_size < 100 * 784  # not the whole storage of `big`
+    assert torch.equal(load_safe_artifact(path).x, big[10:20])

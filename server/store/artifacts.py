@@ -83,6 +83,15 @@ def check_tensor(t: Tensor, where: str, contiguous: bool = False) -> None:
                             f"(storage {have} bytes for {need})")
 
 
+def _dense(t: Tensor) -> Tensor:
+    """``t`` on the CPU, contiguous, with a storage of exactly its size (a view of a larger tensor is copied),
+    as :func:`check_tensor` with ``contiguous`` expects it back."""
+    t = t.detach().cpu().contiguous()
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
 def _check_tensors(obj: Any, where: str, depth: int = 0) -> None:
     if depth > 32:
         raise ArtifactError(f"{where}: nested more than 32 levels deep")
@@ -165,7 +174,7 @@ def save_model_artifact(
 ) -> Path:
     """Write theta* (a module or its state_dict) with its architecture and dataset name."""
     sd = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    sd = {k: v.detach().cpu().clone() for k, v in sd.items()}
+    sd = {k: _dense(v.clone()) for k, v in sd.items()}
     payload = {"state_dict": sd, "arch": dict(arch or {}), "dataset": dataset, "extra": dict(extra or {})}
     return atomic_torch_save(payload, path)
 
@@ -233,7 +242,8 @@ class SafeArtifact:
     path: Path | None = None
 
 
-def _check_images(x: Any, y: Any, where: Any, meta: Any | None, x_dtype: torch.dtype | None) -> None:
+def _check_images(x: Any, y: Any, where: Any, meta: Any | None, x_dtype: torch.dtype | None,
+                  stored: bool = True) -> None:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise ArtifactError(f"{where}: 'x' and 'y' must be tensors")
     if x_dtype is not None and x.dtype != x_dtype:
@@ -246,8 +256,6 @@ def _check_images(x: Any, y: Any, where: Any, meta: Any | None, x_dtype: torch.d
         raise ArtifactError(
             f"{where}: 'y' must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}"
         )
-    check_tensor(x, f"{where}: 'x'", contiguous=True)
-    check_tensor(y, f"{where}: 'y'", contiguous=True)
     if meta is not None:
         want = (int(meta.channels), int(meta.height), int(meta.width))
         if tuple(x.shape[1:]) != want:
@@ -258,6 +266,9 @@ def _check_images(x: Any, y: Any, where: Any, meta: Any | None, x_dtype: torch.d
             raise ArtifactError(
                 f"{where}: labels must lie in [0, {meta.num_classes}), got [{int(y.min())}, {int(y.max())}]"
             )
+    if stored:  # read back from a file: each tensor dense and on its own storage
+        check_tensor(x, f"{where}: 'x'", contiguous=True)
+        check_tensor(y, f"{where}: 'y'", contiguous=True)
 
 
 def save_safe_artifact(
@@ -268,8 +279,8 @@ def save_safe_artifact(
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the pooled safe set T' (uint8 images, int64 labels)."""
-    _check_images(x, y, f"safe set for {path}", None, torch.uint8)
-    payload = {"x": x.detach().cpu().contiguous(), "y": y.detach().cpu().contiguous(),
+    _check_images(x, y, f"safe set for {path}", None, torch.uint8, stored=False)
+    payload = {"x": _dense(x), "y": _dense(y),
                "dataset": dataset, "extra": dict(extra or {})}
     return atomic_torch_save(payload, path)
 
@@ -308,8 +319,8 @@ def save_synthetic_artifact(
 ) -> Path:
     """Write a ``SyntheticSet`` (x, y, method, ipc, info) with its dataset and pipc."""
     payload = {
-        "x": syn.x.detach().cpu().to(torch.float32).contiguous(),
-        "y": syn.y.detach().cpu().to(torch.int64).contiguous(),
+        "x": _dense(syn.x.detach().to(torch.float32)),
+        "y": _dense(syn.y.detach().to(torch.int64)),
         "method": syn.method,
         "ipc": int(syn.ipc),
         "pipc": int(pipc),

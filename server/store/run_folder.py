@@ -97,7 +97,7 @@ class RunFolder:
     """One run folder: lock, atomic confined writes recorded in the manifest, checked reads."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(os.path.abspath(Path(root).expanduser()))
+        self.root = Path(root).expanduser().resolve()  # links above the folder are the user's; none below it
 
     # ------------------------------------------------------------------ lock
 
@@ -109,8 +109,6 @@ class RunFolder:
             _HELD[self.root] = (fd, depth + 1)
             register_root(self.root)
             return self
-        if os.path.islink(self.root):
-            raise RunFolderError(f"{self.root} is a symbolic link; give the real folder as output-dir")
         self.root.mkdir(parents=True, exist_ok=True)
         lock = confine(self.root, LOCK)
         try:
