@@ -474,8 +474,9 @@ class EvalConfig:
                       choices=("test", "validation"))
     num_models: int = knob(3, "fresh networks trained on S per cell (mean ± std over them)", gt=0, limit=1_000,
                            cli_alias="num-models")
-    width: int = knob(128, "evaluation ConvNet, the same for every method whatever theta*'s architecture", gt=0)
-    depth: int = knob(3, "conv blocks of the evaluation ConvNet", gt=0)
+    width: int = knob(128, "evaluation ConvNet, the same for every method whatever theta*'s architecture", gt=0,
+                      limit=8192)
+    depth: int = knob(3, "conv blocks of the evaluation ConvNet", gt=0, limit=16)
     # Knobs that were engine-only before the sections and the engine's configs became one model:
     lr_decay_at_half: bool = knob(True, "lr x0.1 at half of the epochs")
     dsa_strategy: str = knob(DSA_STRATEGY, "DSA ops while training on S, '_'-separated (none: no augmentation)",

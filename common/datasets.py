@@ -201,23 +201,38 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file (the MNIST format) holding unsigned bytes."""
-    buf = _read_bytes(path)
-    if len(buf) < 4 or buf[0] != 0 or buf[1] != 0:
-        raise DatasetError(f"{path}: not an IDX file (bad magic number)")
-    if buf[2] != 0x08:
-        raise DatasetError(f"{path}: IDX element type 0x{buf[2]:02x} is not supported (expected 0x08, unsigned byte)")
-    ndim = buf[3]
-    header = 4 + 4 * ndim
-    if ndim < 1 or len(buf) < header:
-        raise DatasetError(f"{path}: truncated IDX header")
-    dims = tuple(int(d) for d in np.frombuffer(buf, dtype=">i4", count=ndim, offset=4))
-    expected = int(np.prod(dims))
-    if len(buf) - header != expected:
+    """Parse an IDX file (the MNIST format) holding unsigned bytes.
+
+    The header is read first and the size it declares is bounded (:data:`MAX_ARRAY_BYTES`) before the
+    data is read, so a small gzipped file cannot inflate into gigabytes before it is refused."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as fh:
+            head = fh.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise DatasetError(f"{path}: not an IDX file (bad magic number)")
+            if head[2] != 0x08:
+                raise DatasetError(f"{path}: IDX element type 0x{head[2]:02x} is not supported (expected 0x08, "
+                                   "unsigned byte)")
+            ndim = head[3]
+            raw_dims = fh.read(4 * ndim)
+            if ndim < 1 or len(raw_dims) < 4 * ndim:
+                raise DatasetError(f"{path}: truncated IDX header")
+            dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">i4", count=ndim))
+            expected = 1
+            for d in dims:
+                expected *= d
+            if any(d < 0 for d in dims) or expected > MAX_ARRAY_BYTES:
+                raise DatasetError(f"{path}: IDX header declares {dims} = {expected} bytes, over the "
+                                   f"{MAX_ARRAY_BYTES}-byte limit of one dataset array; refused before reading it")
+            buf = fh.read(expected + 1)  # one byte more: a file longer than its header says is refused
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(f"{path}: cannot read file: {exc}") from exc
+    if len(buf) != expected:
         raise DatasetError(
-            f"{path}: IDX header promises {dims} = {expected} bytes of data, file holds {len(buf) - header}"
+            f"{path}: IDX header promises {dims} = {expected} bytes of data, file holds "
+            f"{len(buf) if len(buf) <= expected else 'more'}"
         )
-    return np.frombuffer(buf, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(buf, dtype=np.uint8).reshape(dims)
 
 
 MAX_ARRAY_BYTES = 1 << 30  # one array of a dataset file (CIFAR-100 train is 150 MB); larger is refused unallocated

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from common.atomic import atomic_write_text
 from common.config import (DEVICE_PROFILE, ConfigError, DistillConfig, EvalConfig, build, check_tree, fail, knob,
                            profile_value)
 from common.dataset_meta import DATASETS as DATASET_REGISTRY, get_meta  # torch-free: server.check never loads torch
@@ -191,8 +192,12 @@ def validate(s: Scenario) -> Scenario:
     check_tree(s, "", src)
     if not (s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda")):
         raise fail(src, "device", f"is {s.device!r}; use auto, cpu, cuda or cuda:N")
-    if not s.name or "/" in s.name:
-        raise fail(src, "name", f"must be a non-empty name without '/', got {s.name!r}")
+    if not s.name or any(c in s.name for c in "/\\\0") or s.name in (".", ".."):
+        # the default run folder is runs/<name>: a name that is a path would put the run elsewhere
+        raise fail(src, "name", f"must be a folder name (no '/', '\\', '.' or '..'), got {s.name!r}")
+    if s.output_dir is not None and ".." in Path(str(s.output_dir)).parts:
+        raise fail(src, "output_dir", f"is {s.output_dir!r}: '..' leaves the output folder; give the folder itself "
+                                      "(absolute, or relative without '..')")
     if len(set(s.distill.methods)) != len(s.distill.methods):
         raise fail(src, "distill.methods", f"lists a method twice: {s.distill.methods}")
     if s.privacy.mode == "model" and s.federation.rounds < 1:
@@ -413,14 +418,9 @@ def apply_device_profile(scenario: Scenario, device_type: str) -> tuple[Scenario
 
 def save_resolved(scenario: Scenario, run_dir: str | os.PathLike[str]) -> Path:
     """Write the fully resolved scenario (defaults filled in) next to the run's results."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "scenario.resolved.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
     header = f"# resolved from {scenario.source}\n"
-    tmp.write_text(header + yaml.safe_dump(scenario.to_dict(), sort_keys=False))
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(Path(run_dir) / "scenario.resolved.yaml",
+                             header + yaml.safe_dump(scenario.to_dict(), sort_keys=False), root=run_dir)
 
 
 # Short run-config keys (pyproject [tool.flwr.app.config]) -> scenario keys. Flower rejects

@@ -43,6 +43,7 @@ from common.scenario import (
 )
 from common.config import did_you_mean
 from common.scenario import check_resources, estimate_resources
+from common.atomic import atomic_write_text
 from server.preflight import check_data_root
 
 __all__ = ["ENV_STATUS", "app_config_keys", "parse_run_config", "resolve", "check_federation", "check", "grid_time_line",
@@ -207,12 +208,7 @@ def write_status(ok: bool, error: BaseException | None = None, run_dir: Path | N
         return None
     reason = "" if error is None else f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
     record = {"ok": ok, "reason": reason, "run_dir": str(run_dir) if run_dir else None, "time": time.time()}
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(target, json.dumps(record) + "\n", root=Path(target).parent)
 
 
 def read_status(path: str | os.PathLike[str]) -> tuple[bool, str]:

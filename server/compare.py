@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from common.grid import pipc_label
 from server.reports.figures import load_run_scenario
@@ -28,6 +25,7 @@ from server.reports.tables import aggregate_seeds, format_cell
 from server.sweep.result import CellResult
 from server.sweep.cells import read_cells
 from server.reports.plots import new_figure, save_figure
+from server.store.run_folder import RunFolder, RunFolderError, one_line, write_csv, write_text
 
 __all__ = ["differing_keys", "compare_runs", "main"]
 
@@ -46,7 +44,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _resolved(run_dir: Path) -> dict[str, Any]:
-    values = yaml.safe_load((run_dir / "scenario.resolved.yaml").read_text()) or {}
+    values = RunFolder(run_dir).read_yaml("scenario.resolved.yaml") or {}  # no aliases, size-limited, no link
+    if not isinstance(values, dict):
+        raise RunFolderError(f"{run_dir / 'scenario.resolved.yaml'}: the top level must be a mapping of keys")
     return {k: v for k, v in _flatten(values).items() if k not in _IGNORED}
 
 
@@ -71,7 +71,6 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
     cells = [{_cell_key(c): c for c in aggregate_seeds(read_cells(r, load_run_scenario(r)))} for r in runs]
     columns = list(dict.fromkeys(k for per in cells for k in per))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     def text(per: dict[str, CellResult], col: str) -> str:
         c = per.get(col)
@@ -85,17 +84,16 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
                                                    *(text(per, c) for c in columns)]) + " |")
     lines += ["", "Test accuracy in %, mean ± std over the evaluation models (and seeds) of each run."]
     paths = {"md": out / "compare.md", "csv": out / "compare.csv"}
-    paths["md"].write_text("\n".join(lines) + "\n")
-    with paths["csv"].open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["run", "path", *keys, *(f"{c} {s}" for c in columns for s in ("mean", "std"))])
-        for name, run, f, per in zip(names, runs, flat, cells):
-            nums = []
-            for c in columns:
-                cell = per.get(c)
-                ok = cell is not None and not cell.skipped
-                nums += [f"{cell.mean:.6f}" if ok else "", f"{cell.std:.6f}" if ok else ""]  # type: ignore[union-attr]
-            w.writerow([name, str(run), *(f.get(k, "") for k in keys), *nums])
+    write_text(paths["md"], "\n".join(lines) + "\n")
+    table = [["run", "path", *keys, *(f"{c} {s}" for c in columns for s in ("mean", "std"))]]
+    for name, run, f, per in zip(names, runs, flat, cells):
+        nums = []
+        for c in columns:
+            cell = per.get(c)
+            ok = cell is not None and not cell.skipped
+            nums += [f"{cell.mean:.6f}" if ok else "", f"{cell.std:.6f}" if ok else ""]  # type: ignore[union-attr]
+        table.append([name, str(run), *(f.get(k, "") for k in keys), *nums])
+    write_csv(paths["csv"], table)
 
     numeric = len(keys) == 1 and all(isinstance(f.get(keys[0]), (int, float)) and not isinstance(f.get(keys[0]), bool)
                                      for f in flat)
@@ -138,12 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = compare_runs(args.runs, args.out)
-    except (ValueError, OSError) as err:  # not a run folder, a file that does not match its manifest: one line
-        text = str(err).strip()
+    except (ValueError, OSError) as err:  # a run folder's file is refused (alias, link, tensor, manifest): exit 2
+        text = one_line(err)
         if isinstance(err, FileNotFoundError) and err.filename:
             text = (f"{err.filename} is missing: pass run folders that a finished run wrote (each holds "
                     "scenario.resolved.yaml and cells/)")
-        print(f"server.compare: {text.splitlines()[0] if text else type(err).__name__}", file=sys.stderr)
+        print(f"server.compare: {text}", file=sys.stderr)
         return 2
     for kind, path in written.items():
         print(f"{kind}: {path}")

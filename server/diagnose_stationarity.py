@@ -21,7 +21,6 @@ the run folder). Exit status 2 with a one-line reason for a folder that is not a
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import fnmatch
 import sys
@@ -43,6 +42,7 @@ from server.store.artifacts import build_model_from_artifact, load_model_artifac
     load_synthetic_artifact
 from server.store.manifest import verify_files
 from server.sweep.cells import read_cells
+from server.store.run_folder import write_dict_csv, write_text
 
 __all__ = ["diagnose_run", "main"]
 
@@ -90,7 +90,7 @@ def diagnose_run(run_dir: str | Path, samples: int = 500, path_points: int = 5, 
             name = Path(syn).stem if syn else ""
             if c.skipped or not syn or not needs_model(c.method) or not fnmatch.fnmatch(name, cells):
                 continue
-            s = load_synthetic_artifact(syn, meta=meta)
+            s = load_synthetic_artifact(syn, meta=meta, cell=(c.method, c.pipc))
             lam = s.info.get("lambda")
             lam_t = None
             if isinstance(lam, list) and len(lam) == s.x.shape[0] and all(isinstance(v, (int, float)) for v in lam):
@@ -102,11 +102,7 @@ def diagnose_run(run_dir: str | Path, samples: int = 500, path_points: int = 5, 
 
 
 def _write(rows: list[dict[str, Any]], facts: dict[str, Any], run_dir: Path, out: Path, argv: Sequence[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "stationarity.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=DIAGNOSTIC_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    write_dict_csv(out / "stationarity.csv", DIAGNOSTIC_COLUMNS, rows)
     target = "theta* - theta_0" if facts["target"] == "update" else "theta*"
     lines = [f"# Stationarity diagnostic of {run_dir.name}", "",
              f"`python -m server.diagnose_stationarity {' '.join(argv)}`", "",
@@ -118,7 +114,7 @@ def _write(rows: list[dict[str, Any]], facts: dict[str, Any], run_dir: Path, out
              "path). lambda: uniform (all 1), the multipliers the distillation learned, or the best non-negative "
              "weighting (NNLS, the largest cosine any lambda >= 0 reaches).", "",
              *markdown_table(rows), ""]
-    (out / "stationarity.md").write_text("\n".join(lines))
+    write_text(out / "stationarity.md", "\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,8 +32,9 @@ from typing import Any
 from common.config import ConfigError
 from common.scenario import Scenario, save_resolved
 from server.reports.figures import load_run_scenario, rebuild_report
-from server.store.manifest import PHASE12_FILES, ManifestError, federation_stamp, record_files, verify_files
-from server.store.artifacts import load_synthetic_artifact
+from server.store.manifest import PHASE12_FILES, ManifestError, federation_stamp, verify_files
+from server.store.artifacts import MAX_TORCH_FILE_BYTES, load_synthetic_artifact
+from server.store.run_folder import RunFolder
 from server.sweep.cells import CELLS_DIR, CellRecordError, CellSpec, cell_specs, read_cells, tensor_digest
 
 __all__ = ["MergeError", "comparable_record", "merge", "main"]
@@ -88,12 +89,10 @@ def comparable_record(rec: dict) -> dict:
     return rec
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """Copy one file into the merged folder atomically (temp file + rename, as every run-folder write)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
+def _copy(src: Path, dst: RunFolder, rel: str) -> None:
+    """Copy one file (a regular file, no link) into the merged folder through its owner."""
+    data = RunFolder(src.parent).read_bytes(src.name, limit=MAX_TORCH_FILE_BYTES)
+    dst.write(rel, lambda fh: fh.write(data))
 
 
 def merge(sources: Sequence[Path], out: Path) -> dict[str, Path]:
@@ -153,7 +152,15 @@ def merge(sources: Sequence[Path], out: Path) -> dict[str, Path]:
     if not chosen:
         raise MergeError(f"none of {', '.join(map(str, sources))} holds a cell of the grid; nothing to merge")
 
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out)
+    if out.is_dir() and not RunFolder.is_run(out) and any(out.iterdir()):
+        raise MergeError(f"{out} is not empty and holds no fedpdd run; merge into a new or empty folder")
+    with folder:
+        return _merge_into(folder, full, first, chosen)
+
+
+def _merge_into(folder: RunFolder, full: Scenario, first: Path, chosen: dict[str, tuple]) -> dict[str, Path]:
+    out = folder.root
     save_resolved(full, out)
     listed: list[str] = []
     have_phase12 = [f for f in PHASE12_FILES if (first / f).is_file()]
@@ -163,17 +170,17 @@ def merge(sources: Sequence[Path], out: Path) -> dict[str, Path]:
         except ManifestError as err:
             raise MergeError(str(err).splitlines()[0]) from None
         for f in have_phase12:
-            _copy(first / f, out / f)
+            _copy(first / f, folder, f)
         listed += have_phase12
         if (first / "federation.json").is_file():
-            _copy(first / "federation.json", out / "federation.json")
+            _copy(first / "federation.json", folder, "federation.json")
     for name, (src, _, digest) in chosen.items():
         for suffix in (".pt", ".json"):  # the set before its record, as the sweep writes them
             if suffix == ".pt" and digest is None:
                 continue
-            _copy(src / CELLS_DIR / f"{name}{suffix}", out / CELLS_DIR / f"{name}{suffix}")
+            _copy(src / CELLS_DIR / f"{name}{suffix}", folder, f"{CELLS_DIR}/{name}{suffix}")
             listed.append(f"{CELLS_DIR}/{name}{suffix}")
-    record_files(out, listed)
+    folder.record(listed)
     order = {spec.name: i for i, spec in enumerate(cell_specs(full))}
     missing = [n for n in order if n not in chosen]
     written = rebuild_report(out)

@@ -50,6 +50,7 @@ from server.sweep.cells import run_cells
 from server.sweep.inputs import PipelineInputs
 from server.sweep.result import CellResult
 from server.store.manifest import PHASE12_FILES, verify_files
+from server.store.run_folder import RunFolder, RunFolderError, one_line
 from common.threads import setup_process
 from server.preflight import check_data_root
 
@@ -159,16 +160,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not scenario.reuse_artifacts:
         parser.error("no artifacts to reuse: pass --reuse or set reuse_artifacts in the scenario")
     check_data_root(scenario)  # data.root set but not a folder: stop before loading
-    data = federation_train_set(scenario)
-    state, pool_x, pool_y, _ = load_reused(scenario.reuse_artifacts, data.meta, scenario)
-    score_x, score_y = data.scoring_split(scenario.evaluation.split)  # test, or validation while tuning
-    run_dir = scenario.run_dir
     device = pick_device(scenario.device)
     scenario, profile = apply_device_profile(scenario, device.type)  # stated in the resolved scenario and records
+    try:  # locked for this run; an unrelated folder or one with other settings is refused with the fix
+        folder = RunFolder(scenario.run_dir).open_for_run(scenario)
+    except RunFolderError as err:
+        print(f"server.pipeline: {one_line(err)}", file=sys.stderr)
+        return 2
     log(INFO, "device %s: profile %s", device, profile or "(every profile setting given explicitly)")
-    save_resolved(scenario, run_dir)
-    run_pipeline(PipelineInputs(scenario=scenario, meta=data.meta, model_state=state, pool_x=pool_x, pool_y=pool_y,
-                                test_x=score_x, test_y=score_y, run_dir=run_dir, device=device))
+    try:
+        data = federation_train_set(scenario)
+        state, pool_x, pool_y, _ = load_reused(scenario.reuse_artifacts, data.meta, scenario)
+        score_x, score_y = data.scoring_split(scenario.evaluation.split)  # test, or validation while tuning
+        save_resolved(scenario, folder.root)
+        run_pipeline(PipelineInputs(scenario=scenario, meta=data.meta, model_state=state, pool_x=pool_x,
+                                    pool_y=pool_y, test_x=score_x, test_y=score_y, run_dir=folder.root,
+                                    device=device))
+    finally:
+        folder.release()
     return 0
 
 

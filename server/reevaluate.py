@@ -15,7 +15,6 @@ Exit status 2 with one line for a bad folder, key or value.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
 import sys
@@ -35,6 +34,7 @@ from server.reports.stats import paired_markdown, pooled
 from server.reports.tables import format_cell
 from server.store.artifacts import load_synthetic_artifact
 from server.store.manifest import ManifestError
+from server.store.run_folder import RunFolderError, one_line, write_csv, write_text
 from server.sweep.cells import read_cells
 from server.sweep.result import CellResult
 
@@ -104,13 +104,10 @@ def _protocol(s: Scenario) -> str:
 
 def _write(out: Path, run_dir: Path, run: Scenario, new: Scenario, sets: Sequence[str],
            pairs: Sequence[tuple[CellResult, CellResult]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "reevaluation.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "ipc", "pipc", "seed", "recorded_mean", "new_mean", "new_std", "new_accuracies"])
-        for old, cur in pairs:
-            w.writerow([old.method, old.ipc, pipc_label(old.pipc), old.seed, f"{old.mean:.6f}", f"{cur.mean:.6f}",
-                        f"{cur.std:.6f}", " ".join(f"{a:.6f}" for a in cur.accuracies)])
+    table = [["method", "ipc", "pipc", "seed", "recorded_mean", "new_mean", "new_std", "new_accuracies"]]
+    table += [[old.method, old.ipc, pipc_label(old.pipc), old.seed, f"{old.mean:.6f}", f"{cur.mean:.6f}",
+               f"{cur.std:.6f}", " ".join(f"{a:.6f}" for a in cur.accuracies)] for old, cur in pairs]
+    write_csv(out / "reevaluation.csv", table)
     groups: dict[tuple[int, int, str], tuple[dict, dict]] = {}
     for old, cur in pairs:
         g = groups.setdefault((old.ipc, old.pipc, old.method), ({}, {}))
@@ -123,7 +120,7 @@ def _write(out: Path, run_dir: Path, run: Scenario, new: Scenario, sets: Sequenc
         lines.append(f"| {ipc} | {pipc_label(pipc)} | {method} | {len(cur)} | {format_cell(*pooled(old)[:2])} | "
                      f"{format_cell(*pooled(cur)[:2])} |")
     lines += paired_markdown([c for _, c in pairs], label=pipc_label)
-    (out / "reevaluation.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "reevaluation.md", "\n".join(lines) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         reevaluate(a.run_dir, a.out, a.set, a.cells, a.device, progress=sys.stderr.isatty())
-    except (ScenarioError, ManifestError, FileNotFoundError, ValueError) as err:
-        print(f"server.reevaluate: {err}".splitlines()[0], file=sys.stderr)
+    except (ScenarioError, ManifestError, RunFolderError, OSError, ValueError) as err:
+        print(f"server.reevaluate: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"[reevaluate] written: {a.out / 'reevaluation.md'}")
     return 0

@@ -15,7 +15,6 @@ them; ``privacy.mode: no_model_access`` replaces them by client DSVs (server.fed
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -39,7 +38,8 @@ from common.evaluate import test_accuracy
 from server.federation.federate import run_federation, wait_for_nodes
 from server.pipeline import load_reused, run_pipeline
 from server.sweep.inputs import PipelineInputs
-from server.store.manifest import PHASE12_FILES, fingerprint, load_history, record_files, verify_files
+from server.store.manifest import PHASE12_FILES, fingerprint, load_history, verify_files
+from server.store.run_folder import RunFolder
 from server.federation.validate import FailureLog, shard_plan
 from server.preflight import check_data_root, check_data_size
 from server.sweep.cells import pool_quota, resumable_federation, write_federation_stamp
@@ -58,13 +58,14 @@ def _phase(timings: dict[str, float], number: str, name: str, what: str) -> Iter
     log(INFO, "phase %s %s: done in %.1fs", number, name, timings[name])
 
 
-def _copy_history(src: Path, dst: Path) -> None:
+def _copy_history(src: Path, dst: RunFolder) -> None:
     """Keep the reused run's federation records next to the new results (if not the same folder)."""
-    if src.resolve() == dst.resolve():
+    if src.resolve() == dst.root.resolve():
         return
     for name in ("rounds.csv", "rounds.png", "uploads.csv", "uploads.json"):
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            data = RunFolder(src).read_bytes(name)  # a regular file of the reused run, no link
+            dst.write(name, lambda fh, data=data: fh.write(data))
 
 
 @dataclass
@@ -114,7 +115,7 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
                              val_eval=val_eval)
         save_model_artifact(run_dir / "global_model.pt", fed.state_dict, arch, meta.name,
                             extra={"rounds": fed.rounds, "scenario": scenario.name, "weight_uploads": fed.uploads})
-        record_files(run_dir, ["global_model.pt"], fingerprint(scenario))  # sha256 + shapes, checked on reuse
+        RunFolder(run_dir).record(["global_model.pt"], fingerprint(scenario))  # sha256 + shapes, checked on reuse
 
     pool_pipc, allow_short = quota or (scenario.pool_pipc, False)  # server.sweep.cells.pool_quota: pipc 'all'
     with _phase(timings, "2/5", "collect", f"{pipc_label(scenario.pool_pipc)} safe images per class"):
@@ -125,19 +126,29 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
                            extra={"keys": pool.keys, "partition_ids": pool.partition_ids,
                                   "pipc": -1 if allow_short else pool.pipc, "uploads": pool.uploads,
                                   "failures": list(failures.rows) if failures is not None else []})
-        record_files(run_dir, ["safe_pool.pt"], fingerprint(scenario))
+        RunFolder(run_dir).record(["safe_pool.pt"], fingerprint(scenario))
     return _Federated(model_state=fed.state_dict, pool_x=pool.x, pool_y=pool.y, rounds=fed.rounds,
                       weight_uploads=fed.uploads, safe_uploads=pool.uploads)
 
 
 def run_scenario(grid: Grid, scenario: Scenario) -> Path:
-    """Run all phases of ``scenario`` on ``grid``; returns the run folder."""
-    run_dir = scenario.run_dir
+    """Run all phases of ``scenario`` on ``grid``, holding the run folder's lock; returns the run folder.
+
+    The folder must be empty, or a fedpdd run with the same settings (it resumes), or the scenario
+    must ask to recompute (``distill.resume: false``); see ``server.store.run_folder.RunFolder.open_for_run``."""
     for warning in check_resources(scenario):  # refuses before the run folder exists when memory cannot fit
         log(WARNING, "%s", warning)
     device = pick_device(scenario.device)
     scenario, profile = apply_device_profile(scenario, device.type)  # stated in the resolved scenario and records
-    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(scenario.run_dir).open_for_run(scenario)  # locked until the run ends
+    try:
+        return _run_phases(grid, scenario, folder, device, profile)
+    finally:
+        folder.release()
+
+
+def _run_phases(grid: Grid, scenario: Scenario, folder: RunFolder, device: torch.device, profile: dict) -> Path:
+    run_dir = folder.root
     save_resolved(scenario, run_dir)
     torch.manual_seed(scenario.seed)
     timings: dict[str, float] = {}
@@ -161,7 +172,7 @@ def run_scenario(grid: Grid, scenario: Scenario) -> Path:
         with _phase(timings, "1-2", "reuse", f"loading global_model.pt and safe_pool.pt from {src}"):
             verify_files(src, PHASE12_FILES, required=True)  # sha256 against src/manifest.json; none: refused
             state, pool_x, pool_y, _ = load_reused(src, meta, scenario)
-            _copy_history(src, run_dir)
+            _copy_history(src, folder)
         done = _Federated(model_state=state, pool_x=pool_x, pool_y=pool_y)
         if resume_src:  # an interrupted run: its phase 1-2 records, so the report matches an uninterrupted one
             history = load_history(src, meta.name)

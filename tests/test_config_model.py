@@ -79,6 +79,7 @@ def test_bundled_scenarios_resolve_to_the_same_engine_configs(name: str) -> None
     resolved = _plain(apply_device_profile(s, "cpu")[0].to_dict())  # what a CPU run saves
     for section, added in ADDED_AFTER_RESOLVED.items():
         assert {k: resolved[section].pop(k) for k in added} == added
+    assert resolved["privacy"]["dp"].pop("delta") == 1e-5  # the delta at which epsilon is stated
     for section in ("distill", "evaluation"):
         new = set(resolved[section]) - set(before["resolved"][section])
         assert new == NEWLY_REACHABLE[section]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +39,7 @@ from common.distill.synthesize import make_embed_factory
 from common.evaluate import evaluate_synthetic
 from server.reports.images import save_image_grid
 from common.threads import setup_process
+from server.store.run_folder import RunFolder, write_text
 
 RESULT_COLUMNS = (
     "timestamp", "dataset", "method", "ipc", "pipc", "seed", "iterations", "iterations_done",
@@ -115,19 +116,18 @@ def append_results(out_dir: Path, row: dict[str, Any]) -> None:
         if not isinstance(rows, list):
             raise ValueError(f"{jpath} must hold a JSON list of result rows")
     rows.append(row)
-    tmp = jpath.with_name(".results.json.tmp")
-    tmp.write_text(json.dumps(rows, indent=2))
-    os.replace(tmp, jpath)
+    write_text(jpath, json.dumps(rows, indent=2))
     cpath = out_dir / "results.csv"
-    new = not cpath.exists()
-    with cpath.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        flat = dict(row)
-        if isinstance(flat.get("accuracies"), list):
-            flat["accuracies"] = ";".join(f"{a:.4f}" for a in flat["accuracies"])
-        w.writerow(flat)
+    old = RunFolder(out_dir).read_text("results.csv") if cpath.exists() else ""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    if not old:
+        w.writeheader()
+    flat = dict(row)
+    if isinstance(flat.get("accuracies"), list):
+        flat["accuracies"] = ";".join(f"{a:.4f}" for a in flat["accuracies"])
+    w.writerow(flat)
+    write_text(cpath, old + buf.getvalue())  # the rows so far plus this one, replaced atomically
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

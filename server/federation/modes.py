@@ -39,11 +39,11 @@ from common.datasets import DatasetMeta
 from common.records import (CFG_SCENARIO, DSV_ACTION, KEY_CLIENT, KEY_CONFIG, KEY_DSV, KEY_METRICS, record_bytes,
                             record_to_dsvs)
 from common.scenario import Scenario
-from common.atomic import atomic_torch_save
 from server.store.artifacts import save_safe_artifact
 from server.federation.collect import SafePool, collect_safe_pool
 from server.federation.federate import FederationError, wait_for_nodes
-from server.store.manifest import fingerprint, record_files
+from server.store.manifest import fingerprint
+from server.store.run_folder import RunFolder
 from server.federation.validate import (DSV_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count,
                              check_client_record, check_metric_keys, check_record_names, claimed_partition,
                              shard_plan)
@@ -213,9 +213,10 @@ def federate_without_model(grid: Grid, scenario: Scenario, meta: DatasetMeta, ti
     save_safe_artifact(run_dir / "safe_pool.pt", pool.x, pool.y, meta.name,
                        extra={"keys": pool.keys, "partition_ids": pool.partition_ids, "pipc": pool.pipc,
                               "uploads": pool.uploads, "failures": list(failures.rows)})
-    atomic_torch_save({"partition_ids": dsvs.partition_ids, "x": dsvs.x, "y": dsvs.y, "ipc": dsvs.ipc,
-                       "combine": dsvs.combine, "dataset": meta.name, "uploads": uploads}, run_dir / "client_dsvs.pt")
-    record_files(run_dir, ["safe_pool.pt", "client_dsvs.pt"], fingerprint(scenario))  # hashed like theta*
+    folder = RunFolder(run_dir)
+    folder.torch_save("client_dsvs.pt", {"partition_ids": dsvs.partition_ids, "x": dsvs.x, "y": dsvs.y, "ipc": dsvs.ipc,
+                                         "combine": dsvs.combine, "dataset": meta.name, "uploads": uploads})
+    folder.record(["safe_pool.pt", "client_dsvs.pt"], fingerprint(scenario))  # hashed like theta*
     log(INFO, "no-model-access: %d DSVs from %d clients, %d safe images", sum(int(y.numel()) for y in dsvs.y),
         len(dsvs.x), int(pool.y.numel()))
     return NoModelResult(pool=pool, dsvs=dsvs, dsv_uploads=uploads)

@@ -17,7 +17,6 @@ client that raised. Checks:
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from flwr.common.logger import log
 
 from common.records import KEY_ARRAYS, KEY_CLIENT, KEY_METRICS
 from common.partition import partition_indices
+from server.store.run_folder import write_dict_csv, write_text
 
 __all__ = ["ReplyRejected", "FailureLog", "ShardPlan", "shard_plan", "weight_signature", "check_train_reply",
            "check_safe_images", "check_eval_reply", "check_record_names", "check_metric_keys", "check_client_record"]
@@ -315,18 +315,14 @@ class FailureLog:
 
     def write(self, run_dir: Path) -> Path | None:
         """failures.csv (always, header only when nothing failed) + a section appended to results.md."""
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "failures.csv"
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["phase", "round", "node_id", "partition_id", "reason"])
-            w.writeheader()
-            w.writerows(self.rows)
+        path = write_dict_csv(run_dir / "failures.csv", ["phase", "round", "node_id", "partition_id", "reason"],
+                              self.rows)
         md = run_dir / "results.md"
-        if self.rows and md.is_file():
+        if self.rows and md.is_file() and not md.is_symlink():
             text = md.read_text()
             marker = "\n## Client failures\n"
             text = text.split(marker)[0].rstrip("\n") + "\n" + marker + "\n" + self.markdown()
-            md.write_text(text)
+            write_text(md, text)
         return path
 
     def markdown(self) -> str:

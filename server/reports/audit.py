@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from common.datasets import DatasetMeta, denormalize
 from common.device import pick_device
+from server.store.run_folder import save_figure
 
 __all__ = [
     "AuditResult",
@@ -487,10 +488,8 @@ def save_closest_pairs_grid(
                  f"and their nearest private training image ({metric})\n{ref}; flagged: {n_flag}",
                  fontsize=9)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return list(zip(syn_idx, priv_idx))

@@ -26,8 +26,6 @@ import json
 import math
 from pathlib import Path
 
-import yaml
-
 from common.datasets import get_meta, normalize
 from common.grid import pipc_label
 from common.scenario import Scenario, scenario_from_dict
@@ -42,6 +40,7 @@ from server.sweep.cells import read_cells
 from server.federation.validate import FailureLog
 from server.reports.privacy_report import results_note
 from server.sweep.loss_trace import write_cell_trace
+from server.store.run_folder import RunFolder, RunFolderError, write_dict_csv, write_text
 
 __all__ = ["SPECTRUM_METHODS", "FREQ_CUTOFF", "load_run_scenario", "rebuild_report"]
 
@@ -54,8 +53,12 @@ def load_run_scenario(run_dir: str | Path) -> Scenario:
     path = Path(run_dir) / "scenario.resolved.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a fedpdd run folder?")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = RunFolder(run_dir).read_yaml("scenario.resolved.yaml") or {}  # no aliases, size-limited, no link
+    if not isinstance(values, dict):
+        raise RunFolderError(f"{path}: the top level must be a mapping of keys, got {type(values).__name__}")
     values.pop("output_dir", None)  # the folder may have moved; it is given explicitly
+    if isinstance(values.get("data"), dict):
+        values["data"]["download"] = False  # a report reads local data only; a run folder cannot ask for a download
     return scenario_from_dict(values, source=str(path))
 
 
@@ -69,7 +72,7 @@ def _append_failures(results_md: Path, run_dir: Path) -> None:
     if rows:
         marker = "\n## Client failures\n"
         text = results_md.read_text().split(marker)[0].rstrip("\n") + "\n" + marker + "\n" + FailureLog(rows=rows).markdown()
-        results_md.write_text(text)
+        write_text(results_md, text)
 
 
 def results_title(scenario: Scenario) -> str:
@@ -104,7 +107,7 @@ def _rebuild_traces(run_dir: Path, cells: list, only_stale: bool = False) -> dic
         if only_stale and png.is_file() and png.stat().st_mtime >= record.stat().st_mtime:
             written[f"trace_{name}"] = png
             continue
-        info = json.loads(record.read_text()).get("info") or {}
+        info = json.loads(RunFolder(run_dir).read_text(f"cells/{name}.json")).get("info") or {}
         history = info.get("loss_history") or []
         if history:
             written[f"trace_{name}"] = write_cell_trace(history, run_dir / "traces", name, c.method, c.ipc,
@@ -130,7 +133,7 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
                                                                   scope=interval_scope(scenario)).items()})
     note = results_note(scenario, run_dir)  # the privacy modes' note (server.reports.privacy_report)
     if note:
-        written["results_md"].write_text(written["results_md"].read_text() + note)
+        write_text(written["results_md"], written["results_md"].read_text() + note)
     _append_failures(written["results_md"], run_dir)
 
     ran = [c for c in cells if not c.skipped]
@@ -139,7 +142,7 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
         syn_path = Path(c.files.get("synthetic", ""))
         if not syn_path.is_file():
             continue
-        art = load_synthetic_artifact(syn_path, dataset=meta.name)
+        art = load_synthetic_artifact(syn_path, dataset=meta.name, cell=(c.method, c.pipc))
         sets[c.files["grid"]] = (art.x, art.y, c)
         grid = Path(c.files["grid"])
         if not figures or not all_grids and grid.is_file() and grid.stat().st_mtime >= syn_path.stat().st_mtime:
@@ -177,15 +180,11 @@ def rebuild_report(run_dir: str | Path, all_grids: bool = True, figures: bool = 
                          title=f"Mean log amplitude spectrum, ipc={ipc}, pipc={pipc_label(pipc)}")
             written[f"spectra_ipc{ipc}_pipc{pipc_label(pipc)}"] = out
     if rows:
-        path = run_dir / "frequency.csv"
-        with path.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["ipc", "pipc", "seed", "set", "low_energy", "high_energy",
-                                               "low_high_ratio", "cutoff"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({**{k: (f"{v:.6f}" if isinstance(v, float) and math.isfinite(v) else v)
-                               for k, v in r.items()}, "cutoff": FREQ_CUTOFF})
-        written["frequency"] = path
+        written["frequency"] = write_dict_csv(
+            run_dir / "frequency.csv", ["ipc", "pipc", "seed", "set", "low_energy", "high_energy", "low_high_ratio",
+                                        "cutoff"],
+            ({**{k: (f"{v:.6f}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()},
+              "cutoff": FREQ_CUTOFF} for r in rows))
 
     if not figures:
         return written

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from server.store.run_folder import save_figure, write_file
+
 __all__ = ["denormalize_images", "class_rows", "save_image_grid", "MAX_CLASS_COLUMNS"]
 
 
@@ -93,10 +95,8 @@ def save_image_grid(
         tiles = tiles.view(len(classes), per_row, *tiles.shape[1:]).transpose(0, 1).reshape(-1, *tiles.shape[1:])
     grid = make_grid(tiles, nrow=len(classes) if by_column else per_row, padding=padding, pad_value=1.0)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if class_names is None and title is None:
-        save_image(grid, path)
-        return path
+        return write_file(path, lambda fh: save_image(grid, fh, format="png"))
 
     import matplotlib
 
@@ -133,8 +133,7 @@ def save_image_grid(
         else:
             ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)

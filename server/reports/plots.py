@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from server.store.run_folder import save_figure as save_confined
 
 
 __all__ = ["DPI", "MARKERS", "new_figure", "save_figure", "plot_spectra"]
@@ -35,10 +36,8 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, format="png", facecolor="white")
-    return out
+    """The PNG of ``fig`` at ``path``: an atomic write confined to the run folder that holds it."""
+    return save_confined(fig, path, dpi=DPI, format="png", facecolor="white")
 
 
 # ---------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from server.sweep.result import CellResult
 from server.reports.audit import AuditReference, save_closest_pairs_grid
 from server.store.artifacts import load_synthetic_artifact
 from server.federation.dp import dp_summary
+from server.store.run_folder import write_dict_csv, write_text
 
 __all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank", "run_dp_summary", "results_note"]
 
@@ -73,11 +74,9 @@ def write_communication(weight_uploads: Sequence[dict], safe_uploads: Sequence[d
         shard = r.get("shard_bytes")
         r["upload_vs_shard"] = (r["total_bytes"] / shard) if shard else None
     fields = ["partition_id", "node_id", *keys, "upload_vs_shard"]
-    with (run_dir / "communication.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in [*rows, total]:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    write_dict_csv(run_dir / "communication.csv", fields,
+                   ({k: ("" if r.get(k) is None else r.get(k)) for k in fields} for r in [*rows, total]),
+                   extrasaction="ignore")
     lines = ["# Communication: bytes uploaded by the clients", "",
              f"privacy.mode: `{mode}`. Payload bytes of what each client chose to send (array buffers, keys, "
              "scalars; no framing), next to the size of its private shard (uint8 images).", "",
@@ -92,7 +91,7 @@ def write_communication(weight_uploads: Sequence[dict], safe_uploads: Sequence[d
     if mode == "no_model_access":
         lines += ["", f"Model weights uploaded: {total['weights_bytes'] or 0} bytes (no FedAvg round ran; the clients "
                   "sent DSVs, float32 normalized images, instead)."]
-    (run_dir / "communication.md").write_text("\n".join(lines) + "\n")
+    write_text(run_dir / "communication.md", "\n".join(lines) + "\n")
     return [*rows, total]
 
 
@@ -155,7 +154,7 @@ def _run_audit(inp: PipelineInputs, cells: Sequence[CellResult]) -> tuple[list[d
         path = c.files.get("synthetic") if c.files else None
         if c.skipped or not path or not Path(path).is_file():
             continue
-        art = load_synthetic_artifact(path, dataset=meta.name)
+        art = load_synthetic_artifact(path, dataset=meta.name, cell=(c.method, c.pipc))
         sets[Path(path).stem], labels[Path(path).stem] = art.x, art.y
     dsvs = getattr(inp, "client_dsvs", None)  # no_model_access: each client's own upload, before combining
     for pid, x, y in zip(getattr(dsvs, "partition_ids", []), getattr(dsvs, "x", []), getattr(dsvs, "y", [])):
@@ -166,10 +165,7 @@ def _run_audit(inp: PipelineInputs, cells: Sequence[CellResult]) -> tuple[list[d
     rows = audit_sets(sets, private_x, normalize(inp.test_x, meta), model, meta, run_dir / "privacy", inp.device,
                       n_reference=s.privacy.audit_reference, seed=s.seed, labels=labels,
                       private_y=_private_labels(s, private_index)) if sets else []
-    with (run_dir / "privacy_audit.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=_AUDIT_KEYS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_dict_csv(run_dir / "privacy_audit.csv", _AUDIT_KEYS, rows, extrasaction="ignore")
     return rows, time.perf_counter() - t0
 
 
@@ -265,7 +261,7 @@ def write_privacy_reports(inp: PipelineInputs, cells: Sequence[CellResult]) -> d
                          f"{_fnum(r['l2_ref_p1'])} | {r['n_flagged_l2']} | {_fnum(r['cos_max'])} | "
                          f"{_fnum(r['cos_ref_p99'])} | {r['n_flagged_cos']} |")
     paths = {"privacy": run_dir / "privacy.md", "communication": run_dir / "communication.md"}
-    paths["privacy"].write_text("\n".join(lines) + "\n")
+    write_text(paths["privacy"], "\n".join(lines) + "\n")
     # results.md's privacy note comes from results_note(), appended by server.reports.figures.rebuild_report
     # (so `python -m server.report` rebuilds results.md byte-identically).
     if audit_rows:

@@ -11,7 +11,6 @@ Files (in the run folder):
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from common.grid import PIPC_ALL, pipc_label
 from server.reports.stats import paired_markdown
+from server.store.run_folder import write_csv, write_dict_csv, write_text
 from server.sweep.result import CellResult
 
 __all__ = [
@@ -102,23 +102,18 @@ def results_markdown(cells: Sequence[CellResult], title: str | None = None, scop
 
 def write_results(cells: Sequence[CellResult], run_dir: Path, title: str | None = None,
                   scope: str | None = None) -> dict[str, Path]:
-    run_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": run_dir / "results.md", "csv": run_dir / "results.csv", "long": run_dir / "results_long.csv"}
-    paths["md"].write_text(results_markdown(cells, title, scope))
+    write_text(paths["md"], results_markdown(cells, title, scope))
     rows, methods, by_key = _grid(cells)
-    with paths["csv"].open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["ipc", "pipc", *methods])
-        for ipc, pipc in rows:
-            w.writerow([ipc, pipc_label(pipc), *(_cell_text(by_key, (m, ipc, pipc)) for m in methods)])
-    with paths["long"].open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "ipc", "pipc", "seed", "mean", "std", "num_models", "accuracies", "distill_s", "eval_s",
-                    "skipped"])
-        for c in cells:
-            w.writerow([c.method, c.ipc, pipc_label(c.pipc), c.seed, "" if c.skipped else f"{c.mean:.6f}",
-                        "" if c.skipped else f"{c.std:.6f}", len(c.accuracies),
-                        " ".join(f"{a:.6f}" for a in c.accuracies), f"{c.distill_s:.2f}", f"{c.eval_s:.2f}", c.skipped])
+    write_csv(paths["csv"], [["ipc", "pipc", *methods],
+                             *([ipc, pipc_label(pipc), *(_cell_text(by_key, (m, ipc, pipc)) for m in methods)]
+                               for ipc, pipc in rows)])
+    write_csv(paths["long"], [["method", "ipc", "pipc", "seed", "mean", "std", "num_models", "accuracies", "distill_s",
+                               "eval_s", "skipped"],
+                              *([c.method, c.ipc, pipc_label(c.pipc), c.seed, "" if c.skipped else f"{c.mean:.6f}",
+                                 "" if c.skipped else f"{c.std:.6f}", len(c.accuracies),
+                                 " ".join(f"{a:.6f}" for a in c.accuracies), f"{c.distill_s:.2f}", f"{c.eval_s:.2f}",
+                                 c.skipped] for c in cells)])
     return paths
 
 
@@ -127,12 +122,8 @@ def write_rounds(rounds: Sequence[dict], path: Path) -> Path:
     keys = ["round", "test_acc", "test_loss", "train_loss", "client_eval_acc"]
     if any("val_acc" in row for row in rounds):  # data.validation_size: the split that judges the plateau
         keys.insert(3, "val_acc")
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for row in rounds:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in keys})
-    return path
+    return write_dict_csv(path, keys, ({k: ("" if row.get(k) is None else row.get(k)) for k in keys} for row in rounds),
+                          extrasaction="ignore")
 
 
 def upload_summary(weight_uploads: Sequence[dict], safe_uploads: Sequence[dict],
@@ -176,18 +167,15 @@ def write_uploads(weight_uploads: Sequence[dict], safe_uploads: Sequence[dict], 
               "round": f"query {u['request']}", "images": u["images"], "bytes": u["bytes"]} for u in safe_uploads]
     rows += [{"partition_id": u["partition_id"], "node_id": u["node_id"], "kind": "dsv", "round": "query.dsv",
               "images": u["images"], "bytes": u["bytes"]} for u in dsv_uploads]
-    with paths["csv"].open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["partition_id", "node_id", "kind", "round", "images", "bytes"])
-        w.writeheader()
-        w.writerows(sorted(rows, key=lambda r: (r["partition_id"], r["kind"] != "weights", str(r["round"]))))
-    paths["json"].write_text(json.dumps({"per_client": upload_summary(weight_uploads, safe_uploads, dsv_uploads),
+    write_dict_csv(paths["csv"], ["partition_id", "node_id", "kind", "round", "images", "bytes"],
+                   sorted(rows, key=lambda r: (r["partition_id"], r["kind"] != "weights", str(r["round"]))))
+    write_text(paths["json"], json.dumps({"per_client": upload_summary(weight_uploads, safe_uploads, dsv_uploads),
                                          "uploads": rows}, indent=2))
     return paths
 
 
 def write_timings(timings: dict[str, float], path: Path) -> Path:
-    path.write_text(json.dumps({k: round(v, 3) for k, v in timings.items()}, indent=2))
-    return path
+    return write_text(path, json.dumps({k: round(v, 3) for k, v in timings.items()}, indent=2))
 
 
 def _mib(n: int | None) -> str:

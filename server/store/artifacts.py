@@ -7,14 +7,20 @@
 - synthetic artifact ``{"x": float N×C×H×W (normalized), "y": int64 N, "method", "ipc",
   "pipc", "dataset", "info"}`` (a distilled set S).
 
-Every write is atomic (temporary file in the same folder + ``os.replace``) so a crash
-never leaves a half-written file behind, and every load validates the contents and
-names the file in its error. ``ArtifactError`` is a ``ValueError``.
+Every write is atomic and confined to its run folder (``common.atomic``: temporary file in the
+same folder + ``os.replace``, no write through a link), so a crash never leaves a half-written
+file behind. Every load validates the contents and names the file in its error: the file is a
+regular file (no link) under :data:`MAX_TORCH_FILE_BYTES`; every tensor in it has at most
+:data:`MAX_TENSOR_DIMS` dimensions, each at most :data:`MAX_TENSOR_DIM`, no stride 0 and no more
+elements than its storage holds (a few bytes of storage cannot pose as a huge tensor); images,
+labels and weights are contiguous with storage equal to their size; a model's ``arch`` stays
+within the scenario's model limits before anything is built. ``ArtifactError`` is a ``ValueError``.
 """
 
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,9 +31,14 @@ from torch import Tensor, nn
 from common.atomic import atomic_torch_save
 from common.datasets import get_meta
 from common.models import build_model
+from common.scenario import ModelConfig
 
 __all__ = [
     "ArtifactError",
+    "MAX_TORCH_FILE_BYTES",
+    "MAX_TENSOR_DIMS",
+    "MAX_TENSOR_DIM",
+    "check_tensor",
     "load_torch_file",
     "ModelArtifact",
     "SafeArtifact",
@@ -42,8 +53,56 @@ __all__ = [
 ]
 
 
+MAX_TORCH_FILE_BYTES = 4 << 30  # the largest artifact: every CIFAR training image as a uint8 pool is 150 MB
+MAX_TENSOR_DIMS = 8
+MAX_TENSOR_DIM = 1 << 31
+
+
 class ArtifactError(ValueError):
     """An artifact file is missing, unreadable or holds the wrong contents."""
+
+
+def check_tensor(t: Tensor, where: str, contiguous: bool = False) -> None:
+    """Refuse a tensor whose shape is out of bounds, that repeats its storage (stride 0, overlap) or that
+    claims more elements than its storage holds; ``contiguous``: its storage must be exactly its size."""
+    shape = tuple(t.shape)
+    if t.dim() > MAX_TENSOR_DIMS or any(d > MAX_TENSOR_DIM for d in shape):
+        raise ArtifactError(f"{where}: tensor shape {shape} is out of bounds (at most {MAX_TENSOR_DIMS} dimensions "
+                            f"of at most {MAX_TENSOR_DIM})")
+    if t.numel() == 0:
+        return
+    if any(st == 0 and d > 1 for st, d in zip(t.stride(), shape)):
+        raise ArtifactError(f"{where}: tensor of shape {shape} has stride {tuple(t.stride())}: a stride of 0 repeats "
+                            "one stored element; artifact tensors are stored densely")
+    need = t.numel() * t.element_size()
+    have = t.untyped_storage().nbytes()
+    if need > have:
+        raise ArtifactError(f"{where}: tensor of shape {shape} needs {need} bytes but its storage holds {have}")
+    if contiguous and (not t.is_contiguous() or have != need or t.storage_offset() != 0):
+        raise ArtifactError(f"{where}: tensor of shape {shape} must be stored contiguously on its own "
+                            f"(storage {have} bytes for {need})")
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` on the CPU, contiguous, with a storage of exactly its size (a view of a larger tensor is copied),
+    as :func:`check_tensor` with ``contiguous`` expects it back."""
+    t = t.detach().cpu().contiguous()
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def _check_tensors(obj: Any, where: str, depth: int = 0) -> None:
+    if depth > 32:
+        raise ArtifactError(f"{where}: nested more than 32 levels deep")
+    if isinstance(obj, Tensor):
+        check_tensor(obj, where)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            _check_tensors(v, where, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _check_tensors(v, where, depth + 1)
 
 
 def load_torch_file(path: str | os.PathLike[str], what: str = "artifact") -> Any:
@@ -52,12 +111,19 @@ def load_torch_file(path: str | os.PathLike[str], what: str = "artifact") -> Any
 
     tests/test_run_folder_integrity.py fails if any other module calls torch.load / pickle."""
     path = Path(path)
+    if path.is_symlink():
+        raise ArtifactError(f"{what} file {path} is a symbolic link; artifacts are read only from their own files")
     if not path.is_file():
         raise ArtifactError(f"{what} file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_TORCH_FILE_BYTES:
+        raise ArtifactError(f"{what} file {path} is {size} bytes, over the {MAX_TORCH_FILE_BYTES}-byte limit")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt / foreign files
         raise ArtifactError(f"{what} file {path} cannot be read as a torch.save file (weights only): {exc}") from exc
+    _check_tensors(obj, f"{what} file {path}")
+    return obj
 
 
 def _load_dict(path: str | os.PathLike[str], what: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -108,7 +174,7 @@ def save_model_artifact(
 ) -> Path:
     """Write theta* (a module or its state_dict) with its architecture and dataset name."""
     sd = model.state_dict() if isinstance(model, nn.Module) else dict(model)
-    sd = {k: v.detach().cpu().clone() for k, v in sd.items()}
+    sd = {k: _dense(v.clone()) for k, v in sd.items()}
     payload = {"state_dict": sd, "arch": dict(arch or {}), "dataset": dataset, "extra": dict(extra or {})}
     return atomic_torch_save(payload, path)
 
@@ -124,9 +190,22 @@ def load_model_artifact(path: str | os.PathLike[str], dataset: str | None = None
         arch = {}
     if not isinstance(arch, dict):
         raise ArtifactError(f"model file {path}: 'arch' must be a dict, got {type(arch).__name__}")
+    _check_arch(arch, f"model file {path}")
+    for k, v in sd.items():
+        check_tensor(v, f"model file {path}: state_dict[{k!r}]", contiguous=True)
     name = _check_dataset(obj, path, "model", dataset)
     extra = obj.get("extra") or {}
     return ModelArtifact(state_dict=sd, arch=arch, dataset=name, extra=dict(extra), path=path)
+
+
+def _check_arch(arch: Mapping[str, Any], where: str) -> None:
+    """The arch's width and depth within the scenario's model limits (common.scenario.ModelConfig)."""
+    for f in dataclasses.fields(ModelConfig):
+        value, limit = arch.get(f.name), f.metadata.get("limit")
+        if limit is None or value is None:
+            continue
+        if type(value) is not int or not 0 < value <= limit:
+            raise ArtifactError(f"{where}: arch {f.name}={value!r} is out of bounds (an int in 1..{limit})")
 
 
 def build_model_from_artifact(artifact: ModelArtifact, meta: Any) -> nn.Module:
@@ -136,6 +215,7 @@ def build_model_from_artifact(artifact: ModelArtifact, meta: Any) -> nn.Module:
     naming the file.
     """
     where = artifact.path if artifact.path is not None else "<in-memory model artifact>"
+    _check_arch(artifact.arch, f"model file {where}")
     try:
         model = build_model(meta, artifact.arch)
     except ValueError as exc:
@@ -162,7 +242,8 @@ class SafeArtifact:
     path: Path | None = None
 
 
-def _check_images(x: Any, y: Any, where: Any, meta: Any | None, x_dtype: torch.dtype | None) -> None:
+def _check_images(x: Any, y: Any, where: Any, meta: Any | None, x_dtype: torch.dtype | None,
+                  stored: bool = True) -> None:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise ArtifactError(f"{where}: 'x' and 'y' must be tensors")
     if x_dtype is not None and x.dtype != x_dtype:
@@ -185,6 +266,9 @@ def _check_images(x: Any, y: Any, where: Any, meta: Any | None, x_dtype: torch.d
             raise ArtifactError(
                 f"{where}: labels must lie in [0, {meta.num_classes}), got [{int(y.min())}, {int(y.max())}]"
             )
+    if stored:  # read back from a file: each tensor dense and on its own storage
+        check_tensor(x, f"{where}: 'x'", contiguous=True)
+        check_tensor(y, f"{where}: 'y'", contiguous=True)
 
 
 def save_safe_artifact(
@@ -195,8 +279,8 @@ def save_safe_artifact(
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the pooled safe set T' (uint8 images, int64 labels)."""
-    _check_images(x, y, f"safe set for {path}", None, torch.uint8)
-    payload = {"x": x.detach().cpu().contiguous(), "y": y.detach().cpu().contiguous(),
+    _check_images(x, y, f"safe set for {path}", None, torch.uint8, stored=False)
+    payload = {"x": _dense(x), "y": _dense(y),
                "dataset": dataset, "extra": dict(extra or {})}
     return atomic_torch_save(payload, path)
 
@@ -235,8 +319,8 @@ def save_synthetic_artifact(
 ) -> Path:
     """Write a ``SyntheticSet`` (x, y, method, ipc, info) with its dataset and pipc."""
     payload = {
-        "x": syn.x.detach().cpu().to(torch.float32).contiguous(),
-        "y": syn.y.detach().cpu().to(torch.int64).contiguous(),
+        "x": _dense(syn.x.detach().to(torch.float32)),
+        "y": _dense(syn.y.detach().to(torch.int64)),
         "method": syn.method,
         "ipc": int(syn.ipc),
         "pipc": int(pipc),
@@ -247,13 +331,18 @@ def save_synthetic_artifact(
 
 
 def load_synthetic_artifact(
-    path: str | os.PathLike[str], dataset: str | None = None, meta: Any | None = None
+    path: str | os.PathLike[str], dataset: str | None = None, meta: Any | None = None,
+    cell: tuple[str, int] | None = None,
 ) -> SyntheticArtifact:
-    """Read and check a synthetic-set artifact."""
+    """Read and check a synthetic-set artifact (``cell``: the (method, pipc) of the cell it must belong to)."""
     path = Path(path)
     obj = _load_dict(path, "synthetic", ("x", "y", "method", "ipc", "dataset"))
     name = _check_dataset(obj, path, "synthetic", dataset if dataset is not None else getattr(meta, "name", None))
     _check_images(obj["x"], obj["y"], f"synthetic file {path}", meta, None)
+    if cell is not None and (obj["method"], obj.get("pipc")) != tuple(cell):
+        raise ArtifactError(f"synthetic file {path} holds a set of method {obj['method']!r} pipc {obj.get('pipc')}, "
+                            f"not of its cell (method {cell[0]!r} pipc {cell[1]}): another cell's set; delete it to "
+                            "recompute the cell")
     return SyntheticArtifact(
         x=obj["x"], y=obj["y"], method=str(obj["method"]), ipc=int(obj["ipc"]),
         pipc=int(obj.get("pipc", -1)), dataset=name, info=dict(obj.get("info") or {}), path=path,

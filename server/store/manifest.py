@@ -10,12 +10,18 @@ Every run folder gets a ``manifest.json``::
   safe policy, faults, pool size). Output folder, distillation and evaluation settings are
   left out: changing them must not force a new federation.
 * :func:`record_files` is called right after an artifact was written atomically (temp +
-  rename, ``server.store.artifacts.atomic_torch_save``); the manifest itself is written the same way.
+  rename, ``server.store.run_folder.RunFolder``); the manifest itself is written the same way.
 * :func:`verify_files` recomputes the hashes; a mismatch raises :class:`ManifestError`
   naming the file (a truncated copy, a manual edit, a different run's file).
 * :func:`load_history` gives a resumed run (``server.sweep.cells.resumable_federation`` decides
   whether phases 1-2 are skipped) the rounds, uploads and client failures of the run that
   made the artifacts, so its report equals that of an uninterrupted run.
+
+What the manifest protects against: accidents. A truncated copy, a file from another run or an
+edited number shows up as a sha256 mismatch, and a listed file replaced by a symbolic link (say a
+cell's ``.pt`` pointing at another cell's set) is refused. It is not a signature: the hashes are
+not keyed by a secret kept outside the folder, so whoever can write the folder can edit a file and
+recompute its entry. Treat a run folder from someone else as their claim, not as proof.
 """
 
 from __future__ import annotations
@@ -23,13 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.atomic import atomic_write_text
 from common.scenario import Scenario
 from server.store.artifacts import load_torch_file
 from server.store.artifacts import load_model_artifact, load_safe_artifact
@@ -38,6 +44,7 @@ __all__ = ["MANIFEST", "PHASE12_FILES", "ManifestError", "federation_stamp", "fi
            "verify_files", "load_history"]
 
 MANIFEST = "manifest.json"
+_MAX_MANIFEST_BYTES = 64 << 20
 PHASE12_FILES = ("global_model.pt", "safe_pool.pt")
 
 
@@ -83,9 +90,13 @@ def _tensor_summary(obj: Any, prefix: str = "", out: dict | None = None) -> dict
 
 def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = Path(run_dir) / MANIFEST
+    if path.is_symlink():
+        raise ManifestError(f"{path} is a symbolic link; a run folder's manifest must be its own file")
     if not path.is_file():
         return None
     try:
+        if path.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise OSError(f"{path.stat().st_size} bytes, over the {_MAX_MANIFEST_BYTES}-byte limit")
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ManifestError(f"{path} is unreadable ({err}); delete it to start the run afresh") from err
@@ -95,18 +106,7 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def _write_manifest(run_dir: Path, data: dict[str, Any]) -> Path:
-    target = run_dir / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_text(run_dir / MANIFEST, json.dumps(data, indent=1, sort_keys=True), root=run_dir)
 
 
 def record_files(run_dir: str | os.PathLike[str], names: Iterable[str], fp: str | None = None) -> Path:
@@ -149,6 +149,9 @@ def verify_files(run_dir: str | os.PathLike[str], names: Iterable[str], required
             if required:
                 raise ManifestError(f"{path} is not listed in {run_dir / MANIFEST}; rerun phases 1-2")
             continue
+        if path.is_symlink():
+            raise ManifestError(f"{path} is a symbolic link, not the file this run wrote (the manifest lists "
+                                "files, links are refused); delete it and the manifest to recompute it")
         if not path.is_file():
             raise ManifestError(f"{path} is listed in {run_dir / MANIFEST} but missing; rerun phases 1-2 "
                                 "(delete the manifest) or restore the file")

@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -46,8 +45,9 @@ from server.store.artifacts import load_synthetic_artifact, save_synthetic_artif
 from server.federation.collect import pool_subset
 from common.distill.synthesize import DistillConfig, SyntheticSet
 from common.methods import uses_dsvs
-from server.sweep.faults import record_failed_cell
-from server.store.manifest import MANIFEST, ManifestError, federation_stamp, read_manifest, record_files, verify_files
+from server.sweep.faults import failure_fields
+from server.store.manifest import MANIFEST, ManifestError, federation_stamp, read_manifest, verify_files
+from server.store.run_folder import RunFolder, RunFolderError
 from common.evaluate import EvalConfig
 from server.sweep.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
 from server.sweep.inputs import PipelineInputs
@@ -104,12 +104,6 @@ def tensor_digest(*tensors: torch.Tensor | None) -> str:
 
 def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
-
-
-def _atomic_write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -187,8 +181,8 @@ def _record_to_cell(rec: Any, run_dir: Path, where: str = "cell record") -> Cell
 def _read_record(path: Path) -> dict:
     """JSON of one cell record; any failure names the file."""
     try:
-        rec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        rec = json.loads(RunFolder(path.parent).read_text(path.name))  # a regular file, no link, size-limited
+    except (OSError, RunFolderError, json.JSONDecodeError) as err:
         raise CellRecordError(f"{path} cannot be read as a cell record ({type(err).__name__}: {err}); "
                               "delete it to recompute the cell") from err
     if not isinstance(rec, dict):
@@ -196,10 +190,19 @@ def _read_record(path: Path) -> dict:
     return rec
 
 
-def _record_cell_files(run_dir: Path, spec: CellSpec, with_set: bool) -> None:
-    """Hash the cell's record (and synthetic set) into manifest.json: a reported number is a checked one."""
-    names = [f"{CELLS_DIR}/{spec.name}.json"] + ([f"{CELLS_DIR}/{spec.name}.pt"] if with_set else [])
-    record_files(run_dir, names)
+def _new_record(spec: CellSpec, config: dict, **fields: Any) -> dict:
+    """A cell record: the cell, its config and ``fields`` (ok: files/result/info; skipped or failed: skipped...)."""
+    return _plain({"format": FORMAT, "cell": {**dataclasses.asdict(spec), "pipc_label": pipc_label(spec.pipc)},
+                   "config": config, **fields})
+
+
+def _write_record(run_dir: Path, spec: CellSpec, rec: dict, with_set: bool) -> Path:
+    """The one writer of ``cells/<cell>.json``: atomic, confined, and hashed into manifest.json together with
+    the cell's synthetic set (``with_set``), so a reported number is a checked one."""
+    folder = RunFolder(run_dir)
+    path = folder.write_json(f"{CELLS_DIR}/{spec.name}.json", rec)
+    folder.record([f"{CELLS_DIR}/{spec.name}.json"] + ([f"{CELLS_DIR}/{spec.name}.pt"] if with_set else []))
+    return path
 
 
 def _cell_listed(run_dir: Path, spec: CellSpec) -> str | None:
@@ -264,10 +267,7 @@ def read_cells(run_dir: str | Path, scenario: Scenario) -> list[CellResult]:
 
 def _skipped(spec: CellSpec, reason: str, run_dir: Path, config: dict) -> CellResult:
     log(INFO, "cell %s skipped: %s", spec.name, reason)
-    rec = {"format": FORMAT, "cell": {**dataclasses.asdict(spec), "pipc_label": pipc_label(spec.pipc)},
-           "config": config, "skipped": reason}
-    _atomic_write_json(rec, run_dir / CELLS_DIR / f"{spec.name}.json")
-    _record_cell_files(run_dir, spec, with_set=False)
+    _write_record(run_dir, spec, _new_record(spec, config, skipped=reason), with_set=False)
     return CellResult(method=spec.method, ipc=spec.ipc, pipc=spec.pipc, seed=spec.seed, accuracies=[],
                       mean=float("nan"), std=float("nan"), skipped=reason)
 
@@ -354,7 +354,7 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
                     if cell is not None:
                         done[spec] = cell
                         if method == "dsv":
-                            art = load_synthetic_artifact(pt_path, dataset=meta.name)
+                            art = load_synthetic_artifact(pt_path, dataset=meta.name, cell=(method, pipc))
                             group_dsv = SyntheticSet(x=art.x, y=art.y, method="dsv", ipc=art.ipc, info=art.info)
                         reused += 1
                         log(INFO, "cell %s: finished earlier, read back from %s", spec.name, json_path)
@@ -373,22 +373,22 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
         if uses_dsvs(spec.method) and group in computed_dsv:  # the input it took, known once the dsv ran
             config = configs[spec] = _plain({**config, "inputs": {**config["inputs"], "dsv": computed_dsv[group]}})
         if out.error is not None:  # NaN/Inf in this cell: record it, go on (server/sweep/faults.py)
-            done[spec] = record_failed_cell(spec, out.error, run_dir, config, CELLS_DIR, FORMAT)
-            _record_cell_files(run_dir, spec, with_set=False)
+            rec = _new_record(spec, config, **failure_fields(spec, out.error))
+            _write_record(run_dir, spec, rec, with_set=False)
+            done[spec] = CellResult(method=spec.method, ipc=spec.ipc, pipc=spec.pipc, seed=spec.seed, accuracies=[],
+                                    mean=float("nan"), std=float("nan"), skipped=rec["skipped"])
             return
         syn, res = out.syn, out.result
         if spec.method == "dsv":
             computed_dsv[group] = tensor_digest(syn.x)
         json_path, pt_path = cells_dir / f"{spec.name}.json", cells_dir / f"{spec.name}.pt"
         save_synthetic_artifact(pt_path, syn, meta.name, spec.pipc)  # before the record: record => set exists
-        rec = {"format": FORMAT, "cell": {**dataclasses.asdict(spec), "pipc_label": pipc_label(spec.pipc)},
-               "config": config, "files": {"synthetic": f"{CELLS_DIR}/{pt_path.name}",
-                                           "grid": f"images/{spec.name}.png"},
-               "result": {"accuracies": list(res.accuracies), "mean": res.mean, "std": res.std,
-                          "distill_s": out.distill_s, "eval_s": out.eval_s},
-               "info": _plain(syn.info)}
-        _atomic_write_json(rec, json_path)
-        _record_cell_files(run_dir, spec, with_set=True)
+        rec = _new_record(spec, config, files={"synthetic": f"{CELLS_DIR}/{pt_path.name}",
+                                               "grid": f"images/{spec.name}.png"},
+                          result={"accuracies": list(res.accuracies), "mean": res.mean, "std": res.std,
+                                  "distill_s": out.distill_s, "eval_s": out.eval_s},
+                          info=syn.info)
+        _write_record(run_dir, spec, rec, with_set=True)
         done[spec] = _record_to_cell(rec, run_dir, str(json_path))
         history = syn.info.get("loss_history") or []
         if has_dkkt_trace(history):
@@ -437,9 +437,7 @@ _STAMP = "federation.json"
 
 
 def write_federation_stamp(s: Scenario) -> Path:
-    path = s.run_dir / _STAMP
-    _atomic_write_json(federation_stamp(s), path)
-    return path
+    return RunFolder(s.run_dir).write_json(_STAMP, federation_stamp(s))
 
 
 def resumable_federation(s: Scenario) -> bool:
@@ -450,8 +448,8 @@ def resumable_federation(s: Scenario) -> bool:
     if not all((d / f).is_file() for f in (_STAMP, "global_model.pt", "safe_pool.pt")):
         return False
     try:
-        stored = json.loads((d / _STAMP).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        stored = json.loads(RunFolder(d).read_text(_STAMP))
+    except (OSError, RunFolderError, json.JSONDecodeError) as err:
         log(WARNING, "resume: %s is unreadable (%s); running the federated phases again", d / _STAMP, err)
         return False
     if stored != federation_stamp(s):

@@ -15,12 +15,12 @@ grad L_i) for safe images and the synthetic set at points of the path theta_0 ->
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from common.distill.stationarity import markdown_table
+from server.store.run_folder import save_figure, write_csv, write_text
 
 __all__ = ["TRACE_COLUMNS", "write_trace_csv", "plot_trace", "summarize_trace", "has_dkkt_trace", "write_cell_trace",
            "write_stationarity"]
@@ -34,15 +34,8 @@ TRACE_COLUMNS = (
 
 def write_trace_csv(history: Sequence[dict[str, Any]], path: Path) -> Path:
     """One row per logged iteration; columns a method does not have stay empty."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(TRACE_COLUMNS)
-        for row in history:
-            w.writerow(["" if row.get(k) is None else row[k] for k in TRACE_COLUMNS])
-    tmp.replace(path)
-    return path
+    return write_csv(path, [TRACE_COLUMNS, *(["" if row.get(k) is None else row[k] for k in TRACE_COLUMNS]
+                                             for row in history)])
 
 
 def summarize_trace(history: Sequence[dict[str, Any]], skip_fraction: float = 0.1) -> dict[str, float]:
@@ -101,10 +94,10 @@ def plot_trace(history: Sequence[dict[str, Any]], path: Path, title: str) -> Pat
         ax_r.set_title("share of the image gradient (norm)")
         ax_r.legend(fontsize=8)
     fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def has_dkkt_trace(history: Sequence[dict[str, Any]]) -> bool:
@@ -114,15 +107,11 @@ def has_dkkt_trace(history: Sequence[dict[str, Any]]) -> bool:
 
 def write_stationarity(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """The stationarity diagnostic of one cell as a markdown table (t = 0: theta_0, t = 1: theta*)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join([f"# Stationarity diagnostic: {title}", "",
                       "cos(target, -sum_i lambda_i grad L_i) with the gradients at theta_0 + t (theta* - theta_0); "
                       "lambda: uniform (all 1), the learned multipliers, or the best non-negative (NNLS).", "",
                       *markdown_table(rows), ""])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text(path, text)
 
 
 def write_cell_trace(history: Sequence[dict[str, Any]], traces_dir: Path, name: str, method: str, ipc: int,
