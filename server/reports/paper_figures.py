@@ -113,8 +113,8 @@ def plot_accuracy_ci(points: Sequence[MethodPoint], path: Path, split: str, titl
             xs = [i] if one_pipc else [pipcs.index(p.pipc) for p in pts]
             err = [0.0 if math.isnan(p.half_width) else p.half_width for p in pts]
             ax.errorbar(xs, [p.mean for p in pts], yerr=err, label=method, color=f"C{i % 10}",
-                        marker=MARKERS[i % len(MARKERS)], capsize=3, linewidth=0 if one_pipc else 1.4,
-                        markersize=5)
+                        marker=MARKERS[i % len(MARKERS)], capsize=3, linestyle="none" if one_pipc else "-",
+                        linewidth=1.4, elinewidth=1.4, markersize=5)
         if one_pipc:
             ax.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize="small")
             ax.set_xlim(-0.6, len(methods) - 0.4)
