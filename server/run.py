@@ -36,7 +36,7 @@ from common.scenario import Scenario, check_resources, save_resolved
 from server.store.artifacts import save_model_artifact, save_safe_artifact
 from server.federation.collect import collect_safe_pool
 from common.evaluate import test_accuracy
-from server.federation.federate import run_federation, wait_for_nodes
+from server.federation.federate import finite_outputs, run_federation, wait_for_nodes
 from server.pipeline import load_reused, run_pipeline
 from server.sweep.inputs import PipelineInputs
 from server.store.manifest import PHASE12_FILES, fingerprint, load_history, record_files, verify_files
@@ -110,8 +110,9 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
                 eval_model.load_state_dict(state)
                 return test_accuracy(eval_model, val_norm, val_y, device)[0]
 
+        probe = finite_outputs(eval_model, test_norm[:64])  # inputs only: finite outputs, never an accuracy
         fed = run_federation(grid, scenario, initial, nodes, central_eval, failures=failures, plan=plan,
-                             val_eval=val_eval)
+                             val_eval=val_eval, probe=probe)
         save_model_artifact(run_dir / "global_model.pt", fed.state_dict, arch, meta.name,
                             extra={"rounds": fed.rounds, "scenario": scenario.name, "weight_uploads": fed.uploads})
         record_files(run_dir, ["global_model.pt"], fingerprint(scenario))  # sha256 + shapes, checked on reuse
