@@ -80,9 +80,9 @@ class FederationConfig:
     byzantine_clients: int = knob(0, "krum | multikrum | bulyan: clients assumed malicious (f); multikrum averages "
                                   "the n - f best, bulyan needs n >= 4f + 3", ge=0, limit=100_000)
     trim_beta: float = knob(0.2, "fedtrimmedavg: fraction cut from each tail per coordinate", ge=0, lt=0.5)
-    update_norm_bound: float | None = knob(None, "largest L2 norm of a client's update (its weights minus the "
-                                           "global model's) as a multiple of the global model's norm; None: no "
-                                           "bound", gt=0)
+    update_norm_bound: float | None = knob(10.0, "largest L2 norm of a client's update (its weights minus the "
+                                           "global model's) as a multiple of the global model's norm (honest "
+                                           "rounds stay well under 1); None: no bound", gt=0)
     update_norm_action: str = knob("reject", "an update beyond update_norm_bound: reject (left out, reported) | "
                                    "clip (scaled to the bound, reported)", choices=NORM_ACTIONS)
 

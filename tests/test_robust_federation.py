@@ -5,7 +5,7 @@ runs several federations on the same grid (``server.federation.federate.run_fede
 server's phase 1), honest and poisoned, each with its own ``federation.strategy``. Partition
 ``ATTACKER``'s train replies are poisoned after the real handler trained: which attack comes from
 the scenario's name, so one Ray start serves every case. The honest outcome asserted: the global
-model within 2 points of the same strategy's honest run, the attacker (and nobody else) named in
+model no more than 2 points below the same strategy's honest run, the attacker (and nobody else) named in
 the failure log when a bound or the finiteness check caught it.
 """
 
@@ -33,6 +33,8 @@ def _poison(kind: str, local: dict[str, np.ndarray], start: dict[str, np.ndarray
     """The attacker's weights from its honest ones (``local``) and the global model it started from."""
     if kind == "scale":  # the update times 1e30: finite, and swamps any average
         return {k: (start[k] + 1e30 * (v - start[k])).astype(v.dtype) for k, v in local.items()}
+    if kind == "boost":  # the update times 1000: outputs stay finite, the model is ruined
+        return {k: (start[k] + 1e3 * (v - start[k])).astype(v.dtype) for k, v in local.items()}
     if kind == "flip":  # the sign-flipped model
         return {k: -v for k, v in local.items()}
     if kind == "huge":  # finite but huge everywhere
@@ -131,21 +133,25 @@ def _named(rows: list[dict]) -> set[int]:
 
 @needs_fmnist
 def test_norm_bound_and_finiteness_name_the_attacker(tmp_path: Path) -> None:
-    """FedAvg: x1e30 and sign-flipped updates are rejected by the norm bound, 3e38 weights by the
-    finiteness check; the model stays within 2 points of the honest run and only the attacker is named."""
+    """FedAvg: x1e30, x1000 and sign-flipped updates are rejected by the norm bound, 3e38 weights by the
+    finiteness check; the model stays within 2 points of the honest run and only the attacker is named.
+    Without the bound the x1000 update costs FedAvg more than 5 points (the attack is real)."""
     bound = {"update_norm_bound": 1.0}
     cases = [_values(tmp_path, "fedavg", "honest"),
              _values(tmp_path, "fedavg", "scale", **bound),
              _values(tmp_path, "fedavg", "flip", **bound),
-             _values(tmp_path, "fedavg", "huge")]  # no bound: the aggregate's outputs are not finite
-    honest, scale, flip, huge = _federate(tmp_path, cases)
-    print({r["name"]: r["acc"] for r in (honest, scale, flip, huge)})
+             _values(tmp_path, "fedavg", "huge", update_norm_bound=None),  # the aggregate's outputs are not finite
+             _values(tmp_path, "fedavg", "boost", **bound),
+             _values(tmp_path, "fedavg", "boost", update_norm_bound=None)]  # the control: no bound at all
+    honest, scale, flip, huge, boost, unbounded = _federate(tmp_path, cases)
+    print({r["name"]: r["acc"] for r in (honest, scale, flip, huge, boost)}, "unbounded boost", unbounded["acc"])
     assert honest["rows"] == [] and honest["acc"] > 0.4
-    for run in (scale, flip, huge):
-        assert abs(run["acc"] - honest["acc"]) <= 0.02, (run["name"], run["acc"], honest["acc"])
+    assert unbounded["acc"] < honest["acc"] - 0.05, "the attack must hurt when unchecked"
+    for run in (scale, flip, huge, boost):
+        assert run["acc"] >= honest["acc"] - 0.02, (run["name"], run["acc"], honest["acc"])
         assert _named(run["rows"]) == {ATTACKER}, run["rows"]
         assert len(run["rows"]) == 2  # once per round
-    assert all("exceeds federation.update_norm_bound 1: rejected" in r["reason"] for r in scale["rows"] + flip["rows"])
+    assert all("exceeds federation.update_norm_bound 1: rejected" in r["reason"] for r in scale["rows"] + flip["rows"] + boost["rows"])
     assert all("is not finite: left out of the round" in r["reason"] for r in huge["rows"])
 
 
@@ -159,12 +165,101 @@ def test_norm_bound_and_finiteness_name_the_attacker(tmp_path: Path) -> None:
 ])
 def test_robust_strategies_hold_against_one_poisoned_client(tmp_path: Path, strategy: str, extra: dict) -> None:
     """Without any bound, Flower's robust aggregate of 4 honest + 1 poisoned client stays within 2 points."""
+    extra = {**extra, "update_norm_bound": None}  # the strategy alone
     cases = [_values(tmp_path, strategy, "honest", **extra), _values(tmp_path, strategy, "scale", **extra),
              _values(tmp_path, strategy, "flip", **extra)]
     honest, scale, flip = _federate(tmp_path, cases)
     print(strategy, {r["name"]: r["acc"] for r in (honest, scale, flip)})
     assert honest["acc"] > 0.4
     for run in (scale, flip):
-        assert abs(run["acc"] - honest["acc"]) <= 0.02, (run["name"], run["acc"], honest["acc"])
-        assert ATTACKER not in {int(r["partition_id"]) for r in run["rows"] if r["partition_id"] != ""} or \
-            _named(run["rows"]) == {ATTACKER}
+        assert run["acc"] >= honest["acc"] - 0.02, (run["name"], run["acc"], honest["acc"])
+        assert _named(run["rows"]) <= {ATTACKER}, run["rows"]  # an honest client is never blamed
+
+
+# ------------------------------------------------------------------ the strategies without Flower's message path
+
+
+def _replies(states: list[dict[str, torch.Tensor]]) -> list:
+    from tests.test_faults import _Reply, _train_content
+
+    out = []
+    for pid, state in enumerate(states):
+        content = _train_content(state)
+        content["client"]["partition-id"] = pid
+        out.append(_Reply(content, 100 + pid))
+    return out
+
+
+def _strategy(strategy: str, n: int, **federation):  # noqa: ANN003, ANN202
+    from common.records import state_dict_to_record
+    from common.scenario import scenario_from_dict
+    from server.federation.federate import tracking_strategy
+    from server.federation.validate import weight_signature
+    from tests.test_faults import STATE
+
+    s = scenario_from_dict({"federation": {"strategy": strategy, "num_clients": n, **federation}})
+    strat = tracking_strategy(s, n, min_clients=1, signature=weight_signature(STATE),
+                              expected_nodes=[100 + i for i in range(n)])
+    strat.global_arrays = state_dict_to_record(STATE)  # what configure_train records in a real round
+    return strat
+
+
+def _honest(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    from tests.test_faults import STATE
+
+    g = torch.Generator().manual_seed(seed)
+    return [{k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+             for k, v in STATE.items()} for _ in range(n)]
+
+
+@pytest.mark.parametrize("strategy, extra", [("bulyan", {"byzantine_clients": 1}), ("fedmedian", {}),
+                                             ("multikrum", {"byzantine_clients": 1}), ("krum", {"byzantine_clients": 1}),
+                                             ("fedtrimmedavg", {})])
+def test_each_strategy_keeps_one_scaled_update_out(strategy: str, extra: dict) -> None:
+    from tests.test_faults import STATE
+
+    states = _honest(7)
+    states[3] = {k: (STATE[k] + 1e30 * (v - STATE[k]) if v.is_floating_point() else v) for k, v in states[3].items()}
+    arrays, _ = _strategy(strategy, 7, update_norm_bound=None, **extra).aggregate_train(1, _replies(states))
+    w = torch.as_tensor(arrays["w"].numpy())
+    assert (w - STATE["w"]).abs().max() < 0.1, strategy  # the honest updates are 0.01-sized
+    fedavg, _ = _strategy("fedavg", 7, update_norm_bound=None).aggregate_train(1, _replies(states))
+    assert torch.as_tensor(fedavg["w"].numpy()).abs().max() > 1e20  # the same attack swamps plain FedAvg
+
+
+def test_clip_scales_an_update_to_the_bound_and_reports_it() -> None:
+    from tests.test_faults import STATE
+
+    states = _honest(3)
+    states[2] = {k: (-v if v.is_floating_point() else v) for k, v in states[2].items()}
+    strat = _strategy("fedavg", 3, update_norm_bound=0.5, update_norm_action="clip")
+    arrays, _ = strat.aggregate_train(1, _replies(states))
+    assert [(r["partition_id"], "clipped to the bound" in r["reason"]) for r in strat.failures.rows] == [(2, True)]
+    # FedAvg of two honest models and one update of norm exactly 0.5 x ||global||
+    ref = torch.cat([v.flatten().double() for v in STATE.values()])
+    clipped = 3 * torch.cat([torch.as_tensor(arrays[k].numpy()).flatten().double() for k in STATE]) - sum(
+        torch.cat([s[k].flatten().double() for k in STATE]) for s in states[:2])
+    assert abs(float((clipped - ref).norm() / ref.norm()) - 0.5) < 1e-4
+
+
+def test_a_round_with_no_finite_aggregate_is_rolled_back() -> None:
+    """Every client sends huge weights: nothing finite is left, the global model stays, each is named."""
+    from tests.test_faults import STATE
+
+    states = [{k: (torch.full_like(v, 3e38) if v.is_floating_point() else v) for k, v in s.items()} for s in _honest(2)]
+    strat = _strategy("fedavg", 2, update_norm_bound=None)
+    strat.probe = lambda state: bool(all(torch.isfinite(v.float() * 10).all() for v in state.values()))
+    arrays, metrics = strat.aggregate_train(1, _replies(states))
+    assert metrics is None and strat.rolled_back == [1]
+    assert torch.equal(torch.as_tensor(arrays["w"].numpy()), STATE["w"])
+    assert sorted(r["partition_id"] for r in strat.failures.rows) == [0, 1]
+
+
+def test_bulyan_needs_4f_plus_3_clients() -> None:
+    from common.config import ConfigError
+    from common.scenario import scenario_from_dict
+
+    with pytest.raises(ConfigError, match=r"federation.strategy.*num_clients >= 4 \* byzantine_clients \+ 3 = 7"):
+        scenario_from_dict({"federation": {"strategy": "bulyan", "byzantine_clients": 1, "num_clients": 6}})
+    with pytest.raises(ConfigError, match="federation.byzantine_clients"):
+        scenario_from_dict({"federation": {"strategy": "fedavg", "byzantine_clients": 1}})

@@ -336,5 +336,6 @@ class FailureLog:
             lines.append(f"| {r['phase']} | {r['round']} | {r['node_id']} | {'?' if r['partition_id'] == '' else r['partition_id']} | {reason} |")
         clients = sorted({(r["node_id"], r["partition_id"]) for r in self.rows}, key=str)
         lines += ["", f"{len(clients)} client(s) failed at least once; the run went on with the clients "
-                      "that answered (their replies were never averaged or pooled)."]
+                      "that answered (a failed reply was never averaged or pooled; a clipped update was "
+                      "averaged at the norm bound)."]
         return "\n".join(lines) + "\n"
