@@ -40,7 +40,8 @@ fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${FEDPDD_DATA_ROOT:-}" ]; then
   SUDO=$( [ "$(id -u)" -eq 0 ] && echo "" || echo "sudo " )
   echo "[setup] Fashion-MNIST not found: run '${SUDO}apt-get update && ${SUDO}apt-get install -y" \
-       "dataset-fashion-mnist', or pass --run-config \"data-root='/path/to/idx/files'\"" >&2
+       "dataset-fashion-mnist', or export FEDPDD_DATA_ROOT=/path/to/idx/files (the simulated devices' data)" \
+       "and pass --run-config \"data-root='/path/to/idx/files'\" (the server's)" >&2
 fi
 # shellcheck source=run_config.sh
 source "$ROOT/scenarios/run_config.sh"
