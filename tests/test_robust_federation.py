@@ -50,10 +50,17 @@ def _hostile_app() -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         start = {k: v.numpy() for k, v in msg.content[KEY_ARRAYS].items()}
-        reply = real.train(msg, context)
         name = json.loads(str(msg.content["config"]["scenario-json"]))["name"]
         kind = name.split("-")[1]
-        if int(context.node_config["partition-id"]) == ATTACKER and kind != "honest":
+        attacker = int(context.node_config["partition-id"]) == ATTACKER
+        if attacker and kind == "parts":  # a SuperNode started with another num-partitions
+            context = Context(run_id=context.run_id, node_id=context.node_id, state=context.state,
+                              node_config={**context.node_config, "num-partitions": 2 * NUM_CLIENTS},
+                              run_config=context.run_config)
+        reply = real.train(msg, context)
+        if attacker and kind == "negloss":
+            reply.content["metrics"]["train-loss"] = -5.0  # would pull the logged mean loss below zero
+        if attacker and kind in ("scale", "boost", "flip", "huge"):
             local = {k: v.numpy() for k, v in reply.content[KEY_ARRAYS].items()}
             reply.content[KEY_ARRAYS] = ArrayRecord(OrderedDict(
                 (k, Array(np.ascontiguousarray(v))) for k, v in _poison(kind, local, start).items()))
@@ -153,6 +160,19 @@ def test_norm_bound_and_finiteness_name_the_attacker(tmp_path: Path) -> None:
         assert len(run["rows"]) == 2  # once per round
     assert all("exceeds federation.update_norm_bound 1: rejected" in r["reason"] for r in scale["rows"] + flip["rows"] + boost["rows"])
     assert all("is not finite: left out of the round" in r["reason"] for r in huge["rows"])
+
+
+@needs_fmnist
+def test_numbers_the_server_can_check_against_its_plan(tmp_path: Path) -> None:
+    """A device whose shard is not the planned one (another num-partitions, num_clients left open) and one
+    that reports a negative loss are rejected and named; the honest clients' model is what remains."""
+    open_count = {"num_clients": None, "rounds": 1}
+    parts, negloss = _federate(tmp_path, [_values(tmp_path, "fedavg", "parts", **open_count),
+                                          _values(tmp_path, "fedavg", "negloss", **open_count)])
+    for run, reason in ((parts, "'shard-size'"), (negloss, "'train-loss' must be >= 0")):
+        assert _named(run["rows"]) == {ATTACKER}, run["rows"]
+        assert all(reason in r["reason"] for r in run["rows"]), run["rows"]
+    assert "num-partitions" in parts["rows"][0]["reason"]
 
 
 @needs_fmnist

@@ -45,7 +45,8 @@ from server.federation.collect import SafePool, collect_safe_pool
 from server.federation.federate import FederationError, wait_for_nodes
 from server.store.manifest import fingerprint, record_files
 from server.federation.validate import (DSV_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count,
-                             check_client_record, check_metric_keys, check_record_names, claimed_partition,
+                             check_client_record, check_metric_keys, check_record_names, check_training_metrics,
+                             claimed_partition,
                              shard_plan)
 
 __all__ = ["ClientDSVs", "NoModelResult", "DSV_MESSAGE_TYPE", "combine_dsvs",
@@ -116,6 +117,7 @@ def _screen_dsv_reply(reply: Message, meta: DatasetMeta, ipc: int, plan: ShardPl
     pid = check_client_record(content, plan, claimed.get(node), claimed, node)
     if plan is not None:
         _count(metrics["num-examples"], "'num-examples'", 1, plan.num_train[pid])
+    check_training_metrics(metrics)
     record = content.array_records[KEY_DSV]
     if set(record.keys()) != {"x", "y"}:
         raise ReplyRejected(f"a DSV record holds exactly the arrays x and y, got {sorted(record.keys())}")
