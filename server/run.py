@@ -119,9 +119,18 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
 
     pool_pipc, allow_short = quota or (scenario.pool_pipc, False)  # server.sweep.cells.pool_quota: pipc 'all'
     with _phase(timings, "2/5", "collect", f"{pipc_label(scenario.pool_pipc)} safe images per class"):
+        theta = build_model(meta, arch).to(device)
+        theta.load_state_dict(fed.state_dict)
+        theta.eval()
+
+        def predict(x: torch.Tensor) -> torch.Tensor:  # theta*'s class for each safe image (the label screen)
+            with torch.no_grad():
+                return theta(normalize(x, meta).to(device)).argmax(1).cpu()
+
         pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, pool_pipc, allow_short=allow_short,
                                  seed=scenario.seed, image_shape=meta.image_shape, partition_of=fed.node_partitions,
-                                 timeout=f.reply_timeout_s, failures=failures, min_clients=f.min_clients, plan=plan)
+                                 timeout=f.reply_timeout_s, failures=failures, min_clients=f.min_clients, plan=plan,
+                                 predict=predict)
         save_safe_artifact(run_dir / "safe_pool.pt", pool.x, pool.y, meta.name,
                            extra={"keys": pool.keys, "partition_ids": pool.partition_ids,
                                   "pipc": -1 if allow_short else pool.pipc, "uploads": pool.uploads,
