@@ -118,7 +118,7 @@ class FaultsConfig:
 
 PRIVACY_MODES = ("model", "no_model_access")
 DP_SIDES = ("server", "client")
-DSV_COMBINE = ("average", "select")
+DSV_COMBINE = ("average", "median", "select")
 
 
 @dataclass
@@ -140,7 +140,8 @@ class PrivacySection:
                                     "local_epochs)", gt=0, limit=100_000)
     dsv_iterations: int = knob(100, "no_model_access: DKKT iterations of the client-side extraction", gt=0,
                                limit=10_000_000)
-    dsv_combine: str = knob("average", "no_model_access: N clients' DSVs -> ipc per class (average | select)",
+    dsv_combine: str = knob("average", "no_model_access: N clients' DSVs -> ipc per class (average | median: "
+                            "coordinate-wise, one poisoner cannot move it | select)",
                             choices=DSV_COMBINE)
     audit: bool = knob(True, "nearest-private-image audit of every synthetic set (privacy_audit.csv)")
     audit_reference: int = knob(500, "held-out test images sampled for the audit's reference distribution", gt=0,

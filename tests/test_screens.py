@@ -149,3 +149,85 @@ def test_a_flagged_client_leaves_the_pool_and_its_share_is_rebalanced() -> None:
     assert [(r["node_id"], r["reason"]) for r in failures.rows] == [(2, "safe images rejected: poison")]
     with pytest.raises(CollectError, match="usable safe images"):
         plan_collection([0, 1, 2], 2, 6, ask, failures=FailureLog(), min_clients=3, screen=lambda got: {2: "x"})
+
+
+# ------------------------------------------------------------------ poisoned DSVs (mode no_model_access)
+
+SHIFTED = 2
+
+
+def _dsv_app() -> ClientApp:
+    import edge_client.app as real
+
+    app = ClientApp()
+
+    @app.query("dsv")
+    def query_dsv(msg: Message, context: Context) -> Message:
+        reply = real.query_dsv(msg, context)
+        if int(context.node_config["partition-id"]) == SHIFTED:  # every pixel +49, inside the accepted range
+            x = reply.content["dsv"]["x"].numpy()
+            reply.content["dsv"]["x"] = Array(np.ascontiguousarray(np.minimum(x + 49.0, 49.9).astype(np.float32)))
+        return reply
+
+    app.query()(real.query)
+    return app
+
+
+def test_shifted_dsvs_are_dropped_and_named(tmp_path: Path) -> None:
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from common.scenario import scenario_from_dict
+    from server.run import run_scenario
+    from server.store.artifacts import load_torch_file
+    from tests.test_app_e2e import _fake_fashion_mnist
+
+    (tmp_path / "data").mkdir()
+    _fake_fashion_mnist(tmp_path / "data", n_train=200, n_test=40)
+    scenario = scenario_from_dict({
+        "name": "dsvpoison", "seed": 3, "device": "cpu", "output_dir": str(tmp_path / "run"),
+        "data": {"dataset": "fashion-mnist", "root": str(tmp_path / "data")},
+        "federation": {"num_clients": NUM_CLIENTS, "rounds": 1, "local_epochs": 1, "batch_size": 32, "min_clients": 2},
+        "model": {"width": 8},
+        "distill": {"methods": ["dsv"], "ipc": [1], "pipc": [1], "iterations": 2},
+        "evaluation": {"epochs": 1, "num_models": 1, "batch_size": 64},
+        "privacy": {"mode": "no_model_access", "dsv_iterations": 2, "local_epochs": 1, "audit": False,
+                    "dsv_combine": "median"},
+    })
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_scenario(grid, scenario)
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDPDD_CACHE", str(tmp_path / "cache"))
+    mp.setenv("FEDPDD_DATA_ROOT", str(tmp_path / "data"))
+    mp.setattr(builtins, "print", builtins.print)  # Ray swaps in its own print; restore it afterwards
+    try:
+        run_simulation(server_app=server_app, client_app=_dsv_app(), num_supernodes=NUM_CLIENTS,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    finally:
+        mp.undo()
+    run_dir = scenario.run_dir
+    assert (run_dir / "results.md").is_file()
+    rows = list(csv.DictReader((run_dir / "failures.csv").open()))
+    assert [(r["phase"], r["partition_id"]) for r in rows] == [("dsv", str(SHIFTED))], rows
+    assert "DSVs rejected" in rows[0]["reason"]
+    assert load_torch_file(run_dir / "client_dsvs.pt")["partition_ids"] == [0, 1, 3]
+
+
+def test_dsv_outliers_and_the_median_combine() -> None:
+    from server.federation.modes import combine_dsvs, dsv_outliers
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat_interleave(2)
+    xs = [torch.randn(6, 1, 4, 4, generator=g) * 0.3 for _ in range(4)]
+    ys = [y] * 4
+    assert dsv_outliers(xs, ys, 3) == {}
+    poisoned = xs[:3] + [xs[3] + 49.0]
+    assert list(dsv_outliers(poisoned, ys, 3)) == [3]
+    assert dsv_outliers(poisoned[2:], ys[2:], 3) == {}, "two clients: neither is the odd one out"
+    med, _ = combine_dsvs(poisoned, ys, 2, 3, "median")
+    avg, _ = combine_dsvs(poisoned, ys, 2, 3, "average")
+    assert med.abs().max() < 2 and avg.abs().max() > 10  # one poisoner moves the average, not the median
