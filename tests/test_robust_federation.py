@@ -306,3 +306,16 @@ def test_client_metrics_are_aggregated_in_partition_order() -> None:
         strat.node_partitions = {100: 0, 101: 1, 102: 2}  # learnt from the train replies
         seen.add(strat.aggregate_evaluate(1, list(order))["eval-acc"])
     assert len(seen) == 1, seen
+
+
+def test_without_a_reference_model_the_largest_weights_are_named() -> None:
+    from tests.test_faults import STATE
+
+    states = _honest(3)
+    states[1] = {k: (torch.full_like(v, 3e38) if v.is_floating_point() else v) for k, v in states[1].items()}
+    strat = _strategy("fedavg", 3)
+    strat.global_arrays = None  # a strategy used outside Strategy.start
+    strat.probe = lambda state: bool(all(torch.isfinite(v.float() * 10).all() for v in state.values()))
+    arrays, _ = strat.aggregate_train(1, _replies(states))
+    assert [r["partition_id"] for r in strat.failures.rows] == [1] and "largest weight" in strat.failures.rows[0]["reason"]
+    assert (torch.as_tensor(arrays["w"].numpy()) - STATE["w"]).abs().max() < 0.1

@@ -157,11 +157,15 @@ class _Tracking:
             if self._finite(arrays):
                 break
             # the aggregate is not finite: the client whose update is largest goes, never the others
-            worst = max(ok, key=lambda m: norms.get(id(m), 0.0))
+            # (without a global model to compare with, the largest weight magnitude decides)
+            size = {id(m): norms.get(id(m), _abs_max(weights[id(m)])) for m in ok}
+            worst = max(ok, key=lambda m: size[id(m)])
             node = worst.metadata.src_node_id
-            self.failures.add("train", node, f"the aggregate including its update (norm {norms[id(worst)]:.3g} x the "
-                              f"global model's, the largest of the round) is not finite: left out of the round",
-                              server_round, self.node_partitions.get(node))
+            what = "norm" if id(worst) in norms else "largest weight"
+            self.failures.add("train", node, f"the aggregate including its update ({what} {size[id(worst)]:.3g}"
+                              f"{' x the global model' + chr(39) + 's' if what == 'norm' else ''}, the largest of "
+                              "the round) is not finite: left out of the round", server_round,
+                              self.node_partitions.get(node))
             ok = [m for m in ok if m is not worst]
             if len(ok) < max(self.min_clients, 1):
                 log(WARNING, "federate: round %d rolled back: no finite aggregate of at least %d clients; the "
@@ -268,6 +272,10 @@ class _Tracking:
         if metrics is not None:
             self.eval_metrics[server_round] = dict(metrics)
         return metrics
+
+
+def _abs_max(weights: dict[str, np.ndarray]) -> float:
+    return max((float(np.max(np.abs(v.astype(np.float64)))) for v in weights.values() if v.size), default=0.0)
 
 
 def _weights(msg: Message) -> dict[str, np.ndarray]:
