@@ -40,6 +40,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from common.datasets import cache_root  # the device's own cache, FEDPDD_CACHE on this device
 from edge_client.safe import POLICIES
 
 __all__ = ["NodePolicy", "ReleaseLedger", "node_data", "node_policy", "DEFAULT_SAFE_CAP", "DEFAULT_DSV_CAP"]
@@ -86,8 +87,6 @@ def _int(value: Any, key: str, low: int, high: int) -> int:
 
 def node_policy(node_config: Mapping[str, Any]) -> NodePolicy:
     """The device's settings (node_config, then environment, then defaults; never the server's scenario)."""
-    from common.datasets import cache_root  # the device's own cache, FEDPDD_CACHE on this device
-
     cap = _setting(node_config, "max-safe-per-class")
     policy = _setting(node_config, "safe-policy")
     seed = _setting(node_config, "safe-seed")

@@ -32,6 +32,7 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 
 from common.records import KEY_ARRAYS, KEY_CLIENT, KEY_METRICS
+from common.dataset_meta import get_meta
 from common.partition import partition_indices
 
 __all__ = ["ReplyRejected", "FailureLog", "ShardPlan", "shard_plan", "weight_signature", "check_train_reply",
@@ -92,8 +93,6 @@ def shard_plan(scenario: object, train_y: torch.Tensor, num_partitions: int, num
         n_hold.append(hold)
         counts.append(tuple(int(c) for c in np.bincount(labels[own], minlength=num_classes)))
     try:
-        from common.dataset_meta import get_meta
-
         image_bytes: int | None = int(np.prod(get_meta(scenario.data.dataset).image_shape))  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - a plan without the byte check is still a plan
         image_bytes = None
