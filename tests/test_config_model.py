@@ -34,8 +34,9 @@ NEWLY_REACHABLE = {"distill": {"dsa_strategy", "log_every", "lambda_optimizer", 
 ADDED_AFTER = {"aug_passes": "both", "stat_candidates": 0, "stat_at": "theta_star", "stat_path_points": 3,
                "stat_variant": "project", "diagnose_samples": 100, "diagnose_path_points": 5, "safe_draw": "random"}
 # Scenario keys added after the fixtures (validation split, FedAvg plateau, per-method settings, the scored
-# split, the robust aggregation, the Ray executor and shards); at these defaults a run does what it did before, except safe_draw (random per
-# seed, was first); update_norm_bound only rejects updates 10x the global model's norm (honest ones stay under 1).
+# split, the robust aggregation, the Ray executor and shards); at these defaults a run does what it did before,
+# except safe_draw (random per seed, was first); update_norm_bound only rejects updates 10x the global model's
+# norm (honest ones stay under 1).
 ADDED_AFTER_RESOLVED = {"data": {"validation_size": 0}, "federation": {"plateau_rounds": 0, "plateau_delta": 0.3,
                                                                 "strategy": "fedavg", "byzantine_clients": 0,
                                                                 "trim_beta": 0.2, "update_norm_bound": 10.0,
