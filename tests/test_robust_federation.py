@@ -69,11 +69,11 @@ def _hostile_app() -> ClientApp:
     return app
 
 
-def _values(tmp: Path, strategy: str, kind: str, **federation) -> dict:  # noqa: ANN003
+def _values(tmp: Path, strategy: str, kind: str, num_clients: int = NUM_CLIENTS, **federation) -> dict:  # noqa: ANN003
     return {
         "name": f"{strategy}-{kind}", "seed": 2, "device": "cpu", "output_dir": str(tmp / f"{strategy}-{kind}"),
         "data": {"dataset": "fashion-mnist", "root": str(FMNIST), "train_limit": 1000, "test_limit": 1000},
-        "federation": {"num_clients": NUM_CLIENTS, "partition": "iid", "rounds": 2, "local_epochs": 1,
+        "federation": {"num_clients": num_clients, "partition": "iid", "rounds": 2, "local_epochs": 1,
                        "batch_size": 32, "min_clients": 2, "reply_timeout_s": 300, "strategy": strategy,
                        **federation},
         "model": {"width": 8},
@@ -81,7 +81,7 @@ def _values(tmp: Path, strategy: str, kind: str, **federation) -> dict:  # noqa:
     }
 
 
-def _federate(tmp: Path, cases: list[dict]) -> list[dict]:
+def _federate(tmp: Path, cases: list[dict], num_clients: int = NUM_CLIENTS) -> list[dict]:
     """Run every case's federation in one simulation; returns per case the accuracy and failure rows."""
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -98,7 +98,7 @@ def _federate(tmp: Path, cases: list[dict]) -> list[dict]:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        nodes = wait_for_nodes(grid, NUM_CLIENTS, NUM_CLIENTS)
+        nodes = wait_for_nodes(grid, num_clients, num_clients)
         for values in cases:
             s = scenario_from_dict(values)
             data = federation_train_set(s)
@@ -123,7 +123,7 @@ def _federate(tmp: Path, cases: list[dict]) -> list[dict]:
     mp.setenv("FEDPDD_CACHE", str(tmp / "cache"))
     mp.setattr(builtins, "print", builtins.print)  # Ray swaps in its own print; restore it afterwards
     try:
-        run_simulation(server_app=server_app, client_app=_hostile_app(), num_supernodes=NUM_CLIENTS,
+        run_simulation(server_app=server_app, client_app=_hostile_app(), num_supernodes=num_clients,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     finally:
         mp.undo()
@@ -177,20 +177,22 @@ def test_numbers_the_server_can_check_against_its_plan(tmp_path: Path) -> None:
 
 @needs_fmnist
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, extra", [
-    ("fedmedian", {}),
-    ("fedtrimmedavg", {"trim_beta": 0.2}),
-    ("krum", {"byzantine_clients": 1}),
-    ("multikrum", {"byzantine_clients": 1}),
+@pytest.mark.parametrize("strategy, extra, n", [
+    ("fedmedian", {}, NUM_CLIENTS),
+    ("fedtrimmedavg", {"trim_beta": 0.2}, NUM_CLIENTS),
+    ("krum", {"byzantine_clients": 1}, NUM_CLIENTS),
+    ("multikrum", {"byzantine_clients": 1}, NUM_CLIENTS),
+    ("bulyan", {"byzantine_clients": 1}, 7),  # needs 4f + 3 clients
 ])
-def test_robust_strategies_hold_against_one_poisoned_client(tmp_path: Path, strategy: str, extra: dict) -> None:
-    """Without any bound, Flower's robust aggregate of 4 honest + 1 poisoned client stays within 2 points."""
-    extra = {**extra, "update_norm_bound": None}  # the strategy alone
+def test_robust_strategies_hold_against_one_poisoned_client(tmp_path: Path, strategy: str, extra: dict,
+                                                            n: int) -> None:
+    """Without any bound, Flower's robust aggregate of n - 1 honest + 1 poisoned client stays within 2 points."""
+    extra = {**extra, "update_norm_bound": None, "num_clients": n}  # the strategy alone
     cases = [_values(tmp_path, strategy, "honest", **extra), _values(tmp_path, strategy, "scale", **extra),
              _values(tmp_path, strategy, "flip", **extra)]
-    honest, scale, flip = _federate(tmp_path, cases)
+    honest, scale, flip = _federate(tmp_path, cases, n)
     print(strategy, {r["name"]: r["acc"] for r in (honest, scale, flip)})
-    assert honest["acc"] > 0.4
+    assert honest["acc"] > 0.3  # learnt something (chance is 0.1): a fair reference
     for run in (scale, flip):
         assert run["acc"] >= honest["acc"] - 0.02, (run["name"], run["acc"], honest["acc"])
         assert _named(run["rows"]) <= {ATTACKER}, run["rows"]  # an honest client is never blamed
