@@ -120,7 +120,9 @@ def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: A
                 total = int(have[:, c].sum())
                 raise CollectError(
                     f"the clients together hold only {total} shareable images of class {c}, but the pool "
-                    f"needs {pipc} per class (max of distill.pipc); lower distill.pipc, add clients or data"
+                    f"needs {pipc} per class (max of distill.pipc); lower distill.pipc, add clients or data, "
+                    "or raise the devices' own caps (node setting max-safe-per-class / FEDPDD_SAFE_CAP: each "
+                    "device's release ledger counts the images of every earlier query and run)"
                 )
             # rotate the remainder by class so no client always gets the extra image
             for k, share in zip(able, spread_evenly(int(deficit[c]), able.size, rotate=c + request_round)):
