@@ -98,7 +98,9 @@ class ModelConfig:
 
 @dataclass
 class SafeConfig:
-    policy: str = knob("random", "random | first: how a client picks the images it may share", choices=SAFE_POLICIES)
+    policy: str = knob("random", "random | first: kept for old scenario files; a device picks the images it "
+                       "shares by its own node setting safe-policy (edge_client/policy.py), never by this key",
+                       choices=SAFE_POLICIES)
 
 
 FAULT_MODES = ("raise", "timeout", "drop_after_train", "malformed")
