@@ -219,7 +219,8 @@ def query(msg: Message, context: Context) -> Message:
     sel = select_safe(orders, allowed, offset)
     pos = torch.from_numpy(sel.positions)
     # the ledger: across queries and runs, never more than `cap` distinct images per class leave the device
-    ledger = ReleaseLedger(policy.state_dir / f"released-{shard.meta.name}-p{shard.partition_id}of{shard.num_partitions}.json")
+    name = f"released-{shard.meta.name}-p{shard.partition_id}of{shard.num_partitions}.json"
+    ledger = ReleaseLedger(policy.state_dir / name)
     keys = image_keys(shard.x[pos]).tolist() if pos.numel() else []
     ok = torch.from_numpy(ledger.release(keys, shard.y[pos].tolist(), cap))
     refused = torch.bincount(shard.y[pos][~ok], minlength=num_classes).tolist()

@@ -116,7 +116,8 @@ def test_the_ledger_counts_distinct_images_per_class(tmp_path: Path) -> None:
 def test_node_settings_come_from_the_node_then_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from edge_client.policy import DEFAULT_SAFE_CAP, node_data, node_policy
 
-    for var in ("FEDPDD_SAFE_CAP", "FEDPDD_SAFE_POLICY", "FEDPDD_SAFE_SEED", "FEDPDD_DATA_ROOT", "FEDPDD_DATA_DOWNLOAD"):
+    for var in ("FEDPDD_SAFE_CAP", "FEDPDD_SAFE_POLICY", "FEDPDD_SAFE_SEED", "FEDPDD_DATA_ROOT",
+                "FEDPDD_DATA_DOWNLOAD"):
         monkeypatch.delenv(var, raising=False)
     p = node_policy({})
     assert (p.safe_cap, p.safe_policy, p.safe_seed) == (DEFAULT_SAFE_CAP, "random", 0)

@@ -158,7 +158,8 @@ def test_norm_bound_and_finiteness_name_the_attacker(tmp_path: Path) -> None:
         assert run["acc"] >= honest["acc"] - 0.02, (run["name"], run["acc"], honest["acc"])
         assert _named(run["rows"]) == {ATTACKER}, run["rows"]
         assert len(run["rows"]) == 2  # once per round
-    assert all("exceeds federation.update_norm_bound 1: rejected" in r["reason"] for r in scale["rows"] + flip["rows"] + boost["rows"])
+    assert all("exceeds federation.update_norm_bound 1: rejected" in r["reason"]
+               for r in scale["rows"] + flip["rows"] + boost["rows"])
     assert all("is not finite: left out of the round" in r["reason"] for r in huge["rows"])
 
 
@@ -235,7 +236,8 @@ def _honest(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("strategy, extra", [("bulyan", {"byzantine_clients": 1}), ("fedmedian", {}),
-                                             ("multikrum", {"byzantine_clients": 1}), ("krum", {"byzantine_clients": 1}),
+                                             ("multikrum", {"byzantine_clients": 1}),
+                                             ("krum", {"byzantine_clients": 1}),
                                              ("fedtrimmedavg", {})])
 def test_each_strategy_keeps_one_scaled_update_out(strategy: str, extra: dict) -> None:
     from tests.test_faults import STATE
@@ -319,5 +321,6 @@ def test_without_a_reference_model_the_largest_weights_are_named() -> None:
     strat.global_arrays = None  # a strategy used outside Strategy.start
     strat.probe = lambda state: bool(all(torch.isfinite(v.float() * 10).all() for v in state.values()))
     arrays, _ = strat.aggregate_train(1, _replies(states))
-    assert [r["partition_id"] for r in strat.failures.rows] == [1] and "largest weight" in strat.failures.rows[0]["reason"]
+    assert [r["partition_id"] for r in strat.failures.rows] == [1]
+    assert "largest weight" in strat.failures.rows[0]["reason"]
     assert (torch.as_tensor(arrays["w"].numpy()) - STATE["w"]).abs().max() < 0.1

@@ -187,8 +187,9 @@ def label_screen(predict: Callable[[torch.Tensor], torch.Tensor], margin: float 
 
     ``predict(x uint8) -> labels``. A client is flagged when its disagreement rate exceeds the median rate
     of the other clients by ``margin`` (needs 3 clients and ``min_images`` images from it: with two
-    clients neither is the odd one out; a weak model, which misreads everyone's images, flags nobody). Images a model misreads this much more
-    often are mislabelled or not images of their class: poison, or a broken device.
+    clients neither is the odd one out; a weak model, which misreads everyone's images, flags nobody).
+    Images a model misreads this much more often are mislabelled or not images of their class: poison,
+    or a broken device.
     """
     cache: dict[int, tuple[int, int, int]] = {}  # node -> (images seen, disagreements, sets seen)
 

@@ -32,8 +32,8 @@ from server.federation.dp import dp_wrap
 from server.federation.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
                              weight_signature)
 
-__all__ = ["FederationError", "FederationResult", "STRATEGY_CLASSES", "finite_outputs", "plateau_stop", "tracking_strategy",
-           "wait_for_nodes", "run_federation"]
+__all__ = ["FederationError", "FederationResult", "STRATEGY_CLASSES", "finite_outputs", "plateau_stop",
+           "tracking_strategy", "wait_for_nodes", "run_federation"]
 
 
 class FederationError(RuntimeError):

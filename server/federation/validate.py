@@ -93,7 +93,8 @@ def shard_plan(scenario: object, train_y: torch.Tensor, num_partitions: int, num
         n_hold.append(hold)
         counts.append(tuple(int(c) for c in np.bincount(labels[own], minlength=num_classes)))
     try:
-        image_bytes: int | None = int(np.prod(get_meta(scenario.data.dataset).image_shape))  # type: ignore[attr-defined]
+        shape = get_meta(scenario.data.dataset).image_shape  # type: ignore[attr-defined]
+        image_bytes: int | None = int(np.prod(shape))
     except Exception:  # noqa: BLE001 - a plan without the byte check is still a plan
         image_bytes = None
     return ShardPlan(tuple(n_train), tuple(n_hold), tuple(counts), image_bytes)
