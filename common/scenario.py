@@ -30,6 +30,8 @@ DEFAULT_SCENARIO = "scenarios/quickstart.yaml"
 
 DATASETS = tuple(DATASET_REGISTRY)  # the one registry of dataset names: common/dataset_meta.py
 PARTITIONS = ("iid", "dirichlet", "shards")
+STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")  # flwr.serverapp.strategy
+NORM_ACTIONS = ("reject", "clip")
 SAFE_POLICIES = ("random", "first")
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
 ACTIVATIONS = ("relu", "leakyrelu", "sigmoid")
@@ -75,6 +77,16 @@ class FederationConfig:
     client_eval: bool = knob(False, "federated evaluation on each client's held-out part")
     holdout_fraction: float = knob(0.1, "part of each shard held out for client evaluation", ge=0, lt=1)
     augment: bool = knob(False, "DSA during local training")
+    strategy: str = knob("fedavg", "aggregation of the client models, Flower's own class: fedavg | fedmedian | "
+                         "fedtrimmedavg | krum | multikrum | bulyan", choices=STRATEGIES)
+    byzantine_clients: int = knob(0, "krum | multikrum | bulyan: clients assumed malicious (f); multikrum averages "
+                                  "the n - f best, bulyan needs n >= 4f + 3", ge=0, limit=100_000)
+    trim_beta: float = knob(0.2, "fedtrimmedavg: fraction cut from each tail per coordinate", ge=0, lt=0.5)
+    update_norm_bound: float | None = knob(10.0, "largest L2 norm of a client's update (its weights minus the "
+                                           "global model's) as a multiple of the global model's norm (honest "
+                                           "rounds stay well under 1); None: no bound", gt=0)
+    update_norm_action: str = knob("reject", "an update beyond update_norm_bound: reject (left out, reported) | "
+                                   "clip (scaled to the bound, reported)", choices=NORM_ACTIONS)
 
 
 @dataclass
@@ -88,7 +100,9 @@ class ModelConfig:
 
 @dataclass
 class SafeConfig:
-    policy: str = knob("random", "random | first: how a client picks the images it may share", choices=SAFE_POLICIES)
+    policy: str = knob("random", "random | first: kept for old scenario files; a device picks the images it "
+                       "shares by its own node setting safe-policy (edge_client/policy.py), never by this key",
+                       choices=SAFE_POLICIES)
 
 
 FAULT_MODES = ("raise", "timeout", "drop_after_train", "malformed")
@@ -108,7 +122,7 @@ class FaultsConfig:
 
 PRIVACY_MODES = ("model", "no_model_access")
 DP_SIDES = ("server", "client")
-DSV_COMBINE = ("average", "select")
+DSV_COMBINE = ("average", "median", "select")
 
 
 @dataclass
@@ -132,7 +146,8 @@ class PrivacySection:
                                     "local_epochs)", gt=0, limit=100_000)
     dsv_iterations: int = knob(100, "no_model_access: DKKT iterations of the client-side extraction", gt=0,
                                limit=10_000_000)
-    dsv_combine: str = knob("average", "no_model_access: N clients' DSVs -> ipc per class (average | select)",
+    dsv_combine: str = knob("average", "no_model_access: N clients' DSVs -> ipc per class (average | median: "
+                            "coordinate-wise, one poisoner cannot move it | select)",
                             choices=DSV_COMBINE)
     audit: bool = knob(True, "nearest-private-image audit of every synthetic set (privacy_audit.csv)")
     audit_reference: int = knob(500, "held-out test images sampled for the audit's reference distribution", gt=0,
@@ -216,6 +231,7 @@ def validate(s: Scenario) -> Scenario:
                 f"data.train_limit ({s.data.train_limit}): more clients than samples"
             )
     _validate_reliability(s)
+    _validate_strategy(s)
     _validate_privacy(s)
     _validate_validation_split(s)
     return s
@@ -231,6 +247,23 @@ def _validate_validation_split(s: Scenario) -> None:
     if s.federation.plateau_rounds:
         raise fail(s.source, "federation.plateau_rounds", f"is {s.federation.plateau_rounds} but "
                    "data.validation_size is 0: the plateau is judged on validation images, never on the test split")
+
+
+def _validate_strategy(s: Scenario) -> None:
+    """The robust strategies' assumed attackers must leave enough honest clients to aggregate."""
+    f = s.federation
+    n = f.num_clients
+    if f.byzantine_clients and f.strategy not in ("krum", "multikrum", "bulyan"):
+        raise fail(s.source, "federation.byzantine_clients", f"is {f.byzantine_clients} but only krum, multikrum "
+                   f"and bulyan use it (federation.strategy is {f.strategy!r})")
+    if n is None:
+        return
+    if f.strategy == "bulyan" and n < 4 * f.byzantine_clients + 3:
+        raise fail(s.source, "federation.strategy", f"is 'bulyan', which needs num_clients >= 4 * byzantine_clients "
+                   f"+ 3 = {4 * f.byzantine_clients + 3}, got {n} clients")
+    if f.strategy in ("krum", "multikrum") and n <= f.byzantine_clients:
+        raise fail(s.source, "federation.byzantine_clients", f"is {f.byzantine_clients}, not fewer than the "
+                   f"{n} clients")
 
 
 def _validate_privacy(s: Scenario) -> None:

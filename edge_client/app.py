@@ -6,9 +6,15 @@ Every message from the server carries the resolved scenario as JSON
 * ``train``    local SGD of the global ConvNet -> weights + num-examples, train loss;
 * ``evaluate`` accuracy / loss of the global model on the shard's held-out part;
 * ``query``    the safe subset: uint8 images + int64 labels under the per-class quota in
-  the request, never more than the client's own cap (:func:`safe_cap`), and the per-class
-  shortfall (images the shard lacks or the cap refused; ``capped`` says how many were refused).
-  No training-set index is sent: the server identifies images by their content.
+  the request, in the device's own order, never more distinct images per class than the
+  device's cap across all queries and runs (edge_client/policy.py: its release ledger), and the
+  per-class shortfall (images the shard lacks or the cap refused; ``capped`` says how many).
+  No training-set index is sent: the server identifies images by their content;
+* ``query.dsv`` no-model-access mode: DSVs of a locally trained model, at most the device's
+  ``max-dsv-per-class``.
+
+The data location, the cap, the release order and seed are the node's settings
+(edge_client/policy.py), never the scenario's.
 
 Nothing else of the private data ever leaves the client.
 """
@@ -45,6 +51,7 @@ from common.records import (
     KEY_METRICS,
     KEY_SAFE,
     dsvs_to_record,
+    image_keys,
     images_to_record,
     record_to_state_dict,
     state_dict_to_record,
@@ -54,6 +61,7 @@ from common.threads import setup_process
 from edge_client.data import ClientShard, load_client_shard
 from edge_client.dsv import dp_clipping_mod, dsv_seed, extract_dsvs, local_epochs
 from edge_client.faults import before_handler, corrupt_reply
+from edge_client.policy import ReleaseLedger, node_data, node_policy
 from edge_client.safe import class_orders, safe_seed, select_safe
 from edge_client.train import evaluate_local, train_local
 
@@ -88,6 +96,9 @@ def _setup(msg: Message, context: Context) -> tuple[Scenario, ClientShard, Confi
             f"node_config lacks {err}; start each SuperNode with "
             "--node-config 'partition-id=<i> num-partitions=<n>'"
         ) from err
+    # where the device's data lives and whether it may download is the device's business, not the server's
+    root, download = node_data(context.node_config)
+    scenario = dataclasses.replace(scenario, data=dataclasses.replace(scenario.data, root=root, download=download))
     return scenario, load_client_shard(scenario, pid, num), cfg
 
 
@@ -173,23 +184,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-SAFE_CAP_KEY = "max-safe-per-class"  # node_config / run_config key of the client's own pipc cap
+def safe_cap(context: Context) -> int:
+    """The most distinct safe images per class this device ever releases (-1: no cap).
 
-
-def safe_cap(scenario: Scenario, context: Context) -> int:
-    """The most safe images per class this client ever uploads (-1: no cap, pipc 'all').
-
-    First the node's own setting (``--node-config 'max-safe-per-class=N'``), then the app's run
-    config, then the scenario's largest pipc. A node setting is the device owner's policy: it
-    wins over whatever the server's scenario says.
+    The node's own setting (edge_client/policy.py: ``--node-config 'max-safe-per-class=N'``, else
+    ``FEDPDD_SAFE_CAP``, else 50); neither the run config nor the server's scenario can raise it.
     """
-    for source in (context.node_config, context.run_config):
-        if SAFE_CAP_KEY in source:
-            value = source[SAFE_CAP_KEY]
-            if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-                raise ValueError(f"{SAFE_CAP_KEY} must be an integer >= -1 (-1: no cap), got {value!r}")
-            return int(value)
-    return int(scenario.pool_pipc)
+    return node_policy(context.node_config).safe_cap
 
 
 def _counts(raw: object, name: str, num_classes: int) -> list[int]:
@@ -209,17 +210,26 @@ def query(msg: Message, context: Context) -> Message:
     num_classes = shard.meta.num_classes
     quota = _counts(cfg.get("quota", []), "quota", num_classes)
     offset = _counts(cfg.get("offset", [0] * num_classes), "offset", num_classes)
-    # The client's own policy, whatever the server asks: at most `cap` images per class in total.
-    cap = safe_cap(scenario, context)
+    # The device's own policy, whatever the server asks: its cap, its order, its seed (edge_client/policy.py)
+    policy = node_policy(context.node_config)
+    cap = policy.safe_cap
     allowed = quota if cap < 0 else [max(0, min(q, cap - o)) for q, o in zip(quota, offset)]
-    capped = [q - a for q, a in zip(quota, allowed)]
-    if any(capped):
-        log(WARNING, "client %d: the server asked for %s safe images per class beyond offsets %s; its policy "
-            "allows %d per class in total, so %s are refused", shard.partition_id, quota, offset, cap, capped)
-    orders = class_orders(shard.y.numpy(), shard.indices, num_classes, scenario.safe.policy,
-                          safe_seed(scenario.seed, shard.partition_id))
+    orders = class_orders(shard.y.numpy(), shard.indices, num_classes, policy.safe_policy,
+                          safe_seed(policy.safe_seed, shard.partition_id))
     sel = select_safe(orders, allowed, offset)
     pos = torch.from_numpy(sel.positions)
+    # the ledger: across queries and runs, never more than `cap` distinct images per class leave the device
+    name = f"released-{shard.meta.name}-p{shard.partition_id}of{shard.num_partitions}.json"
+    ledger = ReleaseLedger(policy.state_dir / name)
+    keys = image_keys(shard.x[pos]).tolist() if pos.numel() else []
+    ok = torch.from_numpy(ledger.release(keys, shard.y[pos].tolist(), cap))
+    refused = torch.bincount(shard.y[pos][~ok], minlength=num_classes).tolist()
+    pos = pos[ok]
+    capped = [q - a + r for q, a, r in zip(quota, allowed, refused)]
+    if any(capped):
+        log(WARNING, "client %d: the server asked for %s safe images per class beyond offsets %s; its policy "
+            "releases %d distinct images per class in all, so %s are refused", shard.partition_id, quota, offset,
+            cap, capped)
     # pixels and labels only: no training-set index leaves the device (the server keys images by content)
     images = images_to_record(shard.x[pos], shard.y[pos])
     shortfall = [int(s) + c for s, c in zip(sel.shortfall, capped)]  # refused images count as not available
@@ -238,7 +248,12 @@ def query(msg: Message, context: Context) -> Message:
 def query_dsv(msg: Message, context: Context) -> Message:
     """No-model-access mode: train on the shard alone, extract DSVs, upload them (never the weights)."""
     scenario, shard, cfg = _setup(msg, context)
-    ipc = int(cfg["ipc"])
+    ipc = cfg.get("ipc")
+    cap = node_policy(context.node_config).dsv_cap
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or not 1 <= ipc <= cap:
+        # the device decides how much it extracts: a server-chosen 10**7 never sizes an allocation here
+        raise ValueError(f"the server asks for {str(ipc)[:40]} DSVs per class; this device extracts 1 to {cap} "
+                         "(node setting max-dsv-per-class)")
     device = _client_device(scenario.device)
     seed = dsv_seed(scenario.seed, shard.partition_id)
     model = build_model(shard.meta, dataclasses.asdict(scenario.model), seed=scenario.seed)

@@ -1,9 +1,9 @@
 """Which of its images a client may share: the "safe subset".
 
-Each client fixes, once, an order of its shard's images within every class (the scenario's
-``safe.policy``): ``random`` is a permutation seeded by the scenario seed and the client's
-partition id, ``first`` is the order the device stores them in (ascending training-set
-index). A request names, per class, how many images the server already has from this client
+Each client fixes, once, an order of its shard's images within every class (the device's own
+``safe-policy``, edge_client/policy.py): ``random`` is a permutation seeded by the device's
+``safe-seed`` and its partition id, ``first`` is the order the device stores them in (ascending
+training-set index). A request names, per class, how many images the server already has from this client
 (``offset``) and how many more it wants (``quota``); the client answers with positions
 ``offset .. offset + quota`` of that order. Being stateless keeps the protocol simple: a
 follow-up request never re-sends an image and a repeated request gives the same answer.
@@ -26,9 +26,9 @@ class SafeSelection:
     shortfall: np.ndarray  # int64 per class: asked for but not available
 
 
-def safe_seed(scenario_seed: int, partition_id: int) -> int:
-    """Seed of a client's safe order: differs per client, fixed per scenario."""
-    return int(np.random.SeedSequence([int(scenario_seed), int(partition_id), 0x5AFE]).generate_state(1)[0])
+def safe_seed(device_seed: int, partition_id: int) -> int:
+    """Seed of a client's safe order: the device's own seed x its partition id (never the server's)."""
+    return int(np.random.SeedSequence([int(device_seed), int(partition_id), 0x5AFE]).generate_state(1)[0])
 
 
 def class_orders(

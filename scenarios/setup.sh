@@ -101,7 +101,8 @@ ensure_fashion_mnist() {
     exit 2
   fi
   echo "quickstart: Fashion-MNIST is missing ($FMNIST_DIR) and this user may not run apt-get; run" \
-       "'sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist', or pass" \
-       "--run-config \"data-root='/path/to/idx/files'\"" >&2
+       "'sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist', or export" \
+       "FEDPDD_DATA_ROOT=/path/to/idx/files (the simulated devices' data) and pass" \
+       "--run-config \"data-root='/path/to/idx/files'\" (the server's)" >&2
   exit 2
 }

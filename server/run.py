@@ -35,7 +35,7 @@ from common.scenario import Scenario, apply_device_profile, check_resources, sav
 from server.store.artifacts import save_model_artifact, save_safe_artifact
 from server.federation.collect import collect_safe_pool
 from common.evaluate import test_accuracy
-from server.federation.federate import run_federation, wait_for_nodes
+from server.federation.federate import finite_outputs, run_federation, wait_for_nodes
 from server.pipeline import load_reused, run_pipeline
 from server.sweep.inputs import PipelineInputs
 from server.store.manifest import PHASE12_FILES, fingerprint, load_history, verify_files
@@ -111,17 +111,27 @@ def _federate_and_collect(grid: Grid, scenario: Scenario, meta: DatasetMeta, tes
                 eval_model.load_state_dict(state)
                 return test_accuracy(eval_model, val_norm, val_y, device)[0]
 
+        probe = finite_outputs(eval_model, test_norm[:64])  # inputs only: finite outputs, never an accuracy
         fed = run_federation(grid, scenario, initial, nodes, central_eval, failures=failures, plan=plan,
-                             val_eval=val_eval)
+                             val_eval=val_eval, probe=probe)
         save_model_artifact(run_dir / "global_model.pt", fed.state_dict, arch, meta.name,
                             extra={"rounds": fed.rounds, "scenario": scenario.name, "weight_uploads": fed.uploads})
         RunFolder(run_dir).record(["global_model.pt"], fingerprint(scenario))  # sha256 + shapes, checked on reuse
 
     pool_pipc, allow_short = quota or (scenario.pool_pipc, False)  # server.sweep.cells.pool_quota: pipc 'all'
     with _phase(timings, "2/5", "collect", f"{pipc_label(scenario.pool_pipc)} safe images per class"):
+        theta = build_model(meta, arch).to(device)
+        theta.load_state_dict(fed.state_dict)
+        theta.eval()
+
+        def predict(x: torch.Tensor) -> torch.Tensor:  # theta*'s class for each safe image (the label screen)
+            with torch.no_grad():
+                return theta(normalize(x, meta).to(device)).argmax(1).cpu()
+
         pool = collect_safe_pool(grid, nodes, scenario.to_json(), meta.num_classes, pool_pipc, allow_short=allow_short,
                                  seed=scenario.seed, image_shape=meta.image_shape, partition_of=fed.node_partitions,
-                                 timeout=f.reply_timeout_s, failures=failures, min_clients=f.min_clients, plan=plan)
+                                 timeout=f.reply_timeout_s, failures=failures, min_clients=f.min_clients, plan=plan,
+                                 predict=predict)
         save_safe_artifact(run_dir / "safe_pool.pt", pool.x, pool.y, meta.name,
                            extra={"keys": pool.keys, "partition_ids": pool.partition_ids,
                                   "pipc": -1 if allow_short else pool.pipc, "uploads": pool.uploads,

@@ -81,6 +81,7 @@ def e2e_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     scenario = load_scenario(scenario_file)
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDPDD_CACHE", str(tmp_path / "cache"))  # inherited by the simulation's workers
+    mp.setenv("FEDPDD_DATA_ROOT", str(scenario.data.root))  # the simulated devices' own data folder
     mp.setattr(builtins, "print", builtins.print)  # Ray swaps in its own print; restore it afterwards
     start = time.perf_counter()
     try:

@@ -35,11 +35,15 @@ NEWLY_REACHABLE = {"distill": {"dsa_strategy", "log_every", "lambda_optimizer", 
 ADDED_AFTER = {"aug_passes": "both", "stat_candidates": 0, "stat_at": "theta_star", "stat_path_points": 3,
                "stat_variant": "project", "diagnose_samples": 100, "diagnose_path_points": 5, "safe_draw": "random"}
 # Scenario keys added after the fixtures (validation split, FedAvg plateau, per-method settings, the scored
-# split, where the cells run and which part of the grid); at these defaults a run does what it did before, except
-# safe_draw (random per seed, was first).
-ADDED_AFTER_RESOLVED = {"data": {"validation_size": 0}, "federation": {"plateau_rounds": 0, "plateau_delta": 0.3},
+# split, the robust aggregation, the Ray executor and shards); at these defaults a run does what it did before,
+# except safe_draw (random per seed, was first); update_norm_bound only rejects updates 10x the global model's
+# norm (honest ones stay under 1).
+ADDED_AFTER_RESOLVED = {"data": {"validation_size": 0}, "federation": {"plateau_rounds": 0, "plateau_delta": 0.3,
+                                                                "strategy": "fedavg", "byzantine_clients": 0,
+                                                                "trim_beta": 0.2, "update_norm_bound": 10.0,
+                                                                "update_norm_action": "reject"},
                         "distill": {"safe_draw": "random", "method_settings": {}, "executor": "process",
-                                    "ray_address": None, "ray_max_retries": 3, "ray_gpus": 1.0, "cells": None,
+                                    "ray_address": None, "ray_gpus": 1.0, "ray_max_retries": 3, "cells": None,
                                     "shard": None},
                         "evaluation": {"split": "test"}}
 

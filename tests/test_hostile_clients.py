@@ -154,6 +154,8 @@ def _run(tmp: Path, name: str, kind: str) -> tuple[Path, RecordingGrid]:
 
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDPDD_CACHE", str(tmp / "cache"))
+    mp.setenv("FEDPDD_DATA_ROOT", str(scenario.data.root))  # the simulated devices' own data folder
+    mp.setenv("FEDPDD_SAFE_CAP", "3")  # each device's own cap (the pool needs 3 per class)
     mp.setattr(builtins, "print", builtins.print)  # Ray swaps in its own print; restore it afterwards
     try:
         run_simulation(server_app=server_app, client_app=_hostile_app(kind), num_supernodes=NUM_CLIENTS,
@@ -418,7 +420,8 @@ def test_shard_plan_matches_the_clients_shards(tmp_path: Path) -> None:
 
 
 def test_client_refuses_more_than_its_own_cap(tmp_path: Path) -> None:
-    """Asked for 10**6 images per class, a client whose policy says pipc 0 (or 1) sends 0 (or 1)."""
+    """Asked for 10**6 images per class, a device sends at most its own cap: the node's setting, else its
+    environment; never the run config's or the scenario's (pipc 0 here, and the run config says 10**6)."""
     import edge_client.app as client
     from common.scenario import scenario_from_dict
 
@@ -437,14 +440,19 @@ def test_client_refuses_more_than_its_own_cap(tmp_path: Path) -> None:
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDPDD_CACHE", str(tmp_path / "cache"))
     mp.setattr(client, "Message", lambda content, reply_to: captured.append(content) or content)
+    greedy_run_config = {"max-safe-per-class": 10**6}
     try:
-        for node_config, expect in (({}, 0), ({"max-safe-per-class": 1}, 1)):
+        for node_config, env, expect in (({"max-safe-per-class": 0}, None, 0), ({"max-safe-per-class": 1}, None, 1),
+                                          ({}, "2", 2)):
+            if env is not None:
+                mp.setenv("FEDPDD_SAFE_CAP", env)
             context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": NUM_CLIENTS,
-                                                                **node_config}, state=RecordDict(), run_config={})
+                                                                "data-root": str(tmp_path / "data"), **node_config},
+                              state=RecordDict(), run_config=greedy_run_config)
             client.query(_Msg([10**6] * 10), context)
             reply = captured[-1]
             counts = np.bincount(reply[KEY_SAFE]["y"].numpy(), minlength=10)
-            assert counts.max() <= expect and set(reply[KEY_SAFE].keys()) == {"x", "y"}
+            assert counts.max() == expect and set(reply[KEY_SAFE].keys()) == {"x", "y"}
             capped = reply[KEY_METRICS]["capped"]
             assert all(c >= 10**6 - expect for c in capped), capped
             assert [q - n for q, n in zip([10**6] * 10, counts)] == reply[KEY_METRICS]["shortfall"]

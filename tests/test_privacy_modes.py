@@ -79,6 +79,7 @@ def _simulate(tmp_path: Path, values: dict) -> tuple[Path, RecordingGrid]:
 
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDPDD_CACHE", str(tmp_path / "cache"))
+    mp.setenv("FEDPDD_DATA_ROOT", str(scenario.data.root))  # the simulated devices' own data folder
     mp.setattr(builtins, "print", builtins.print)  # Ray swaps in its own print; restore it afterwards
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=NUM_CLIENTS,

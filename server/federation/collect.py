@@ -10,6 +10,10 @@ Goal: exactly ``pipc`` images per class, spread evenly over the clients. Protoco
    from a fixed per-class order, so nothing is sent twice);
 4. repeat until every class is full, or no client can give more (clear error).
 
+After every request round each client's images so far are screened (copies of each other;
+with the global model, labels it contradicts far more often than for the other clients): a
+flagged client is dropped and named, its images leave the pool, its share goes to the others.
+
 The planning loop takes a plain ``ask`` callback, so it is testable without Flower;
 :func:`collect_safe_pool` plugs in the Grid.
 """
@@ -31,7 +35,8 @@ from common.records import CFG_SCENARIO, KEY_CLIENT, KEY_CONFIG, KEY_METRICS, KE
 from server.federation.validate import (QUERY_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count, _decoded,
                              check_client_record, check_metric_keys, check_record_names, check_safe_images)
 
-__all__ = ["SafePool", "SafeReply", "CollectError", "empty_pool", "spread_evenly", "plan_collection", "collect_safe_pool", "pool_subset"]
+__all__ = ["SafePool", "SafeReply", "CollectError", "empty_pool", "spread_evenly", "plan_collection", "collect_safe_pool",
+           "pool_subset", "label_screen", "duplicate_screen", "combine_screens"]
 
 
 class CollectError(RuntimeError):
@@ -74,9 +79,13 @@ def spread_evenly(total: int, num_clients: int, rotate: int = 0) -> list[int]:
 AskFn = Callable[[dict[int, tuple[list[int], list[int]]]], dict[int, SafeReply]]
 
 
+ScreenFn = Callable[[dict[int, list[ImageSet]]], dict[int, str]]
+
+
 def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: AskFn,
                     allow_short: bool = False, failures: FailureLog | None = None, min_clients: int = 1,
-                    image_shape: Sequence[int] | None = None) -> tuple[dict[int, list[ImageSet]], list[dict]]:
+                    image_shape: Sequence[int] | None = None,
+                    screen: ScreenFn | None = None) -> tuple[dict[int, list[ImageSet]], list[dict]]:
     """Run the request/rebalance loop; returns the image sets received per node and an upload log.
 
     ``node_ids`` order decides who gets the remainder of an uneven split: pass a stable order
@@ -85,6 +94,9 @@ def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: A
     ``failures``: a client that fails (error, no reply, malformed reply; see server/federation/validate.py)
     is logged there and dropped, its share rebalanced over the others, as long as at least
     ``min_clients`` remain; without it any failure raises :class:`CollectError`.
+    ``screen``: after each request round, every client's images so far -> {node: reason} of the clients
+    whose images are poisoned (:func:`label_screen`); those are dropped like a failed client, everything
+    they sent leaves the pool and their share is asked from the others.
     """
     nodes = list(dict.fromkeys(node_ids))
     if not nodes:
@@ -108,7 +120,9 @@ def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: A
                 total = int(have[:, c].sum())
                 raise CollectError(
                     f"the clients together hold only {total} shareable images of class {c}, but the pool "
-                    f"needs {pipc} per class (max of distill.pipc); lower distill.pipc, add clients or data"
+                    f"needs {pipc} per class (max of distill.pipc); lower distill.pipc, add clients or data, "
+                    "or raise the devices' own caps (node setting max-safe-per-class / FEDPDD_SAFE_CAP: each "
+                    "device's release ledger counts the images of every earlier query and run)"
                 )
             # rotate the remainder by class so no client always gets the extra image
             for k, share in zip(able, spread_evenly(int(deficit[c]), able.size, rotate=c + request_round)):
@@ -149,7 +163,90 @@ def plan_collection(node_ids: Sequence[int], num_classes: int, pipc: int, ask: A
             uploads.append({"node_id": node, "partition_id": reply.partition_id, "request": request_round,
                             "images": int(counts.sum()), "bytes": reply.num_bytes,
                             "shard_bytes": reply.shard_bytes})
+        if screen is not None:
+            flagged = screen({n: sets for n, sets in received.items() if n not in failed and sets})
+            for node, why in flagged.items():
+                if failures is None:
+                    raise CollectError(f"node {node} sent poisoned safe images: {why}")
+                k = nodes.index(node)
+                failures.add("query", node, f"safe images rejected: {why}", request_round)
+                exhausted[k] = True
+                failed.add(node)
+                have[k] = 0  # nothing it sent stays in the pool: its share is asked from the others
+                received[node] = []
+            if len(nodes) - len(failed) < min_clients:
+                raise CollectError(
+                    f"only {len(nodes) - len(failed)} of {len(nodes)} clients sent usable safe images "
+                    f"(federation.min_clients = {min_clients}); see failures.csv")
     return received, uploads
+
+
+def label_screen(predict: Callable[[torch.Tensor], torch.Tensor], margin: float = 0.3,
+                 min_images: int = 5) -> ScreenFn:
+    """Flag clients whose safe images the global model assigns to another class far more often than the others'.
+
+    ``predict(x uint8) -> labels``. A client is flagged when its disagreement rate exceeds the median rate
+    of the other clients by ``margin`` (needs 3 clients and ``min_images`` images from it: with two
+    clients neither is the odd one out; a weak model, which misreads everyone's images, flags nobody).
+    Images a model misreads this much more often are mislabelled or not images of their class: poison,
+    or a broken device.
+    """
+    cache: dict[int, tuple[int, int, int]] = {}  # node -> (images seen, disagreements, sets seen)
+
+    def screen(received: dict[int, list[ImageSet]]) -> dict[int, str]:
+        rates: dict[int, tuple[float, int]] = {}
+        for node, sets in received.items():
+            seen, wrong, done = cache.get(node, (0, 0, 0))
+            for im in sets[done:]:  # only the new replies are predicted
+                if im.y.numel():
+                    wrong += int((predict(im.x) != im.y).sum())
+                    seen += int(im.y.numel())
+            cache[node] = (seen, wrong, len(sets))
+            if seen:
+                rates[node] = (wrong / seen, seen)
+        flagged: dict[int, str] = {}
+        log(INFO, "collect: share of each client's safe images the global model assigns to another class: %s",
+            ", ".join(f"node {n} {r:.0%} of {k}" for n, (r, k) in sorted(rates.items())))
+        if len(rates) < 3:
+            return flagged
+        for node, (rate, seen) in rates.items():
+            others = float(np.median([r for n, (r, _) in rates.items() if n != node]))
+            if seen >= min_images and rate >= others + margin:
+                flagged[node] = (f"the global model assigns {rate:.0%} of its {seen} images to another class "
+                                 f"than their label, the other clients' median is {others:.0%}")
+        return flagged
+
+    return screen
+
+
+def duplicate_screen(max_fraction: float = 0.1) -> ScreenFn:
+    """Flag clients whose safe images repeat: more than ``max_fraction`` (and more than one) are byte copies."""
+
+    def screen(received: dict[int, list[ImageSet]]) -> dict[int, str]:
+        flagged: dict[int, str] = {}
+        for node, sets in received.items():
+            x = torch.cat([im.x for im in sets]) if sets else None
+            if x is None or x.shape[0] < 2:
+                continue
+            dup = int(x.shape[0] - torch.unique(image_keys(x)).numel())
+            if dup > 1 and dup > max_fraction * x.shape[0]:
+                flagged[node] = f"{dup} of its {x.shape[0]} images are copies of its other images"
+        return flagged
+
+    return screen
+
+
+def combine_screens(*screens: ScreenFn | None) -> ScreenFn:
+    """Run the screens in turn; a client flagged by any of them is flagged, with the first screen's reason."""
+
+    def screen(received: dict[int, list[ImageSet]]) -> dict[int, str]:
+        flagged: dict[int, str] = {}
+        for s in screens:
+            if s is not None:  # a client one screen flagged does not skew the next screen's comparison
+                flagged.update(s({n: v for n, v in received.items() if n not in flagged}))
+        return flagged
+
+    return screen
 
 
 def _order_pool(images: list[tuple[ImageSet, int]], num_classes: int, pipc: int, seed: int) -> SafePool:
@@ -276,13 +373,15 @@ def collect_safe_pool(
     grid: Grid, node_ids: Sequence[int], scenario_json: str, num_classes: int, pipc: int, seed: int,
     image_shape: tuple[int, int, int], partition_of: dict[int, int] | None = None, timeout: float = 600.0,
     allow_short: bool = False, failures: FailureLog | None = None, min_clients: int = 1,
-    plan: ShardPlan | None = None,
+    plan: ShardPlan | None = None, predict: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SafePool:
     """Query the clients until the pool holds exactly ``pipc`` images per class.
 
     ``partition_of`` (node id -> partition id, known from the training replies) orders the
     clients so the same scenario collects the same pool in every run. ``allow_short`` (pipc
     'all', ``pipc`` = the largest class count): classes the clients hold fewer of are taken whole.
+    Every client's images are screened for copies and, with ``predict`` (the global model, uint8
+    images -> labels), for labels the model contradicts far more often than for the other clients.
     """
     if pipc == 0:
         return empty_pool(image_shape)
@@ -292,8 +391,10 @@ def collect_safe_pool(
     ask = _grid_ask(grid, scenario_json, num_classes, timeout, soft=failures is not None, image_shape=image_shape,
                     plan=plan, partition_of=known)
     try:
+        screen = combine_screens(duplicate_screen(), label_screen(predict) if predict is not None else None)
         received, uploads = plan_collection(order, num_classes, pipc, ask, allow_short=allow_short,
-                                            failures=failures, min_clients=min_clients, image_shape=image_shape)
+                                            failures=failures, min_clients=min_clients, image_shape=image_shape,
+                                            screen=screen)
     finally:
         if failures is not None:
             failures.fill_partitions(known)  # name the partitions of clients that failed the query

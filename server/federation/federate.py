@@ -1,24 +1,30 @@
-"""Phase 1: federated training of the global ConvNet with Flower's FedAvg.
+"""Phase 1: federated training of the global ConvNet with one of Flower's strategies.
 
-Uses ``flwr.serverapp.strategy.FedAvg(...).start(...)`` unchanged except for a thin
-subclass that records, for every train reply, which client sent how many bytes (the
-strategy does not expose per-node replies otherwise) and stops the run when fewer than
-``federation.min_clients`` clients answered a round.
+``federation.strategy`` picks the class from ``flwr.serverapp.strategy`` (FedAvg, FedMedian,
+FedTrimmedAvg, Krum, MultiKrum, Bulyan), run by its own ``start(...)``. A thin mixin around it
+(:func:`tracking_strategy`) screens every reply (server/federation/validate.py), records who sent
+how many bytes, bounds each client's update relative to the global model
+(``federation.update_norm_bound``: clip or reject, reported per client), stops the run when fewer
+than ``federation.min_clients`` clients answered a round, and never lets a non-finite model out of
+a round: the client with the largest update is named and left out, and the round is rolled back
+when no finite aggregate remains.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 from common.records import CFG_SCENARIO, KEY_ARRAYS, KEY_CLIENT, record_bytes, record_to_state_dict, state_dict_to_record
 from common.scenario import Scenario
@@ -26,7 +32,8 @@ from server.federation.dp import dp_wrap
 from server.federation.validate import (FailureLog, ReplyRejected, ShardPlan, check_eval_reply, check_train_reply,
                              weight_signature)
 
-__all__ = ["FederationError", "FederationResult", "plateau_stop", "is_simulation", "wait_for_nodes", "run_federation"]
+__all__ = ["FederationError", "FederationResult", "STRATEGY_CLASSES", "finite_outputs", "plateau_stop",
+           "is_simulation", "tracking_strategy", "wait_for_nodes", "run_federation"]
 
 
 class FederationError(RuntimeError):
@@ -114,24 +121,41 @@ def plateau_stop(accuracies: list[float], window: int, delta: float) -> bool:
     return max(accuracies[-window:]) <= max(accuracies[:-window]) + delta
 
 
-class _TrackingFedAvg(FedAvg):
-    """FedAvg that logs per-client upload bytes and enforces ``min_clients`` per round."""
+class _Tracking:
+    """Mixed in before one of Flower's strategies: screens replies, bounds updates, keeps the model finite.
+
+    ``norm_bound``: the largest ``||w_client - w_global|| / ||w_global||`` a reply may carry
+    (``norm_action`` "reject" leaves it out, "clip" scales the update to the bound); every client's
+    ratio is logged each round. ``probe(state) -> bool``: False when the model's outputs are not
+    finite (e.g. 3e38 weights average to finite but useless numbers); checked on every aggregate.
+    """
 
     def __init__(self, min_clients: int, failures: FailureLog | None = None,
                  signature: dict | None = None, expected_nodes: list[int] | None = None,
-                 plan: ShardPlan | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
+                 plan: ShardPlan | None = None, norm_bound: float | None = None, norm_action: str = "reject",
+                 probe: Callable[[OrderedDict[str, torch.Tensor]], bool] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)  # type: ignore[call-arg]
         self.plan = plan  # shard sizes: bounds num-examples and partition ids (server/federation/validate.py)
         self.min_clients = min_clients
         # reliability: failed / malformed / missing replies are logged and left out of the average
         self.failures = failures if failures is not None else FailureLog()
         self.signature = signature
         self.expected_nodes = list(expected_nodes or [])
+        self.norm_bound = norm_bound
+        self.norm_action = norm_action
+        self.probe = probe
+        self.global_arrays: ArrayRecord | None = None  # the model this round's clients started from
+        self.rolled_back: list[int] = []  # rounds whose aggregate was discarded
         self.prescreened = -1  # round whose replies a DP wrapper already had screened (see run_federation)
         self.uploads: list[dict] = []
         self.node_partitions: dict[int, int] = {}
         self.train_metrics: dict[int, dict] = {}
         self.eval_metrics: dict[int, dict] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.global_arrays = arrays  # the reference of every update norm, and the rollback target
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)  # may be a one-shot iterable; we read it twice
@@ -145,6 +169,10 @@ class _TrackingFedAvg(FedAvg):
                                  "shard_bytes": client.get("shard-bytes"),
                                  "bytes": record_bytes(msg.content[KEY_ARRAYS]),
                                  "message_bytes": record_bytes(msg.content)})
+        # only the replies that passed; in partition order so the float sums repeat run to run
+        ok.sort(key=lambda m: (self.node_partitions.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
+        weights = {id(m): _weights(m) for m in ok}  # decoded once: norms, clipping, and retries read these
+        norms = self._bound_updates(server_round, ok, weights)
         if len(ok) < self.min_clients:
             reasons = "; ".join(f"node {r['node_id']}: {r['reason']}" for r in self.failures.rows
                                 if r["phase"] == "train" and r["round"] == server_round)
@@ -152,12 +180,82 @@ class _TrackingFedAvg(FedAvg):
                 f"round {server_round}: only {len(ok)} of {max(len(replies), len(self.expected_nodes))} clients "
                 f"trained (federation.min_clients = {self.min_clients}). {reasons}"
             )
-        # only the replies that passed; in partition order so the float sums repeat run to run
-        ok.sort(key=lambda m: (self.node_partitions.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
-        arrays, metrics = super().aggregate_train(server_round, ok)
+        while True:
+            for msg in ok:  # FedMedian / FedTrimmedAvg pop the arrays they read: every try gets them whole
+                msg.content[KEY_ARRAYS] = ArrayRecord({k: Array(np.array(v)) for k, v in weights[id(msg)].items()})
+            arrays, metrics = super().aggregate_train(server_round, ok)  # type: ignore[misc]
+            if arrays is None:
+                raise FederationError(
+                    f"round {server_round}: {type(self).__name__.removeprefix('_Tracking')} aggregated nothing from "
+                    f"{len(ok)} replies (bulyan needs at least 4 * byzantine_clients + 3)")
+            if self._finite(arrays):
+                break
+            # the aggregate is not finite: the client whose update is largest goes, never the others
+            # (without a global model to compare with, the largest weight magnitude decides)
+            size = {id(m): norms.get(id(m), _abs_max(weights[id(m)])) for m in ok}
+            worst = max(ok, key=lambda m: size[id(m)])
+            node = worst.metadata.src_node_id
+            what = "norm" if id(worst) in norms else "largest weight"
+            self.failures.add("train", node, f"the aggregate including its update ({what} {size[id(worst)]:.3g}"
+                              f"{' x the global model' + chr(39) + 's' if what == 'norm' else ''}, the largest of "
+                              "the round) is not finite: left out of the round", server_round,
+                              self.node_partitions.get(node))
+            ok = [m for m in ok if m is not worst]
+            if len(ok) < max(self.min_clients, 1):
+                log(WARNING, "federate: round %d rolled back: no finite aggregate of at least %d clients; the "
+                    "global model stays as it was", server_round, self.min_clients)
+                self.rolled_back.append(server_round)
+                return self.global_arrays, None
         if metrics is not None:
             self.train_metrics[server_round] = dict(metrics)
         return arrays, metrics
+
+    def _bound_updates(self, server_round: int, ok: list[Message], weights: dict[int, dict]) -> dict[int, float]:
+        """Each reply's update norm relative to the global model; beyond ``norm_bound`` it is clipped or
+        dropped from ``ok`` (in place) and reported. Returns id(msg) -> relative norm."""
+        if self.global_arrays is None:
+            return {}
+        ref = {k: v.numpy() for k, v in self.global_arrays.items()}
+        ref_norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in ref.values())) or 1.0
+        norms: dict[int, float] = {}
+        for msg in ok:
+            w = weights[id(msg)]
+            sq = sum(float(np.sum(np.square(w[k].astype(np.float64) - ref[k].astype(np.float64)))) for k in ref)
+            norms[id(msg)] = math.sqrt(sq) / ref_norm if math.isfinite(sq) else math.inf
+        log(INFO, "federate: round %d update norms (x the global model's): %s", server_round,
+            ", ".join(f"partition {self.node_partitions.get(m.metadata.src_node_id, '?')} {norms[id(m)]:.3g}"
+                      for m in ok))
+        bound = self.norm_bound
+        if bound is None:
+            return norms
+        for msg in list(ok):
+            r = norms[id(msg)]
+            if r <= bound:
+                continue
+            node = msg.metadata.src_node_id
+            pid = self.node_partitions.get(node)
+            if self.norm_action == "clip" and math.isfinite(r):
+                scale = bound / r
+                w = weights[id(msg)]
+                for k in w:
+                    if w[k].dtype.kind == "f":
+                        w[k] = (ref[k] + (w[k].astype(np.float64) - ref[k]) * scale).astype(w[k].dtype)
+                norms[id(msg)] = bound
+                self.failures.add("train", node, f"update norm {r:.3g} x the global model's exceeds "
+                                  f"federation.update_norm_bound {bound:g}: clipped to the bound", server_round, pid)
+            else:
+                ok.remove(msg)
+                self.failures.add("train", node, f"update norm {r:.3g} x the global model's exceeds "
+                                  f"federation.update_norm_bound {bound:g}: rejected", server_round, pid)
+        return norms
+
+    def _finite(self, arrays: ArrayRecord) -> bool:
+        """Finite weights, and (with a probe) finite outputs of the model they make."""
+        for value in arrays.values():
+            v = value.numpy()
+            if v.dtype.kind == "f" and not np.isfinite(v).all():
+                return False
+        return self.probe is None or bool(self.probe(record_to_state_dict(arrays)))
 
     def _screen(self, server_round: int, phase: str, replies: list[Message]) -> list[Message]:
         """Replies that carry no error and pass server/federation/validate.py; the rest go to the failure log."""
@@ -202,10 +300,80 @@ class _TrackingFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = self._screen(server_round, "evaluate", list(replies))
-        metrics = super().aggregate_evaluate(server_round, replies)
+        # partition order, not arrival order: the weighted float sums then repeat bit for bit run to run
+        replies.sort(key=lambda m: (self.node_partitions.get(m.metadata.src_node_id, -1), m.metadata.src_node_id))
+        metrics = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
         if metrics is not None:
             self.eval_metrics[server_round] = dict(metrics)
         return metrics
+
+
+def _abs_max(weights: dict[str, np.ndarray]) -> float:
+    return max((float(np.max(np.abs(v.astype(np.float64)))) for v in weights.values() if v.size), default=0.0)
+
+
+def _weights(msg: Message) -> dict[str, np.ndarray]:
+    """A reply's weights, decoded (screened before: keys, shapes, dtypes and finiteness hold)."""
+    return {k: np.array(v.numpy()) for k, v in msg.content[KEY_ARRAYS].items()}
+
+
+class _TrackingFedAvg(_Tracking, FedAvg):
+    """FedAvg, screened and bounded (the default ``federation.strategy``)."""
+
+
+class _TrackingFedMedian(_Tracking, FedMedian):
+    """Coordinate-wise median of the client models."""
+
+
+class _TrackingFedTrimmedAvg(_Tracking, FedTrimmedAvg):
+    """Coordinate-wise mean after cutting ``trim_beta`` of each tail."""
+
+
+class _TrackingKrum(_Tracking, Krum):
+    """The one client model closest to its n - f - 2 nearest others."""
+
+
+class _TrackingMultiKrum(_Tracking, MultiKrum):
+    """FedAvg of the n - f client models Krum scores best."""
+
+
+class _TrackingBulyan(_Tracking, Bulyan):
+    """MultiKrum selection, then a coordinate-wise trimmed mean around the median."""
+
+
+STRATEGY_CLASSES: dict[str, type[_Tracking]] = {
+    "fedavg": _TrackingFedAvg, "fedmedian": _TrackingFedMedian, "fedtrimmedavg": _TrackingFedTrimmedAvg,
+    "krum": _TrackingKrum, "multikrum": _TrackingMultiKrum, "bulyan": _TrackingBulyan,
+}
+
+
+def tracking_strategy(scenario: Scenario, num_nodes: int, **kwargs) -> _Tracking:  # noqa: ANN003
+    """``federation.strategy``'s Flower class with the screening mixin; ``kwargs`` go to both."""
+    f = scenario.federation
+    extra: dict = {}
+    if f.strategy == "fedtrimmedavg":
+        extra["beta"] = float(f.trim_beta)
+    if f.strategy in ("krum", "multikrum", "bulyan"):
+        extra["num_malicious_nodes"] = int(f.byzantine_clients)
+    if f.strategy == "multikrum":
+        extra["num_nodes_to_select"] = max(1, num_nodes - int(f.byzantine_clients))
+    if f.strategy == "bulyan" and num_nodes < 4 * f.byzantine_clients + 3:
+        raise FederationError(f"federation.strategy bulyan needs at least 4 * byzantine_clients + 3 = "
+                              f"{4 * f.byzantine_clients + 3} clients, {num_nodes} are connected")
+    return STRATEGY_CLASSES[f.strategy](norm_bound=f.update_norm_bound, norm_action=f.update_norm_action,
+                                        **extra, **kwargs)
+
+
+def finite_outputs(model: torch.nn.Module, x: torch.Tensor) -> Callable[[OrderedDict[str, torch.Tensor]], bool]:
+    """A probe for :func:`run_federation`: does ``model`` with a given state give finite outputs on ``x``?"""
+
+    def probe(state: OrderedDict[str, torch.Tensor]) -> bool:
+        model.load_state_dict(state)
+        device = next(model.parameters()).device  # an evaluation may have moved the model
+        with torch.no_grad():
+            return bool(torch.isfinite(model.eval()(x.to(device))).all())
+
+    return probe
 
 
 def run_federation(
@@ -217,8 +385,12 @@ def run_federation(
     failures: FailureLog | None = None,
     plan: ShardPlan | None = None,
     val_eval: Callable[[OrderedDict[str, torch.Tensor]], float] | None = None,
+    probe: Callable[[OrderedDict[str, torch.Tensor]], bool] | None = None,
 ) -> FederationResult:
-    """FedAvg for ``federation.rounds`` rounds; ``central_eval(state) -> (acc, loss)`` on the test set.
+    """``federation.strategy`` for ``federation.rounds`` rounds; ``central_eval(state) -> (acc, loss)`` on the test set.
+
+    ``probe(state) -> bool``: are the model's outputs finite (on a few inputs)? An aggregate that
+    fails it is never the next global model (see :class:`_Tracking`).
 
     ``val_eval(state) -> acc`` on the validation split, recorded per round; with
     ``federation.plateau_rounds`` it stops FedAvg at the plateau (``plateau_stop``) and theta* is
@@ -229,7 +401,9 @@ def run_federation(
     client_eval = f.client_eval and f.holdout_fraction > 0
     if f.client_eval and not client_eval:
         log(WARNING, "federation.client_eval is on but holdout_fraction is 0: skipping client evaluation")
-    strategy = _TrackingFedAvg(
+    strategy = tracking_strategy(
+        scenario, n,
+        probe=probe,
         min_clients=f.min_clients,
         failures=failures,
         signature=weight_signature(initial_state),

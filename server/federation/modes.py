@@ -17,8 +17,14 @@ Combining N clients' DSVs into ipc per class (``privacy.dsv_combine``):
 * ``average`` (default): slot j of class c = the mean of every client's j-th DSV of class c.
   Every client contributes to every synthetic image (like the paper's blend, an average of
   complementary views) and no single client's DSV is shown as is;
+* ``median``: slot j of class c = the coordinate-wise median of every client's j-th DSV of class c
+  (robust: one client's shifted or inverted DSVs cannot move it far);
 * ``select``: slot j of class c = client (j mod N)'s DSV number (j div N), clients in
   partition order: the DSVs stay intact and are spread over the clients.
+
+Before combining, every client's DSVs are compared with the others' (:func:`dsv_outliers`): a
+client whose per-class mean DSV sits far from the clients' median is dropped and named (phase
+``dsv``), and is not asked for safe images.
 
 ``privacy.dp`` (mode ``model``): server/federation/dp.py.
 """
@@ -45,10 +51,11 @@ from server.federation.federate import FederationError, wait_for_nodes
 from server.store.manifest import fingerprint
 from server.store.run_folder import RunFolder
 from server.federation.validate import (DSV_METRICS, FailureLog, ReplyRejected, ShardPlan, _check_declared, _count,
-                             check_client_record, check_metric_keys, check_record_names, claimed_partition,
+                             check_client_record, check_metric_keys, check_record_names, check_training_metrics,
+                             claimed_partition,
                              shard_plan)
 
-__all__ = ["ClientDSVs", "NoModelResult", "DSV_MESSAGE_TYPE", "combine_dsvs",
+__all__ = ["ClientDSVs", "NoModelResult", "DSV_MESSAGE_TYPE", "combine_dsvs", "dsv_outliers",
            "collect_client_dsvs", "federate_without_model"]
 
 DSV_MESSAGE_TYPE = f"{MessageType.QUERY}.{DSV_ACTION}"  # "query.dsv"
@@ -83,19 +90,44 @@ def combine_dsvs(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], ipc: in
     out = []
     for c in range(num_classes):
         for j in range(ipc):
-            if how == "average":
+            if how in ("average", "median"):
                 if any(pc[c].shape[0] <= j for pc in per_client):
-                    raise ValueError(f"average needs {ipc} DSVs of class {c} from every client")
-                out.append(torch.stack([pc[c][j] for pc in per_client]).mean(0))
+                    raise ValueError(f"{how} needs {ipc} DSVs of class {c} from every client")
+                stack = torch.stack([pc[c][j] for pc in per_client])
+                # torch.median takes the lower middle for an even count: the mean of the two middles is symmetric
+                out.append(stack.mean(0) if how == "average" else stack.quantile(0.5, dim=0))
             elif how == "select":
                 k, i = j % n, j // n
                 if per_client[k][c].shape[0] <= i:
                     raise ValueError(f"select needs {i + 1} DSVs of class {c} from client {k}")
                 out.append(per_client[k][c][i])
             else:
-                raise ValueError(f"privacy.dsv_combine must be 'average' or 'select', got {how!r}")
+                raise ValueError(f"privacy.dsv_combine must be 'average', 'median' or 'select', got {how!r}")
     y = torch.arange(num_classes, dtype=torch.int64).repeat_interleave(ipc)
     return torch.stack(out).to(torch.float32), y
+
+
+def dsv_outliers(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], num_classes: int, factor: float = 4.0,
+                 floor: float = 0.5) -> dict[int, str]:
+    """Index -> reason of the clients whose DSVs sit far from everyone else's.
+
+    Per client, the mean DSV of each class; its distance (mean absolute pixel difference, normalized
+    units) to the coordinate-wise median of those means over the clients, averaged over the classes.
+    Flagged: more than ``factor`` times the median distance and more than ``floor`` above it. Needs 3
+    clients (with two, neither is the odd one out).
+    """
+    if len(xs) < 3:
+        return {}
+    means = torch.stack([torch.stack([x[y == c].mean(0) for c in range(num_classes)]) for x, y in zip(xs, ys)])
+    center = means.quantile(0.5, dim=0)
+    dist = (means - center).abs().flatten(2).mean(2).mean(1)  # per client
+    typical = float(dist.median())
+    flagged: dict[int, str] = {}
+    for k, d in enumerate(dist.tolist()):
+        if d > factor * typical and d > typical + floor:
+            flagged[k] = (f"its DSVs lie {d:.3g} (mean absolute pixel difference per class) from the clients' median, "
+                          f"the typical client's {typical:.3g}")
+    return flagged
 
 
 def dsv_per_client(scenario: Scenario, num_clients: int) -> int:
@@ -116,6 +148,7 @@ def _screen_dsv_reply(reply: Message, meta: DatasetMeta, ipc: int, plan: ShardPl
     pid = check_client_record(content, plan, claimed.get(node), claimed, node)
     if plan is not None:
         _count(metrics["num-examples"], "'num-examples'", 1, plan.num_train[pid])
+    check_training_metrics(metrics)
     record = content.array_records[KEY_DSV]
     if set(record.keys()) != {"x", "y"}:
         raise ReplyRejected(f"a DSV record holds exactly the arrays x and y, got {sorted(record.keys())}")
@@ -171,12 +204,20 @@ def collect_client_dsvs(grid: Grid, nodes: Sequence[int], scenario: Scenario, me
     for node in nodes:
         if node not in seen:
             failures.add("dsv", node, "no reply within federation.reply_timeout_s")
+    got.sort(key=lambda g: g[0])
+    by_pid = {pid: node for node, pid in partition_of.items()}
+    for k, why in sorted(dsv_outliers([g[1] for g in got], [g[2] for g in got], meta.num_classes).items(),
+                         reverse=True):
+        pid = got[k][0]
+        node = by_pid[pid]
+        failures.add("dsv", node, f"DSVs rejected: {why}", partition_id=pid)
+        del got[k]
+        del partition_of[node]  # a dropped client is not asked for safe images either
     failures.fill_partitions(partition_of)
     if len(got) < max(scenario.federation.min_clients, 1):
         reasons = "; ".join(f"node {r['node_id']}: {r['reason']}" for r in failures.rows if r["phase"] == "dsv")
         raise FederationError(f"only {len(got)} of {len(nodes)} clients sent DSVs (federation.min_clients = "
                               f"{scenario.federation.min_clients}). {reasons}")
-    got.sort(key=lambda g: g[0])
     dsvs = ClientDSVs(partition_ids=[g[0] for g in got], x=[g[1] for g in got], y=[g[2] for g in got], ipc=ipc,
                       combine=scenario.privacy.dsv_combine)
     return dsvs, uploads, partition_of

@@ -6,7 +6,8 @@ fails a check is rejected and its client counted as failed for that phase, exact
 client that raised. Checks:
 
 * train    weights: same keys, shapes and dtypes as the global model, all finite;
-           ``num-examples`` a positive finite number (FedAvg's weight);
+           ``num-examples`` a positive finite number (FedAvg's weight); losses >= 0, accuracies in [0, 1];
+* every    the ``client`` record: a partition id of the plan, its shard size and bytes as the plan deals them;
 * query    images uint8 C x H x W of the dataset, labels int64 in [0, classes), counts per
            class within the quota, counts + shortfall = quota, shortfall >= 0;
 * evaluate metrics finite, accuracy in [0, 1].
@@ -30,11 +31,13 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 
 from common.records import KEY_ARRAYS, KEY_CLIENT, KEY_METRICS
+from common.dataset_meta import get_meta
 from common.partition import partition_indices
 from server.store.run_folder import write_dict_csv, write_text
 
 __all__ = ["ReplyRejected", "FailureLog", "ShardPlan", "shard_plan", "weight_signature", "check_train_reply",
-           "check_safe_images", "check_eval_reply", "check_record_names", "check_metric_keys", "check_client_record"]
+           "check_safe_images", "check_eval_reply", "check_record_names", "check_metric_keys", "check_client_record",
+           "check_training_metrics"]
 
 _NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
                 np.dtype(np.float16): torch.float16, np.dtype(np.int64): torch.int64,
@@ -68,6 +71,7 @@ class ShardPlan:
     num_train: tuple[int, ...]
     num_holdout: tuple[int, ...]
     class_counts: tuple[tuple[int, ...], ...]  # per partition, per class, the whole shard
+    image_bytes: int | None = None  # bytes of one uint8 image: a shard's size in bytes follows from its count
 
     @property
     def num_partitions(self) -> int:
@@ -88,7 +92,12 @@ def shard_plan(scenario: object, train_y: torch.Tensor, num_partitions: int, num
         n_train.append(int(own.size - hold))
         n_hold.append(hold)
         counts.append(tuple(int(c) for c in np.bincount(labels[own], minlength=num_classes)))
-    return ShardPlan(tuple(n_train), tuple(n_hold), tuple(counts))
+    try:
+        shape = get_meta(scenario.data.dataset).image_shape  # type: ignore[attr-defined]
+        image_bytes: int | None = int(np.prod(shape))
+    except Exception:  # noqa: BLE001 - a plan without the byte check is still a plan
+        image_bytes = None
+    return ShardPlan(tuple(n_train), tuple(n_hold), tuple(counts), image_bytes)
 
 
 def weight_signature(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -152,8 +161,17 @@ def check_client_record(content: RecordDict, plan: ShardPlan | None, expected_pi
     for other, p in (claimed or {}).items():
         if p == pid and other != node:
             raise ReplyRejected(f"'partition-id' {pid} is already held by node {other}")
-    for key in ("shard-size", "shard-bytes"):
-        _count(rec[key], repr(key), 0, None)
+    size = _count(rec["shard-size"], "'shard-size'", 0, None)
+    nbytes = _count(rec["shard-bytes"], "'shard-bytes'", 0, None)
+    if plan is not None:
+        # the server dealt the shards: a different size means a different partition (a SuperNode started
+        # with another num-partitions trains on data the plan does not know) or a lie in the report
+        want = plan.num_train[pid] + plan.num_holdout[pid]
+        if size != want:
+            raise ReplyRejected(f"'shard-size' {size} differs from the {want} images the plan deals partition {pid} "
+                                "(a SuperNode with another num-partitions?)")
+        if plan.image_bytes is not None and nbytes != size * plan.image_bytes:
+            raise ReplyRejected(f"'shard-bytes' {nbytes} differs from {size} images x {plan.image_bytes} bytes")
     return pid
 
 
@@ -219,7 +237,20 @@ def check_train_reply(content: RecordDict, signature: Mapping[str, tuple[tuple[i
     if not _finite_number(n) or float(n) <= 0:  # type: ignore[arg-type]
         raise ReplyRejected(f"'num-examples' must be a positive number, got {n!r}")
     _count(n, "'num-examples' (FedAvg weight; the shard's training part)", 1, high)
+    check_training_metrics(metrics)
     return pid
+
+
+def check_training_metrics(metrics: Mapping[str, object]) -> None:
+    """A reported loss is >= 0, an accuracy in [0, 1], a duration >= 0 (they reach rounds.csv and the report)."""
+    for key, value in metrics.items():
+        v = float(value)  # type: ignore[arg-type]  # check_metric_keys: finite numbers
+        if key.endswith("-loss") and v < 0:
+            raise ReplyRejected(f"{key!r} must be >= 0, got {value!r}")
+        if key.endswith("-acc") and not 0.0 <= v <= 1.0:
+            raise ReplyRejected(f"{key!r} must lie in [0, 1], got {value!r}")
+        if key.endswith("-seconds") and v < 0:
+            raise ReplyRejected(f"{key!r} must be >= 0, got {value!r}")
 
 
 def check_safe_images(x: torch.Tensor, y: torch.Tensor, shortfall: np.ndarray, quota: Sequence[int],
@@ -332,5 +363,6 @@ class FailureLog:
             lines.append(f"| {r['phase']} | {r['round']} | {r['node_id']} | {'?' if r['partition_id'] == '' else r['partition_id']} | {reason} |")
         clients = sorted({(r["node_id"], r["partition_id"]) for r in self.rows}, key=str)
         lines += ["", f"{len(clients)} client(s) failed at least once; the run went on with the clients "
-                      "that answered (their replies were never averaged or pooled)."]
+                      "that answered (a failed reply was never averaged or pooled; a clipped update was "
+                      "averaged at the norm bound)."]
         return "\n".join(lines) + "\n"
