@@ -294,3 +294,30 @@ def test_a_view_of_a_larger_tensor_is_saved_on_its_own_and_reads_back(tmp_path: 
     path = save_safe_artifact(tmp_path / "safe_pool.pt", big[10:20], torch.arange(10), "fashion-mnist")
     assert path.stat().st_size < 100 * 784  # not the whole storage of `big`
     assert torch.equal(load_safe_artifact(path).x, big[10:20])
+
+
+def test_a_folder_of_an_older_version_resumes_while_new_settings_stay_at_their_defaults(tmp_path: Path) -> None:
+    """A key that a newer version added is absent from an older folder's scenario.resolved.yaml and
+    federation.json: at its default it changes nothing, so the folder resumes; set otherwise, it is a difference."""
+    import json as _json
+
+    import yaml as _yaml
+
+    from server.store.manifest import federation_stamp
+    from server.sweep.cells import resumable_federation
+
+    run, s = _run_folder(tmp_path)
+    stored = _yaml.safe_load((run / "scenario.resolved.yaml").read_text())
+    del stored["federation"]["strategy"], stored["distill"]["executor"]  # as written before these settings existed
+    (run / "scenario.resolved.yaml").write_text(_yaml.safe_dump(stored))
+    stamp = federation_stamp(s)
+    del stamp["federation"]["strategy"]
+    (run / "federation.json").write_text(_json.dumps(stamp))
+    for name in ("global_model.pt", "safe_pool.pt"):
+        (run / name).touch(exist_ok=True)
+    RunFolder(run).open_for_run(scenario_from_dict(_values(run))).release()  # today's defaults: resumes
+    assert resumable_federation(s)
+    other = scenario_from_dict(_values(run, federation={"strategy": "fedmedian"}))
+    with pytest.raises(RunFolderError, match=r"other settings \(federation.strategy\)"):
+        RunFolder(run).open_for_run(other)
+    assert not resumable_federation(other)

@@ -29,6 +29,7 @@ from torch import Tensor
 from common.datasets import DatasetError, federation_train_set
 from common.grid import pipc_label
 from server.federation.validate import shard_plan
+from server.reports.privacy_report import run_client_count
 from server.reports.images import denormalize_images
 from server.reports.plots import MARKERS, new_figure, save_figure
 from server.reports.stats import REPORT_PAIRS, paired_difference, t_quantile_975
@@ -234,16 +235,19 @@ def plot_methods_by_class(sets: Mapping[str, tuple[Tensor, Tensor, float]], meta
     return save_figure(fig, path)
 
 
-def _partition_counts(scenario: Any) -> list[tuple[int, ...]] | None:
+def _partition_counts(scenario: Any, run_dir: Path) -> list[tuple[int, ...]] | None:
     """Per client, per class: the images of its shard (the shard plan every client builds), or None when the
-    training labels are not on this machine (the report never downloads)."""
+    number of clients is unknown or the training labels are not on this machine (the report never downloads)."""
+    n = scenario.federation.num_clients or run_client_count(run_dir)
+    if not n:
+        return None
     local = dataclasses.replace(scenario, data=dataclasses.replace(scenario.data, download=False))
     try:
         train_y = federation_train_set(local).train_y
     except (DatasetError, OSError) as err:
         log(INFO, "report: no partition figure (%s)", str(err).splitlines()[0])
         return None
-    plan = shard_plan(scenario, train_y, scenario.federation.num_clients, int(train_y.max()) + 1)
+    plan = shard_plan(scenario, train_y, n, int(train_y.max()) + 1)
     return [tuple(c) for c in plan.class_counts]
 
 
@@ -253,7 +257,7 @@ def write_paper_figures(run_dir: Path, scenario: Any, meta: Any, cells: Sequence
     written: dict[str, Path] = {}
     figs = run_dir / "figures"
     split = scenario.evaluation.split
-    counts = _partition_counts(scenario)
+    counts = _partition_counts(scenario, run_dir)
     if counts:
         f = scenario.federation
         how = f"Dirichlet alpha {f.dirichlet_alpha:g}" if f.partition == "dirichlet" else f.partition

@@ -47,7 +47,7 @@ from server.store.artifacts import load_synthetic_artifact
 from server.federation.dp import dp_summary
 from server.store.run_folder import write_dict_csv, write_text
 
-__all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank", "run_dp_summary", "results_note"]
+__all__ = ["write_privacy_reports", "write_communication", "audit_sets", "private_bank", "run_client_count", "run_dp_summary", "results_note"]
 
 _AUDIT_KEYS = ["set", "n_synthetic", "n_private", "n_reference", "l2_min", "l2_median", "l2_mean", "l2_ref_min",
                "l2_ref_p1", "l2_ref_median", "n_flagged_l2", "flagged_l2", "cos_max", "cos_median", "cos_mean",
@@ -177,15 +177,20 @@ def _fnum(v: Any, digits: int = 3) -> str:
     return "n/a" if f != f else f"{f:.{digits}f}"
 
 
-def run_dp_summary(s: Any, run_dir: Path) -> dict:
-    """dp_summary of a finished run: the clients that uploaded weights and the rounds that ran, from its
-    records (empty dict when DP is off)."""
+def run_client_count(run_dir: Path) -> int | None:
+    """The clients that uploaded weights in a finished run (uploads.json), None when it does not say."""
     uploads = Path(run_dir) / "uploads.json"
     try:  # a run-folder file: anything unreadable only loses the client count, never the report
         per_client = json.loads(uploads.read_text()).get("per_client", []) if uploads.is_file() else []
-        n_clients = len({u["partition_id"] for u in per_client if u.get("weights_bytes")}) or s.federation.num_clients
+        return len({u["partition_id"] for u in per_client if u.get("weights_bytes")}) or None
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
-        n_clients = s.federation.num_clients
+        return None
+
+
+def run_dp_summary(s: Any, run_dir: Path) -> dict:
+    """dp_summary of a finished run: the clients that uploaded weights and the rounds that ran, from its
+    records (empty dict when DP is off)."""
+    n_clients = run_client_count(run_dir) or s.federation.num_clients
     return dp_summary(s, n_clients, _rounds_run(Path(run_dir) / "rounds.csv"))
 
 

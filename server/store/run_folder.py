@@ -43,7 +43,7 @@ import yaml
 from common.atomic import (RUN_MARKERS, UnsafePathError, atomic_write, confine, register_root,
                            unregister_root)
 from common.config import DEVICE_PROFILE, DistillConfig
-from common.scenario import Scenario, safe_yaml_load
+from common.scenario import Scenario, safe_yaml_load, scenario_from_dict
 from server.store.manifest import federation_stamp, record_files
 
 __all__ = ["LOCK", "RunFolder", "RunFolderError", "RunFolderBusy", "UnsafePathError", "MAX_READ_BYTES",
@@ -91,11 +91,27 @@ def run_settings(values: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def settings_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b)) for k in settings_diff(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
+def settings_diff(stored: Any, new: Any, defaults: Any = None, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between a stored nested dict and a new one. A key the stored one lacks was
+    written before that setting existed: it counts as ``defaults``' value there (today's default), so a folder of
+    an older version resumes while the new setting stays at its default."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(stored) | set(new)):
+            sub = defaults.get(key) if isinstance(defaults, dict) else None
+            if key not in stored and isinstance(defaults, dict) and key in defaults:
+                out += [] if new.get(key) == sub else [f"{prefix}{key}"]
+                continue
+            out += settings_diff(stored.get(key), new.get(key), sub, f"{prefix}{key}.")
+        return out
+    return [] if stored == new else [prefix.rstrip(".")]
+
+
+def default_settings() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run_settings, federation_stamp) of a scenario at today's defaults: what a key absent from an older
+    folder's records stands for."""
+    default = scenario_from_dict({})
+    return run_settings(default.to_dict()), federation_stamp(default)
 
 
 class RunFolder:
@@ -175,10 +191,12 @@ class RunFolder:
                 if not isinstance(stored, dict):
                     raise RunFolderError(f"{self.root / 'scenario.resolved.yaml'} is not a mapping; {_RECOMPUTE_HINT}")
                 new = json.loads(json.dumps(scenario.to_dict(), default=str))
-                keys = settings_diff(run_settings(stored), run_settings(new))
+                settings_default, stamp_default = default_settings()
+                keys = settings_diff(run_settings(stored), run_settings(new), settings_default)
                 if not keys and (self.root / "federation.json").exists():
                     fed = json.loads(self.read_text("federation.json"))
-                    keys = [f"federation stamp: {k}" for k in settings_diff(fed, federation_stamp(scenario))]
+                    keys = [f"federation stamp: {k}" for k in settings_diff(fed, federation_stamp(scenario),
+                                                                             stamp_default)]
                 if keys:
                     raise RunFolderError(f"{self.root} holds a run with other settings ({', '.join(keys[:6])}"
                                          f"{', ...' if len(keys) > 6 else ''}); {_RECOMPUTE_HINT}")

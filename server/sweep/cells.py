@@ -47,7 +47,7 @@ from common.distill.synthesize import DistillConfig, SyntheticSet
 from common.methods import uses_dsvs
 from server.sweep.faults import failure_fields
 from server.store.manifest import MANIFEST, ManifestError, federation_stamp, read_manifest, verify_files
-from server.store.run_folder import RunFolder, RunFolderError
+from server.store.run_folder import RunFolder, RunFolderError, default_settings, settings_diff
 from common.evaluate import EvalConfig
 from server.sweep.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
 from server.sweep.inputs import PipelineInputs
@@ -452,8 +452,8 @@ def resumable_federation(s: Scenario) -> bool:
     except (OSError, RunFolderError, json.JSONDecodeError) as err:
         log(WARNING, "resume: %s is unreadable (%s); running the federated phases again", d / _STAMP, err)
         return False
-    if stored != federation_stamp(s):
-        log(WARNING, "resume: %s differs in %s; running the federated phases again", d / _STAMP,
-            ", ".join(_diff_keys(stored, federation_stamp(s))[:8]))
+    keys = settings_diff(stored, federation_stamp(s), default_settings()[1])  # a key added since: its default
+    if keys:
+        log(WARNING, "resume: %s differs in %s; running the federated phases again", d / _STAMP, ", ".join(keys[:8]))
         return False
     return True
