@@ -63,6 +63,9 @@ def _cell_key(c: CellResult) -> str:
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
     """Write compare.md / compare.csv (and compare.png for a one-key numeric sweep) into ``out``."""
     runs = [Path(d).resolve() for d in run_dirs]
+    for r in runs:  # a folder that no run wrote: say so before reading anything
+        if not (r / "scenario.resolved.yaml").is_file():
+            raise FileNotFoundError(2, "not a run folder", str(r / "scenario.resolved.yaml"))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):  # same folder name in different places: use the paths
         names = [str(r) for r in runs]

@@ -139,6 +139,7 @@ def _named(rows: list[dict]) -> set[int]:
 
 
 @needs_fmnist
+@pytest.mark.slow  # whole Flower simulations (minutes); the in-process tests below cover the same checks
 def test_norm_bound_and_finiteness_name_the_attacker(tmp_path: Path) -> None:
     """FedAvg: x1e30, x1000 and sign-flipped updates are rejected by the norm bound, 3e38 weights by the
     finiteness check; the model stays within 2 points of the honest run and only the attacker is named.
@@ -164,6 +165,7 @@ def test_norm_bound_and_finiteness_name_the_attacker(tmp_path: Path) -> None:
 
 
 @needs_fmnist
+@pytest.mark.slow  # whole Flower simulations (minutes); the in-process tests below cover the same checks
 def test_numbers_the_server_can_check_against_its_plan(tmp_path: Path) -> None:
     """A device whose shard is not the planned one (another num-partitions, num_clients left open) and one
     that reports a negative loss are rejected and named; the honest clients' model is what remains."""

@@ -84,6 +84,7 @@ def _run(tmp: Path) -> Path:
 
 
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+@pytest.mark.slow  # whole Flower simulations (minutes); the in-process tests below cover the same checks
 def test_poisoned_safe_images_are_dropped_and_named(tmp_path: Path) -> None:
     from server.store.artifacts import load_safe_artifact
 
