@@ -22,7 +22,9 @@ TUNE_METHODS=dm,dkkt_dm,dsv
 
 federate() {  # federate SCENARIO SEED OUT: phases 1-2 only (random_real at ipc 1 / pipc 10 as a smoke cell)
   if [ -f "$3/global_model.pt" ] && [ -f "$3/safe_pool.pt" ]; then echo "[headline] $3: federated already"; return; fi
-  nice -n "${NICE:-5}" bash scenarios/quickstart.sh --run-config \
+  # Each federation is its own set of simulated devices, so each keeps its own release ledger: one study's
+  # federation never spends another's safe-image budget (edge_client/policy.py).
+  FEDPDD_NODE_STATE="$PWD/runs/.node-state/$(basename "$3")" nice -n "${NICE:-5}" bash scenarios/quickstart.sh --run-config \
     "scenario='$1' seed=$2 output-dir='$3' methods='random_real' ipc='1' pipc='10'"
 }
 
