@@ -13,19 +13,20 @@
 #   ablate-s0, ablate-t0   dkkt_dm's ablations at ipc 1 and 10, pipc 10 (one folder per variant, the grid's seeds,
 #               so each pairs with the grid's dkkt_dm cells): alpha 0, gamma 0, both, no manifold pass, the paper's
 #               literal variant, alpha 0.1 / 1 / 10, the inner gradients at theta_0 and along the path
-# Environment: VENV (default .venv), NICE (default 5: the study yields the cores to interactive work).
+# Environment: VENV (default .venv), NICE (default 5: the study yields the cores to interactive work),
+# TUNE_FED_S0 (the federated folder tune-s0 searches on; default runs/core-fed-s0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY="nice -n ${NICE:-5} $VENV/bin/python"
 TUNE_METHODS=dm,dkkt_dm,dsv
 
-federate() {  # federate SCENARIO SEED OUT: phases 1-2 only (random_real at ipc 1 / pipc 10 as a smoke cell)
+federate() {  # federate SCENARIO SEED OUT: phases 1-2 (the scenario's whole pool) and random_real at ipc 1 as smoke cells
   if [ -f "$3/global_model.pt" ] && [ -f "$3/safe_pool.pt" ]; then echo "[headline] $3: federated already"; return; fi
   # Each federation is its own set of simulated devices, so each keeps its own release ledger: one study's
   # federation never spends another's safe-image budget (edge_client/policy.py).
   FEDPDD_NODE_STATE="$PWD/runs/.node-state/$(basename "$3")" nice -n "${NICE:-5}" bash scenarios/quickstart.sh --run-config \
-    "scenario='$1' seed=$2 output-dir='$3' methods='random_real' ipc='1' pipc='10'"
+    "scenario='$1' seed=$2 output-dir='$3' methods='random_real' ipc='1'"
 }
 
 settings() {  # the tuned picks as one JSON object (dsv_real takes dsv's pick: the same loss, another start)
@@ -66,7 +67,7 @@ run_step() {
   echo "[headline] $(date -u +%H:%M:%S) step $1"
   case "$1" in
     fed-s0) federate scenarios/core-fed.yaml 0 runs/core-fed-s0 ;;
-    tune-s0) tune scenarios/core-fed.yaml runs/core-fed-s0 runs/core-fed-s0-tuning ;;
+    tune-s0) tune scenarios/core-fed.yaml "${TUNE_FED_S0:-runs/core-fed-s0}" runs/core-fed-s0-tuning ;;
     grid-s0-1) grid scenarios/core-fed.yaml runs/core-fed-s0 runs/core-fed-s0-tuning 1 ;;
     grid-s0-10) grid scenarios/core-fed.yaml runs/core-fed-s0 runs/core-fed-s0-tuning 10 ;;
     fed-s1) federate scenarios/core-fed.yaml 1 runs/core-fed-s1 ;;

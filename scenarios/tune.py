@@ -1,7 +1,7 @@
 """Tune each method's image optimizer alike, on the validation split, never on the test split.
 
     python scenarios/tune.py --scenario scenarios/core-fed.yaml --fed runs/core-fed-s0 \\
-        --out runs/core-fed-s0-tuning [--methods dm,dkkt_dm] [--grid "sgd:0.3,1,3;adam:0.03,0.1,0.3"] \\
+        --out runs/core-fed-s0-tuning [--methods dm,dkkt_dm] [--grid "sgd:0.3,1,3,10;adam:0.03,0.1,0.3,1"] \\
         [--ipc 1] [--pipc 10] [--seeds 0 1] [--num-models 3] [--report-only]
 
 Every method gets the same search: each (image optimizer, lr) of ``--grid`` at the scenario's
@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_GRID = "sgd:0.3,1,3;adam:0.03,0.1,0.3"
+DEFAULT_GRID = "sgd:0.3,1,3,10;adam:0.03,0.1,0.3,1"  # a decade each side of the references' SGD lr 1 / Adam 0.1
 LR_KEY = {"sgd": "lr_img", "adam": "lr_img_adam"}
 
 
