@@ -31,7 +31,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from common.atomic import atomic_write_text
 from common.datasets import cache_root  # the device's own cache, FEDPDD_CACHE on this device
 from edge_client.safe import POLICIES
 
@@ -149,19 +149,7 @@ class ReleaseLedger:
         return released
 
     def _write(self, released: dict[str, list[int]]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"version": 1, "released": released}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_text(self.path, json.dumps({"version": 1, "released": released}), root=self.path.parent)
 
     def released(self) -> dict[int, set[int]]:
         """class -> the keys released so far."""

@@ -32,7 +32,7 @@ from server.federation.validate import shard_plan
 from server.reports.privacy_report import run_client_count
 from server.reports.images import denormalize_images
 from server.reports.plots import MARKERS, new_figure, save_figure
-from server.reports.stats import REPORT_PAIRS, paired_difference, t_quantile_975
+from server.reports.stats import paired_rows, t_quantile_975
 from server.sweep.result import CellResult
 
 __all__ = ["MethodPoint", "method_points", "plot_partition", "plot_accuracy_ci", "forest_rows", "plot_forest",
@@ -135,21 +135,9 @@ def plot_accuracy_ci(points: Sequence[MethodPoint], path: Path, split: str, titl
 
 
 def forest_rows(cells: Sequence[CellResult]) -> list[tuple[str, float, float, float, int]]:
-    """(label, mean, low, high, seeds) in points of accuracy for every REPORT_PAIRS difference with >= 2 seeds,
-    as results.md lists them."""
-    acc: dict[tuple[str, int, int], dict[int, list[float]]] = {}
-    for c in cells:
-        if not c.skipped and c.accuracies:
-            acc.setdefault((c.method, c.ipc, c.pipc), {})[c.seed] = list(c.accuracies)
-    rows = []
-    for ipc, pipc in sorted({(k[1], k[2]) for k in acc}):
-        for a, b in REPORT_PAIRS:
-            ka, kb = (a, ipc, pipc), (b, ipc, pipc)
-            if ka in acc and kb in acc and len(set(acc[ka]) & set(acc[kb])) >= 2:
-                d = paired_difference(acc[ka], acc[kb])
-                rows.append((f"{a} − {b}  (ipc {ipc}, pipc {pipc_label(pipc)})", 100 * d.mean, 100 * d.low,
-                             100 * d.high, len(d.per_seed)))
-    return rows
+    """(label, mean, low, high, seeds) in points of accuracy for every paired difference results.md lists."""
+    return [(f"{a} − {b}  (ipc {ipc}, pipc {pipc_label(pipc)})", 100 * d.mean, 100 * d.low, 100 * d.high,
+             len(d.per_seed)) for ipc, pipc, a, b, d in paired_rows(cells)]
 
 
 def plot_forest(rows: Sequence[tuple[str, float, float, float, int]], path: Path, title: str) -> Path:

@@ -15,7 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-__all__ = ["PairedDiff", "REPORT_PAIRS", "t_quantile_975", "pooled", "paired_difference", "paired_markdown"]
+__all__ = ["PairedDiff", "REPORT_PAIRS", "t_quantile_975", "pooled", "paired_difference", "paired_rows",
+           "paired_markdown"]
 
 # Two-sided 95 % Student-t quantiles t_{0.975, df} for df = 1..30 (standard tables).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
@@ -85,11 +86,9 @@ REPORT_PAIRS: tuple[tuple[str, str], ...] = (("dkkt_dm", "dm"), ("dkkt_dm", "dsv
                                              ("dm", "random_real"))
 
 
-def paired_markdown(cells: Sequence[object], label: Callable[[int], str] = str) -> list[str]:
-    """Markdown lines: per (ipc, pipc) and method pair of ``REPORT_PAIRS``, the per-seed paired
-    difference of the mean accuracy, its mean and 95 % interval. ``cells`` are objects with
-    method, ipc, pipc, seed, accuracies, skipped (``server.sweep.result.CellResult``); empty list
-    when no pair has two seeds."""
+def paired_rows(cells: Sequence[object]) -> list[tuple[int, int, str, str, PairedDiff]]:
+    """(ipc, pipc, A, B, A - B) for every (ipc, pipc) and pair of ``REPORT_PAIRS`` that ran with >= 2 common
+    seeds; ``cells`` are objects with method, ipc, pipc, seed, accuracies, skipped (``CellResult``)."""
     acc: dict[tuple[str, int, int], dict[int, list[float]]] = {}
     for c in cells:
         if not getattr(c, "skipped", None) and getattr(c, "accuracies", None):
@@ -99,11 +98,20 @@ def paired_markdown(cells: Sequence[object], label: Callable[[int], str] = str) 
         for a, b in REPORT_PAIRS:
             ka, kb = (a, ipc, pipc), (b, ipc, pipc)
             if ka in acc and kb in acc and len(set(acc[ka]) & set(acc[kb])) >= 2:
-                d = paired_difference(acc[ka], acc[kb])
-                per = ", ".join(f"{s}: {100 * v:+.2f}" for s, v in sorted(d.per_seed.items()))
-                verdict = d.verdict().replace("A better", f"{a} better").replace("B better", f"{b} better")
-                rows.append(f"| {ipc} | {label(pipc)} | {a} − {b} | {per} | {100 * d.mean:+.2f} | "
-                            f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}] | {verdict} |")
+                rows.append((ipc, pipc, a, b, paired_difference(acc[ka], acc[kb])))
+    return rows
+
+
+def paired_markdown(cells: Sequence[object], label: Callable[[int], str] = str) -> list[str]:
+    """Markdown lines: per (ipc, pipc) and method pair of ``REPORT_PAIRS``, the per-seed paired
+    difference of the mean accuracy, its mean and 95 % interval (``paired_rows``); empty list
+    when no pair has two seeds."""
+    rows = []
+    for ipc, pipc, a, b, d in paired_rows(cells):
+        per = ", ".join(f"{s}: {100 * v:+.2f}" for s, v in sorted(d.per_seed.items()))
+        verdict = d.verdict().replace("A better", f"{a} better").replace("B better", f"{b} better")
+        rows.append(f"| {ipc} | {label(pipc)} | {a} − {b} | {per} | {100 * d.mean:+.2f} | "
+                    f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}] | {verdict} |")
     if not rows:
         return []
     return ["", "Paired differences (same distillation seed, same evaluation networks; points of accuracy, "
