@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +35,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from common.augment import apply_dsa, sample_dsa_params
+from common.config import EvalConfig
 from common.training import check_images
-
-if TYPE_CHECKING:  # the annotation only; common.evaluate imports this module
-    from common.evaluate import EvalConfig
 
 __all__ = ["can_train_in_parallel", "train_models_parallel"]
 
