@@ -272,3 +272,16 @@ def test_resolve_workers_defaults():
     assert resolve_workers(3, torch.device("cpu"), 9) == 3
     assert resolve_workers(8, torch.device("cpu"), 2) == 2  # never more processes than chains
     assert resolve_workers(0, torch.device("cpu"), 1) == 1
+
+
+def test_sweep_progress_line_counts_cells_and_weighs_the_eta_by_cost():
+    from server.sweep.cells import SweepProgress
+
+    now = [0.0]
+    p = SweepProgress(["dkkt_dm", "dm", "random_real", "dkkt_dm"], clock=lambda: now[0])  # costs 3, 2, 1, 3
+    now[0] = 300.0
+    assert p.done("dkkt_dm", "a") == "sweep: 1/4 cells done (a), 5 min elapsed, ETA 10 min"  # 6 units left at 100 s
+    now[0] = 3900.0
+    assert p.done("dm", "b") == "sweep: 2/4 cells done (b), 1 h 5 min elapsed, ETA 52 min"  # 780 s/unit, 4 left
+    p.done("random_real", "c")
+    assert p.done("dkkt_dm", "d").endswith("4/4 cells done (d), 1 h 5 min elapsed, ETA done")

@@ -36,8 +36,8 @@ from common.distill.synthesize import DistillConfig, DistillationError, Syntheti
 from common.evaluate import EvalConfig, EvalResult, evaluate_synthetic
 from common.threads import cpu_cores, setup_process
 
-__all__ = ["PoolInputs", "CellTask", "Chain", "CellOutcome", "SharedInputs", "resolve_workers", "chain_tasks",
-           "run_order", "run_chains"]
+__all__ = ["PoolInputs", "CellTask", "Chain", "CellOutcome", "SharedInputs", "cell_cost", "resolve_workers",
+           "chain_tasks", "run_order", "run_chains"]
 
 _LOGGER = "flwr"  # every fedpdd line goes to this logger (flwr.common.logger.log)
 
@@ -88,8 +88,12 @@ class Chain:
     @property
     def cost(self) -> int:
         """Rough relative cost for scheduling: DKKT terms dominate, then DM, then evaluation alone."""
-        return sum(3 if methods.needs_model(t.spec.method) else 2 if methods.optimizes(t.spec.method) else 1
-                   for t in self.tasks)
+        return sum(cell_cost(t.spec.method) for t in self.tasks)
+
+
+def cell_cost(method: str) -> int:
+    """Rough relative cost of one cell of ``method`` (scheduling and the sweep's ETA)."""
+    return 3 if methods.needs_model(method) else 2 if methods.optimizes(method) else 1
 
 
 @dataclass

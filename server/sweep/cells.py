@@ -26,10 +26,12 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
+import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -40,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.datasets import normalize
 from common.grid import PIPC_ALL, pipc_label, real_init_methods, select_cells, static_skip_reason
 from common.scenario import Scenario
-from server.sweep.loss_trace import has_dkkt_trace, write_cell_trace
+from server.sweep.loss_trace import write_cell_trace
 from server.store.artifacts import load_synthetic_artifact, save_synthetic_artifact
 from server.federation.collect import pool_subset
 from common.distill.synthesize import DistillConfig, SyntheticSet
@@ -49,13 +51,15 @@ from server.sweep.faults import failure_fields
 from server.store.manifest import MANIFEST, ManifestError, federation_stamp, read_manifest, verify_files
 from server.store.run_folder import RunFolder, RunFolderError, default_settings, settings_diff
 from common.evaluate import EvalConfig
-from server.sweep.cell_pool import CellOutcome, CellTask, PoolInputs, SharedInputs, chain_tasks, resolve_workers, run_chains
+from server.sweep.cell_pool import (CellOutcome, CellTask, PoolInputs, SharedInputs, cell_cost, chain_tasks,
+                                    resolve_workers, run_chains)
 from server.sweep.inputs import PipelineInputs
 from server.sweep.ray_pool import run_ray_chains  # Ray itself loads only for a Ray sweep
 from server.sweep.result import CellResult
 
 __all__ = [
-    "CELLS_DIR", "CellSpec", "CellRecordError", "seeds_of", "cell_specs", "tensor_digest", "run_cells", "read_cells",
+    "CELLS_DIR", "CellSpec", "CellRecordError", "SweepProgress", "seeds_of", "cell_specs", "tensor_digest", "run_cells",
+    "read_cells",
     "write_federation_stamp", "resumable_federation", "pool_quota",
 ]
 
@@ -272,6 +276,33 @@ def _skipped(spec: CellSpec, reason: str, run_dir: Path, config: dict) -> CellRe
                       mean=float("nan"), std=float("nan"), skipped=reason)
 
 
+class SweepProgress:
+    """The sweep-level line after each computed cell: 'sweep: 12/60 cells done (dm_ipc1_pipc10_seed0), 9 min
+    elapsed, ETA 1 h 10 min', the ETA from the elapsed time per unit of the cells' relative cost (cell_cost)."""
+
+    def __init__(self, methods_to_compute: Sequence[str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.count = len(methods_to_compute), 0
+        self.cost_left = float(sum(cell_cost(m) for m in methods_to_compute))
+        self.cost_done, self.clock, self.t0 = 0.0, clock, clock()
+
+    def done(self, method: str, name: str) -> str:
+        self.count += 1
+        cost = cell_cost(method)
+        self.cost_done, self.cost_left = self.cost_done + cost, max(self.cost_left - cost, 0.0)
+        elapsed = self.clock() - self.t0
+        eta = elapsed / self.cost_done * self.cost_left if self.cost_done else float("nan")
+        return (f"sweep: {self.count}/{self.total} cells done ({name}), {_duration(elapsed)} elapsed, "
+                f"ETA {_duration(eta) if self.cost_left else 'done'}")
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "unknown"
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else (f"{minutes} min" if minutes else
+                                                                        f"{int(seconds)} s")
+
+
 def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory: Callable[[torch.Generator], torch.nn.Module],
               dcfg: DistillConfig, ecfg: EvalConfig, model_factory: Callable[[int], torch.nn.Module], progress: bool,
               init_model: torch.nn.Module | None = None) -> list[CellResult]:
@@ -366,8 +397,13 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
                 dsv_by_group[(pipc, ipc, seed)] = group_dsv
 
     computed_dsv: dict[tuple, str] = {}  # digest of the dsv set a group computed in this run
+    progress_line = SweepProgress([t.spec.method for t in tasks])
 
     def record(out: CellOutcome) -> None:
+        _record(out)
+        log(INFO, "%s", progress_line.done(out.spec.method, out.spec.name))
+
+    def _record(out: CellOutcome) -> None:
         spec, config = out.spec, configs[out.spec]
         group = (spec.pipc, spec.ipc, spec.seed)
         if uses_dsvs(spec.method) and group in computed_dsv:  # the input it took, known once the dsv ran
@@ -391,7 +427,7 @@ def run_cells(inp: PipelineInputs, model: torch.nn.Module | None, embed_factory:
         _write_record(run_dir, spec, rec, with_set=True)
         done[spec] = _record_to_cell(rec, run_dir, str(json_path))
         history = syn.info.get("loss_history") or []
-        if has_dkkt_trace(history):
+        if history:  # every distilled method's trace, as the report draws them
             write_cell_trace(history, run_dir / "traces", spec.name, spec.method, spec.ipc, pipc_label(spec.pipc),
                              spec.seed, stationarity=rec["info"].get("stationarity"))
         log(INFO, "cell %s: %.2f ± %.2f %% (distill %.1fs, evaluate %.1fs)", spec.name,
