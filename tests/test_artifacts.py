@@ -115,6 +115,24 @@ def test_cli_distills_writes_files_and_appends_results(tmp_path: Path) -> None:
     assert main(no_seed + ["--method", "dkkt_dm"]) == 2
 
 
+def test_cli_prints_progress_off_a_terminal(tmp_path: Path) -> None:
+    """Piped (no terminal), server.distill logs a progress line every FEDPDD_PROGRESS_EVERY_S seconds before
+    its result line, instead of nothing until the end."""
+    import os
+    import subprocess
+    import sys
+
+    m, s = _write_inputs(tmp_path)
+    cmd = [sys.executable, "-m", "server.distill", "--model", str(m), "--safe", str(s), "--dataset", "fashion-mnist",
+           "--ipc", "1", "--pipc", "2", "--iterations", "40", "--eval-epochs", "0", "--out", str(tmp_path / "o"),
+           "--device", "cpu", "--real-batch", "4", "--method", "dm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "FEDPDD_PROGRESS_EVERY_S": "0"})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "dm ipc=1: 40/40" in out and "ETA" in out, out[-2000:]
+
+
 def test_cli_rejects_bad_files_with_their_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     m, s = _write_inputs(tmp_path)
     args = ["--method", "dm", "--dataset", "cifar10", "--ipc", "1", "--iterations", "1",

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import flwr.common.logger  # noqa: F401  configures the "flwr" logger: off a terminal the progress lines go there
 import torch
 
 from common.methods import METHODS, spec
