@@ -27,7 +27,9 @@ def _scenario(tmp_path: Path, name: str, faults: dict, min_clients: int = 2) -> 
         "name": name, "seed": 5, "device": "cpu", "output_dir": str(tmp_path / name),
         "data": {"dataset": "fashion-mnist", "root": str(tmp_path / "data")},
         "federation": {"num_clients": NUM_CLIENTS, "partition": "iid", "rounds": 1, "local_epochs": 1,
-                       "batch_size": 32, "min_clients": min_clients, "reply_timeout_s": 120},
+                       # the default deadline: a loaded 2-core box can take minutes to start the client actors;
+                       # the test that is about the deadline sets its own from the measured start-up
+                       "batch_size": 32, "min_clients": min_clients, "reply_timeout_s": 600},
         "model": {"width": 8},
         "distill": {"methods": ["random_real"], "ipc": [1], "pipc": [3], "iterations": 2, "real_batch": 4},
         "evaluation": {"epochs": 1, "num_models": 1, "batch_size": 64},
