@@ -110,12 +110,6 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in sorted(set(a) | set(b)) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 class CellRecordError(ValueError):
     """A cell record under cells/ is unreadable, malformed, or not the one the manifest lists."""
 
@@ -240,7 +234,7 @@ def _resumable(run_dir: Path, spec: CellSpec, config: dict) -> CellResult | None
     if rec.get("config") == config and not rec.get("skipped"):
         return cell
     log(WARNING, "cell %s: stored record differs in %s; recomputing", spec.name,
-        ", ".join(_diff_keys(rec.get("config"), config)[:8]) or "status")
+        ", ".join(settings_diff(rec.get("config"), config)[:8]) or "status")
     return None
 
 
